@@ -1,0 +1,75 @@
+"""The full config tree with its defaults: the schema every study config starts from.
+
+A study config (e.g. `quickstart.py`) calls `base.get_config()` and changes only what its
+study point changes. Every key that exists here can be overridden on the command line
+(`--config.model.num_layers=4`); a key that does not exist is an error, not a new setting.
+Fields whose default is "derive it" are typed placeholders (`placeholder(int)`), so an
+override still gets type-checked.
+"""
+
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.kind = 'pretrain'          # experiment registry key (experiments/registry.py)
+  c.seed = 0
+
+  m = c.model = config_dict.ConfigDict()
+  m.vocab_size = placeholder(int)  # None: the tokenizer's vocabulary rounded up to 128
+  m.embed_dim = 2048
+  m.num_layers = 24
+  m.num_heads = 16
+  m.num_kv_heads = placeholder(int)  # None: = num_heads
+  m.head_dim = placeholder(int)      # None: embed_dim // num_heads
+  m.mlp_dim = 5632
+  m.attention = 'mha'               # attention registry key
+  m.attention_impl = 'auto'         # auto | xla | cudnn  (jax.nn.dot_product_attention)
+  m.position = 'rope'               # positional-encoding registry key
+  m.rope_theta = 10000.0
+  m.ffn = 'dense'                   # FFN registry key
+  m.norm_eps = 1e-5
+  m.tie_embeddings = False
+  m.init_std = 0.02
+  m.param_dtype = 'float32'
+  m.dtype = 'bfloat16'              # compute dtype
+  m.scan_layers = True
+  m.remat = 'none'                  # none | full | dots_saveable
+
+  d = c.data = config_dict.ConfigDict()
+  d.corpus = 'stdlib'               # stdlib | text:GLOB | hf:NAME[:CONFIG] | synthetic
+  d.tokenizer = 'byte'              # byte | path to a Hugging Face tokenizer.json
+  d.eos_token = placeholder(str)    # HF tokenizers: the separator token when not guessable
+  d.seq_len = 1024
+  d.eval_fraction = 0.02            # share of documents held out (by a hash of their name)
+  d.max_documents = placeholder(int)
+
+  t = c.train = config_dict.ConfigDict()
+  t.steps = 1000
+  t.global_batch_size = 32          # sequences per optimizer step, summed over all devices
+  t.grad_accum_steps = 1            # the global batch is split into this many micro-batches
+  t.learning_rate = 3e-4            # peak
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1              # cosine decays to learning_rate * min_lr_ratio
+  t.weight_decay = 0.1              # AdamW; never applied to norms, biases or embeddings
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip_norm = 1.0            # 0 disables clipping
+  t.eval_every = 200                # steps; 0: only at the start and the end
+  t.eval_batches = 8
+  t.log_every = 10
+  t.checkpoint_every = 500          # steps; 0 disables checkpoints
+  t.keep_checkpoints = 3
+  t.async_checkpoint = True
+  t.timing_warmup_steps = 2         # steps after compilation left out of the timings
+
+  mesh = c.mesh = config_dict.ConfigDict()
+  # Devices per mesh axis; -1 takes what the others leave. Default: pure FSDP.
+  mesh.data = 1
+  mesh.fsdp = -1
+  mesh.tensor = 1
+  mesh.expert = 1
+  return c

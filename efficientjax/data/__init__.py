@@ -1,0 +1,29 @@
+"""Corpora, tokenizers and packing into deterministic, resumable, per-process batches."""
+
+from efficientjax.data.corpora import CORPORA
+from efficientjax.data.corpora import Document
+from efficientjax.data.corpora import load_documents
+from efficientjax.data.pipeline import build_data
+from efficientjax.data.pipeline import Data
+from efficientjax.data.pipeline import is_held_out
+from efficientjax.data.pipeline import split_documents
+from efficientjax.data.pipeline import TrainStream
+from efficientjax.data.tokenizers import ByteTokenizer
+from efficientjax.data.tokenizers import get_tokenizer
+from efficientjax.data.tokenizers import HFTokenizer
+from efficientjax.data.tokenizers import Tokenizer
+
+__all__ = [
+    'CORPORA',
+    'Document',
+    'load_documents',
+    'build_data',
+    'Data',
+    'is_held_out',
+    'split_documents',
+    'TrainStream',
+    'ByteTokenizer',
+    'get_tokenizer',
+    'HFTokenizer',
+    'Tokenizer',
+]

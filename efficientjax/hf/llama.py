@@ -1,0 +1,171 @@
+"""Llama (`LlamaForCausalLM`) checkpoints: the config mapping and the weight-name mapping.
+
+Our `mha` + `rope` + `dense` model is Llama's architecture: pre-norm RMSNorm blocks, grouped
+K/V heads, half-split RoPE, a SwiGLU MLP, no biases. Weights map one to one; torch `Linear`
+stores [out, in], our kernels [in..., out...].
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from efficientjax.errors import ConfigError
+from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
+                                            refuse_if, register, require, rope_theta,
+                                            save_checkpoint)
+from efficientjax.model import ModelConfig
+
+# transformers' LlamaConfig defaults, for keys an older config.json leaves out.
+_DEFAULT_RMS_NORM_EPS = 1e-6
+_DEFAULT_MAX_POSITIONS = 2048
+
+
+def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """`config.json` -> our `model` fields, refusing what the model cannot compute."""
+  act = hf.get('hidden_act', 'silu')
+  refuse_if(act not in ('silu', 'swish'),
+            f'hidden_act={act!r} is not supported: our dense FFN is SwiGLU (silu); use a '
+            'checkpoint with hidden_act "silu"')
+  for key in ('attention_bias', 'mlp_bias'):
+    refuse_if(bool(hf.get(key, False)),
+              f'{key}=true is not supported: our projections have no biases; use a checkpoint '
+              f'with {key} false')
+  refuse_if(hf.get('quantization_config') is not None,
+            'quantized checkpoints (quantization_config set) are not supported; load the '
+            'float16/bfloat16/float32 checkpoint and quantise with efficientjax.quant')
+  theta = rope_theta(hf)
+
+  embed_dim = int(require(hf, 'hidden_size'))
+  num_heads = int(require(hf, 'num_attention_heads'))
+  num_kv_heads = int(hf.get('num_key_value_heads') or num_heads)
+  refuse_if(num_heads % num_kv_heads != 0,
+            f'num_attention_heads={num_heads} is not a multiple of '
+            f'num_key_value_heads={num_kv_heads}; the checkpoint config is inconsistent')
+  # Newer configs carry head_dim explicitly (and it may differ from hidden_size / heads).
+  head_dim = hf.get('head_dim')
+  if head_dim is None:
+    refuse_if(embed_dim % num_heads != 0,
+              f'hidden_size={embed_dim} is not divisible by num_attention_heads={num_heads} and '
+              'config.json has no head_dim; add head_dim to config.json')
+    head_dim = embed_dim // num_heads
+  head_dim = int(head_dim)
+  refuse_if(head_dim % 2 != 0, f'head_dim={head_dim} is odd; RoPE rotates pairs of features, so '
+            'it needs an even head_dim')
+  return dict(
+      vocab_size=int(require(hf, 'vocab_size')),
+      embed_dim=embed_dim,
+      num_layers=int(require(hf, 'num_hidden_layers')),
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      mlp_dim=int(require(hf, 'intermediate_size')),
+      rope_theta=theta,
+      norm_eps=float(hf.get('rms_norm_eps', _DEFAULT_RMS_NORM_EPS)),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      attention='mha',
+      position='rope',
+      ffn='dense',
+  )
+
+
+def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
+  """Our config -> `config.json` keys of a `LlamaConfig`, refusing what Llama cannot express."""
+  for field, value, want in (('attention', cfg.attention, 'mha'),
+                             ('position', cfg.position, 'rope'), ('ffn', cfg.ffn, 'dense')):
+    if value != want:
+      raise ConfigError(f'model.{field}', f'{value!r} has no LlamaForCausalLM equivalent; a Llama '
+                        f'export needs model.{field}={want!r}')
+  return dict(
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.embed_dim,
+      intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim,
+      hidden_act='silu',
+      rms_norm_eps=cfg.norm_eps,
+      # Both spellings: transformers 5.x reads rope_parameters, 4.x rope_theta / rope_scaling.
+      rope_theta=cfg.rope_theta,
+      rope_scaling=None,
+      rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+      attention_bias=False,
+      mlp_bias=False,
+      attention_dropout=0.0,
+      tie_word_embeddings=cfg.tie_embeddings,
+      initializer_range=cfg.init_std,
+      # RoPE has no length limit; transformers only uses this to size caches and warn.
+      max_position_embeddings=_DEFAULT_MAX_POSITIONS,
+      pretraining_tp=1,
+      use_cache=True,
+  )
+
+
+def _inv_freq(cfg: ModelConfig, read) -> np.ndarray:
+  del read
+  half = cfg.head_dim // 2
+  return 1.0 / (cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half))
+
+
+def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
+  layer = 'model.layers.{layer}.'
+  rules = [
+      TensorRule('model.embed_tokens.weight', ('embed', 'embedding')),
+      TensorRule(layer + 'input_layernorm.weight', ('attn_norm', 'scale')),
+      TensorRule(layer + 'self_attn.q_proj.weight', ('attn', 'q', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'self_attn.k_proj.weight', ('attn', 'k', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'self_attn.v_proj.weight', ('attn', 'v', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'self_attn.o_proj.weight', ('attn', 'o', 'kernel'), linear_in_dims=2),
+      TensorRule(layer + 'post_attention_layernorm.weight', ('mlp_norm', 'scale')),
+      TensorRule(layer + 'mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'mlp.up_proj.weight', ('mlp', 'up', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'mlp.down_proj.weight', ('mlp', 'down', 'kernel'), linear_in_dims=1),
+      TensorRule('model.norm.weight', ('final_norm', 'scale')),
+      # Older exports (e.g. Llama 2) saved RoPE's frequencies; a mismatch means scaled RoPE.
+      # rtol covers the buffer being stored in bf16/fp16.
+      Redundant(layer + 'self_attn.rotary_emb.inv_freq', _inv_freq, rtol=1e-2),
+  ]
+  if cfg.tie_embeddings:
+    # Some exports keep the tied head's copy; it must be the embedding table itself.
+    rules.append(Redundant('lm_head.weight', lambda cfg, read: read('model.embed_tokens.weight')))
+  else:
+    rules.append(TensorRule('lm_head.weight', ('lm_head', 'kernel'), linear_in_dims=1))
+  return rules
+
+
+LLAMA = register(Family(
+    name='Llama',
+    model_types=('llama',),
+    architecture='LlamaForCausalLM',
+    fields_from_hf=fields_from_hf,
+    hf_from_config=hf_from_config,
+    tensor_rules=tensor_rules,
+))
+
+
+def load_llama(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bool = True
+               ) -> tuple[dict[str, Any], Params]:
+  """Reads a `LlamaForCausalLM` checkpoint directory (config.json + *.safetensors).
+
+  Returns (model_fields, params): values for the run config's `model` section (dtype,
+  param_dtype and scan_layers are the run's choice and not included), and the params tree to
+  pass as `{'params': params}` to `Transformer.apply` — scanned `blocks` unless scan_layers=False
+  (then `block_i`, for a model built with scan_layers=False). Raises `ConfigError` for a
+  checkpoint the model cannot express, before reading any weight.
+  """
+  return load_checkpoint(path, LLAMA, param_dtype=param_dtype, scan_layers=scan_layers)
+
+
+def save_llama(path: str | Path, params: Mapping[str, Any],
+               model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
+               extra_config: Mapping[str, Any] | None = None) -> Path:
+  """Writes params as a `LlamaForCausalLM` checkpoint that transformers' `from_pretrained` loads.
+
+  `params` may be scanned or per-layer; `model` is the `ModelConfig` or the `model` fields;
+  `dtype` None keeps the params' dtype (a bit-exact round trip with `load_llama`);
+  `extra_config` adds keys to config.json (bos/eos token ids, max_position_embeddings).
+  """
+  return save_checkpoint(path, params, model, LLAMA, dtype=dtype, extra_config=extra_config)

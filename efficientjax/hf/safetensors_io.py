@@ -1,0 +1,460 @@
+"""Hugging Face safetensors checkpoints in and out, shared by every model family.
+
+A family (`llama.py`, ...) is a `Family`: how its `config.json` maps onto our `model` fields and
+back, and one rule per checkpoint tensor. The rest — finding the files, checking every tensor's
+name, shape and dtype before any weight is read, converting layouts, (un)scanning the layers and
+writing — lives here, so adding a family is a small file.
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+# Registers bfloat16 (and the float8s) with numpy by name: safetensors' numpy reader looks dtypes
+# up by name, so without this a bf16 checkpoint fails with "data type 'bfloat16' not understood".
+import ml_dtypes  # noqa: F401
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from efficientjax.errors import ConfigError
+from efficientjax.model import ModelConfig, Transformer
+from efficientjax.registry import Registry
+
+FIELD = 'model.hf'
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+# Storage dtypes of plain weights; anything else (I8, U8, F8_*) is a quantised format we cannot map.
+FLOAT_DTYPES = ('F64', 'F32', 'F16', 'BF16')
+# Weight dtypes an export may use; the names are the same in jnp and torch.
+EXPORT_DTYPES = ('float32', 'bfloat16', 'float16')
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  """One checkpoint tensor and the parameter it becomes.
+
+  Attributes:
+    hf_name: the tensor's name in the checkpoint; `{layer}` in it marks a per-layer tensor.
+    param: our param path, relative to the layer's block for per-layer tensors, else to the root.
+    linear_in_dims: for a torch `Linear` weight (stored [out, in]), how many leading dims of our
+      kernel ([in..., out...]) are inputs; None for tensors stored in our layout already.
+  """
+  hf_name: str
+  param: tuple[str, ...]
+  linear_in_dims: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Redundant:
+  """A tensor some checkpoints carry that holds nothing the params do not (a tied head's copy,
+  RoPE's inv_freq buffer): it is checked against what it must equal, then dropped.
+
+  `expected(config, read)` gives the value it must have; `read(name)` reads another checkpoint
+  tensor. Exact unless `rtol` is set.
+  """
+  hf_name: str
+  expected: Callable[[ModelConfig, Callable[[str], np.ndarray]], np.ndarray]
+  rtol: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A transformers architecture: its config mapping and its weight-name mapping.
+
+  Attributes:
+    name: what the user calls it, for messages.
+    model_types: the `model_type` values in `config.json` this family reads.
+    architecture: the transformers class written into `config.json` and expected in one.
+    fields_from_hf: `config.json` -> our `model` fields; raises `ConfigError` for anything the
+      model cannot express, before any weight is read.
+    hf_from_config: our resolved `ModelConfig` -> `config.json` (without `architectures`,
+      `model_type` and `dtype`, which are filled in here); raises `ConfigError` likewise.
+    tensor_rules: every tensor of the checkpoint, given the config.
+  """
+  name: str
+  model_types: tuple[str, ...]
+  architecture: str
+  fields_from_hf: Callable[[Mapping[str, Any]], dict[str, Any]]
+  hf_from_config: Callable[[ModelConfig], dict[str, Any]]
+  tensor_rules: Callable[[ModelConfig], Sequence[TensorRule | Redundant]]
+
+
+# Keyed by `model_type`, so an unknown one fails listing the ones we read.
+FAMILIES: Registry[Family] = Registry(FIELD)
+
+
+def register(family: Family) -> Family:
+  for model_type in family.model_types:
+    FAMILIES.register(model_type)(family)
+  return family
+
+
+# --------------------------------------------------------------------------------------------
+# config.json helpers shared by families.
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+  """The checkpoint directory's `config.json`, or a `ConfigError` saying what is missing."""
+  path = Path(path)
+  if not path.is_dir():
+    raise ConfigError(FIELD, f'{str(path)!r} is not a directory; give the directory that holds '
+                      f'{CONFIG_FILE} and the *.safetensors files (e.g. from save_pretrained)')
+  config_file = path / CONFIG_FILE
+  if not config_file.is_file():
+    raise ConfigError(FIELD, f'{str(config_file)!r} is missing; a Hugging Face checkpoint '
+                      'directory needs the config.json written by save_pretrained')
+  try:
+    with open(config_file) as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(FIELD, f'cannot read {str(config_file)!r}: {e}') from e
+  if not isinstance(hf, dict):
+    raise ConfigError(FIELD, f'{str(config_file)!r} is not a JSON object')
+  return hf
+
+
+def require(hf: Mapping[str, Any], key: str) -> Any:
+  if hf.get(key) is None:
+    raise ConfigError(FIELD, f'config.json has no {key!r}; it is required to build the model')
+  return hf[key]
+
+
+def refuse_if(condition: bool, message: str) -> None:
+  if condition:
+    raise ConfigError(FIELD, message)
+
+
+def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:
+  """RoPE's base from either config spelling, refusing any frequency scaling.
+
+  transformers < 5 writes `rope_theta` and `rope_scaling`; 5.x writes `rope_parameters`
+  {rope_type, rope_theta, ...}. `default` is the un-scaled rotation we implement.
+  """
+  params = hf.get('rope_parameters') or {}
+  scaling = hf.get('rope_scaling') or {}
+  for spec in (params, scaling):
+    kind = spec.get('rope_type', spec.get('type', 'default'))
+    refuse_if(kind != 'default',
+              f'RoPE scaling {kind!r} is not supported yet (rope_scaling / rope_parameters = '
+              f'{dict(spec)}); use a checkpoint without rope scaling, or add the scaled '
+              'frequencies to efficientjax.attention.positions first')
+  factor = params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  refuse_if(factor != 1.0, f'partial_rotary_factor={factor} (RoPE on part of each head) is not '
+            'supported; our RoPE rotates the whole head_dim')
+  theta = params.get('rope_theta', hf.get('rope_theta', default))
+  return float(theta)
+
+
+def hf_dtype_name(dtype: Any) -> str:
+  name = jnp.dtype(dtype).name
+  if name not in EXPORT_DTYPES:
+    raise ConfigError(FIELD, f'cannot export weights as {name}; use one of '
+                      f'{", ".join(EXPORT_DTYPES)}')
+  return name
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  file: Path
+  shape: tuple[int, ...]
+  dtype: str  # safetensors' name: F32, BF16 ...
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+  """The safetensors files of a checkpoint: the index's shards, or the single file(s)."""
+  index = path / INDEX_FILE
+  if index.is_file():
+    with open(index) as f:
+      weight_map = json.load(f).get('weight_map') or {}
+    files = sorted({path / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    refuse_if(bool(missing), f'{INDEX_FILE} names shard(s) that are missing: {", ".join(missing)}; '
+              're-download the checkpoint')
+    refuse_if(not files, f'{INDEX_FILE} in {str(path)!r} has an empty weight_map')
+    return files
+  files = sorted(path.glob('*.safetensors'))
+  if not files:
+    others = sorted(p.name for p in path.iterdir() if p.suffix in ('.bin', '.pt', '.pth', '.ckpt'))
+    hint = (f'found only {", ".join(others)}: convert it with transformers (from_pretrained, then '
+            'save_pretrained(..., safe_serialization=True))' if others else
+            'save the model with save_pretrained(..., safe_serialization=True)')
+    raise ConfigError(FIELD, f'no *.safetensors weights in {str(path)!r}; {hint}')
+  return files
+
+
+def _read_headers(files: Sequence[Path]) -> dict[str, _TensorInfo]:
+  """Every tensor's file, shape and dtype, reading headers only."""
+  infos = {}
+  for file in files:
+    try:
+      f = safetensors.safe_open(file, framework='numpy')
+    except Exception as e:  # safetensors raises its own error types for a bad header
+      raise ConfigError(FIELD, f'{str(file)!r} is not a readable safetensors file ({e}); '
+                        're-download or re-save the checkpoint') from e
+    with f:
+      for name in f.keys():
+        if name in infos:
+          raise ConfigError(FIELD, f'tensor {name!r} is stored twice ({infos[name].file.name} and '
+                            f'{file.name}); the checkpoint is inconsistent')
+        s = f.get_slice(name)
+        infos[name] = _TensorInfo(file, tuple(s.get_shape()), s.get_dtype())
+  return infos
+
+
+def _expected_params(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+  """Our params, per-layer layout, as {path: shape}: the model's own definition is the spec."""
+  cfg = dataclasses.replace(cfg, scan_layers=False)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(shapes['params']))[0]
+  return {tuple(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _expand(rules: Sequence[TensorRule | Redundant], cfg: ModelConfig
+            ) -> tuple[dict[str, tuple[tuple[str, ...], TensorRule]], dict[str, Redundant]]:
+  """Rules with `{layer}` expanded: {hf name: (param path, rule)} and {hf name: redundant}."""
+  params, redundant = {}, {}
+  for rule in rules:
+    layers = range(cfg.num_layers) if '{layer}' in rule.hf_name else [None]
+    for i in layers:
+      name = rule.hf_name.format(layer=i) if i is not None else rule.hf_name
+      if isinstance(rule, Redundant):
+        redundant[name] = rule
+      else:
+        path = rule.param if i is None else (f'block_{i}',) + rule.param
+        params[name] = (path, rule)
+  return params, redundant
+
+
+def _hf_shape(rule: TensorRule, shape: Sequence[int]) -> tuple[int, ...]:
+  if rule.linear_in_dims is None:
+    return tuple(shape)
+  n = rule.linear_in_dims
+  return (math.prod(shape[n:]), math.prod(shape[:n]))
+
+
+def _to_ours(tensor: np.ndarray, rule: TensorRule, shape: Sequence[int]) -> np.ndarray:
+  if rule.linear_in_dims is None:
+    return tensor.reshape(shape)
+  return tensor.T.reshape(shape)
+
+
+def _to_hf(array: np.ndarray, rule: TensorRule) -> np.ndarray:
+  if rule.linear_in_dims is None:
+    return array
+  n = rule.linear_in_dims
+  return array.reshape(math.prod(array.shape[:n]), -1).T
+
+
+def _check_family_covers_model(family: Family, mapped: Mapping[str, tuple[tuple[str, ...], Any]],
+                               expected: Mapping[tuple[str, ...], Any]) -> None:
+  # A mismatch here is a bug in the family file (or a model change), not the user's to fix.
+  paths = {path for path, _ in mapped.values()}
+  unmapped = sorted('/'.join(p) for p in set(expected) - paths)
+  unknown = sorted('/'.join(p) for p in paths - set(expected))
+  if unmapped or unknown:
+    raise ValueError(f'{family.name} tensor rules do not match the model: params without a '
+                     f'checkpoint tensor {unmapped}, rules for params the model lacks {unknown}')
+
+
+def _first(names: Sequence[str], n: int = 5) -> str:
+  names = sorted(names)
+  more = f' (and {len(names) - n} more)' if len(names) > n else ''
+  return ', '.join(names[:n]) + more
+
+
+def load_checkpoint(path: str | Path, family: Family | None = None, *,
+                    param_dtype: Any = jnp.float32, scan_layers: bool = True
+                    ) -> tuple[dict[str, Any], Params]:
+  """Reads a Hugging Face checkpoint directory into our `model` fields and params.
+
+  Args:
+    path: the directory with `config.json` and `*.safetensors` (single or sharded).
+    family: the architecture to expect; None picks it by `model_type`.
+    param_dtype: dtype of the returned params (weights are cast once, on the host).
+    scan_layers: the scanned `blocks` layout (axis 0 = layer) or the per-layer `block_i` one.
+
+  Returns:
+    (model_fields, params): fields for the run config's `model` section, and the params tree
+    (what goes under 'params' in `Transformer.apply`), as jnp arrays.
+  """
+  path = Path(path)
+  hf = read_hf_config(path)
+  model_type = hf.get('model_type')
+  if family is None:
+    family = FAMILIES.get(model_type)
+  elif model_type not in family.model_types:
+    raise ConfigError(FIELD, f'config.json has model_type {model_type!r}, not a {family.name} '
+                      f'checkpoint; this loader reads model_type '
+                      f'{", ".join(map(repr, family.model_types))} (all families: '
+                      f'{", ".join(FAMILIES)})')
+  archs = hf.get('architectures') or [family.architecture]
+  refuse_if(family.architecture not in archs,
+            f'config.json architectures {archs} do not include {family.architecture}; only the '
+            'causal-LM checkpoint (with its lm_head) can be loaded')
+  fields = family.fields_from_hf(hf)
+  cfg = ModelConfig.from_config({**fields, 'param_dtype': param_dtype, 'scan_layers': False})
+
+  expected = _expected_params(cfg)
+  mapped, redundant = _expand(family.tensor_rules(cfg), cfg)
+  _check_family_covers_model(family, mapped, expected)
+
+  # Names, shapes and dtypes, all before any weight is read.
+  infos = _read_headers(checkpoint_files(path))
+  missing = set(mapped) - set(infos)
+  refuse_if(bool(missing), f'checkpoint lacks tensor(s) {_first(missing)} that a {family.name} '
+            'with this config.json needs; the checkpoint is incomplete or its config does not '
+            'match it')
+  unused = set(infos) - set(mapped) - set(redundant)
+  refuse_if(bool(unused), f'checkpoint tensor(s) {_first(unused)} have no place in the model; '
+            f'the checkpoint has weights a {family.name} does not (a different architecture, '
+            'biases, adapters?)')
+  for name, (param, rule) in mapped.items():
+    want = _hf_shape(rule, expected[param].shape)
+    info = infos[name]
+    refuse_if(info.shape != want, f'tensor {name!r} has shape {list(info.shape)}, expected '
+              f'{list(want)} from config.json')
+  for name in infos:
+    refuse_if(infos[name].dtype not in FLOAT_DTYPES,
+              f'tensor {name!r} is stored as {infos[name].dtype}: quantised checkpoints are not '
+              'supported; use a float16/bfloat16/float32 checkpoint')
+
+  dtype = jnp.dtype(param_dtype)
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  by_file: dict[Path, list[str]] = {}
+  for name in mapped:
+    by_file.setdefault(infos[name].file, []).append(name)
+  for file, names in by_file.items():
+    with safetensors.safe_open(file, framework='numpy') as f:
+      for name in names:
+        param, rule = mapped[name]
+        # Cast in numpy (ml_dtypes) so a bf16 -> f32 upcast is exact and no device sees f64.
+        flat[param] = _to_ours(f.get_tensor(name), rule, expected[param].shape).astype(dtype)
+
+  def read(name: str) -> np.ndarray:
+    with safetensors.safe_open(infos[name].file, framework='numpy') as f:
+      return f.get_tensor(name)
+
+  for name, rule in redundant.items():
+    if name not in infos:
+      continue
+    got = read(name).astype(np.float32)
+    want = np.asarray(rule.expected(cfg, read), np.float32)
+    ok = (got.shape == want.shape and
+          (np.array_equal(got, want) if rule.rtol is None else
+           np.allclose(got, want, rtol=rule.rtol, atol=0)))
+    refuse_if(not ok, f'tensor {name!r} does not match what config.json implies (it should '
+              'repeat other weights or follow from the config); config and weights disagree')
+
+  params = _nest(flat, cfg.num_layers, scan_layers)
+  return fields, jax.tree.map(jnp.asarray, params)
+
+
+def _nest(flat: Mapping[tuple[str, ...], np.ndarray], num_layers: int, scan_layers: bool) -> Params:
+  """Flat {path: array} in the per-layer layout -> nested params, stacking layers if scanned."""
+  params: Params = {}
+  stacked: dict[tuple[str, ...], np.ndarray] = {}
+  for path, array in flat.items():
+    if scan_layers and path[0].startswith('block_'):
+      i, sub = int(path[0].removeprefix('block_')), ('blocks',) + path[1:]
+      if sub not in stacked:
+        stacked[sub] = np.empty((num_layers,) + array.shape, array.dtype)
+      stacked[sub][i] = array
+    else:
+      stacked[path] = array
+  for path, array in stacked.items():
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = array
+  return params
+
+
+# --------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _flatten_params(params: Mapping[str, Any], num_layers: int
+                    ) -> dict[tuple[str, ...], np.ndarray]:
+  """Params in either layout -> {path: host array} in the per-layer layout."""
+  params = nn.unbox(dict(params))
+  if set(params) == {'params'}:  # the whole variables dict from `init`
+    params = params['params']
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(k.key for k in path)
+    array = np.asarray(leaf)
+    if keys[0] == 'blocks':
+      if array.shape[:1] != (num_layers,):
+        raise ValueError(f'param {"/".join(keys)} has shape {array.shape}; scanned params need '
+                         f'the {num_layers} layers on axis 0')
+      for i in range(num_layers):
+        flat[(f'block_{i}',) + keys[1:]] = array[i]
+    else:
+      flat[keys] = array
+  return flat
+
+
+def save_checkpoint(path: str | Path, params: Mapping[str, Any],
+                    model: ModelConfig | Mapping[str, Any], family: Family, *,
+                    dtype: Any = None, extra_config: Mapping[str, Any] | None = None) -> Path:
+  """Writes params as a transformers checkpoint: `config.json` and one `model.safetensors`.
+
+  Args:
+    path: the directory to write (created if needed).
+    params: the params tree, scanned or per-layer (the `init` variables dict is accepted too).
+    model: the `ModelConfig`, or the run config's `model` section.
+    family: the architecture to write.
+    dtype: storage dtype of the weights; None keeps each param's own dtype (exact round trip).
+    extra_config: keys added to / overriding `config.json` (token ids, max_position_embeddings).
+
+  Returns:
+    The directory written.
+  """
+  cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_config(model)
+  hf = family.hf_from_config(cfg)  # refuses what the architecture cannot express
+  expected = _expected_params(cfg)
+  flat = _flatten_params(params, cfg.num_layers)
+  extra = sorted('/'.join(p) for p in set(flat) - set(expected))
+  missing = sorted('/'.join(p) for p in set(expected) - set(flat))
+  if extra or missing:
+    raise ValueError(f'params do not match the {family.name} model: missing {missing}, not part '
+                     f'of it {extra} (merge adapters / dequantise before exporting)')
+  for p, want in expected.items():
+    if flat[p].shape != want.shape:
+      raise ValueError(f'param {"/".join(p)} has shape {flat[p].shape}, expected {want.shape} '
+                       'from the model config')
+
+  mapped, _ = _expand(family.tensor_rules(cfg), cfg)
+  tensors = {}
+  for name, (param, rule) in mapped.items():
+    array = flat[param] if dtype is None else flat[param].astype(jnp.dtype(dtype))
+    tensors[name] = np.ascontiguousarray(_to_hf(array, rule))
+  stored = {a.dtype for a in tensors.values()}
+  # transformers reads `dtype` (5.x) or `torch_dtype` (4.x) as the checkpoint's dtype.
+  dtype_name = hf_dtype_name(max(stored, key=lambda d: d.itemsize))
+  hf = {'architectures': [family.architecture], 'model_type': family.model_types[0], **hf,
+        'dtype': dtype_name, 'torch_dtype': dtype_name, **(extra_config or {})}
+
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  with open(path / CONFIG_FILE, 'w') as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+    f.write('\n')
+  # 'format: pt' is what transformers checks before loading safetensors into torch.
+  safetensors.numpy.save_file(tensors, path / WEIGHTS_FILE, metadata={'format': 'pt'})
+  return path

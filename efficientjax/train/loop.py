@@ -1,0 +1,207 @@
+"""The pretraining loop: data, model, mesh, state (fresh or resumed), steps, evals, checkpoints.
+
+`train` is everything a `pretrain` run does except writing its record, which the experiment
+runner does from the returned `TrainResult`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from efficientjax import parallel
+from efficientjax.attention.core import resolve_implementation
+from efficientjax.data import build_data, get_tokenizer
+from efficientjax.metrics.timing import summarize_ms
+from efficientjax.model import ModelConfig, Transformer
+from efficientjax.train.checkpoint import Checkpointer
+from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
+from efficientjax.train.progress import Progress
+from efficientjax.train.state import TrainState, init_state, state_shardings
+from efficientjax.train.step import make_eval_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model_config: ModelConfig
+  mesh_shape: dict[str, int]
+  num_params: int
+  weight_bytes: int
+  start_step: int                 # 0, or the step a restarted run resumed from
+  final_step: int
+  losses: dict[int, float]        # step -> train loss, this process's run only
+  step_times_s: list[float]       # measured steps only (after the timing warm-up)
+  tokens_per_step: int
+  samples_per_step: int
+  compile_s: float
+  initial_eval_loss: float | None
+  eval_losses: dict[int, float]
+  data_stats: dict[str, Any]
+  synthetic_data: bool
+  checkpoint_dir: str | None
+  attention_impl: str
+
+  @property
+  def final_eval_loss(self) -> float | None:
+    return self.eval_losses[max(self.eval_losses)] if self.eval_losses else None
+
+
+def _device_batch(local: np.ndarray, sharding) -> jax.Array:
+  """This process's rows -> one global array laid out over the mesh."""
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
+def evaluate(eval_fn, params, batches, sharding) -> float:
+  total, count = 0.0, 0.0
+  for b in batches:
+    s, n = eval_fn(params, _device_batch(b, sharding))
+    total += float(s)
+    count += float(n)
+  return total / count
+
+
+def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | None = None,
+          devices: list[jax.Device] | None = None, progress: bool = True) -> TrainResult:
+  """Runs (or resumes) the pretraining described by a validated run config.
+
+  stop_after_step: end early after that step, as if killed (tests of resumption use it).
+  devices: the devices to build the mesh on (default: all).
+  """
+  cfg_data, cfg_train = config['data'], config['train']
+  tokenizer = get_tokenizer(cfg_data['tokenizer'], eos_token=cfg_data['eos_token'])
+  model_cfg = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer.vocab_size)
+  mesh = parallel.make_mesh(config['mesh'], devices)
+  seq_len = cfg_data['seq_len']
+  global_batch = cfg_train['global_batch_size']
+
+  data = build_data(corpus=cfg_data['corpus'], tokenizer=tokenizer, seq_len=seq_len,
+                    global_batch_size=global_batch, seed=config['seed'],
+                    eval_fraction=cfg_data['eval_fraction'], eval_batches=cfg_train['eval_batches'],
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    max_documents=cfg_data['max_documents'])
+  eval_batches = data.eval_batches()
+
+  model = Transformer(model_cfg)
+  tx = make_optimizer(cfg_train)
+  schedule = learning_rate_schedule(cfg_train)
+  abstract, shardings = state_shardings(model, tx, mesh, seq_len)
+  batch_sh = parallel.batch_sharding(mesh)
+
+  checkpointer = None
+  if cfg_train['checkpoint_every'] > 0:
+    checkpointer = Checkpointer(workdir, keep=cfg_train['keep_checkpoints'],
+                                async_save=cfg_train['async_checkpoint'])
+  meta: dict[str, Any] = {}
+  resume_step = checkpointer.latest_step() if checkpointer else None
+  if resume_step is not None:
+    state, meta = checkpointer.restore(resume_step, abstract, shardings)
+    data.train.restore(meta['data'])
+  else:
+    state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
+
+  log_path = os.path.join(workdir, 'train_log.jsonl')
+  with parallel.activate(mesh):
+    t0 = time.perf_counter()
+    abstract_batch = jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32, sharding=batch_sh)
+    train_step = jax.jit(make_train_step(model, tx, cfg_train['grad_accum_steps'], schedule),
+                         in_shardings=(shardings, batch_sh), donate_argnums=0,
+                         out_shardings=(shardings, parallel.replicated(mesh))
+                         ).lower(abstract, abstract_batch).compile()
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh)
+                        ).lower(abstract.params, abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+
+    if resume_step is None:
+      meta['initial_eval_loss'] = evaluate(eval_step, state.params, eval_batches, batch_sh)
+    start_step = int(state.step)
+    total = cfg_train['steps']
+    last = total if stop_after_step is None else min(total, stop_after_step)
+    bar = Progress(total, cfg_train['log_every']) if progress else None
+    if bar and resume_step is not None:
+      bar.message(f'resumed from the checkpoint at step {resume_step} in {checkpointer.directory}')
+
+    tokens_per_step = global_batch * seq_len
+    losses: dict[int, float] = {}
+    eval_losses: dict[int, float] = {}
+    step_times: list[float] = []
+    last_good = resume_step
+    for step in range(start_step + 1, last + 1):
+      t = time.perf_counter()
+      batch = _device_batch(data.train.next(), batch_sh)
+      state, metrics = train_step(state, batch)
+      loss = float(metrics['loss'])  # a sync point: the step is done when its loss is on host
+      dt = time.perf_counter() - t
+      if step - start_step > cfg_train['timing_warmup_steps']:
+        step_times.append(dt)
+      if not math.isfinite(loss):
+        if checkpointer:
+          checkpointer.close()
+        where = (f'the last good checkpoint is step {last_good} in {checkpointer.directory}'
+                 if last_good is not None else 'no checkpoint was written before it')
+        raise TrainingDiverged(
+            f'the training loss became {loss} at step {step}; {where}. Lower '
+            'train.learning_rate, raise train.warmup_steps or set train.grad_clip_norm.')
+      losses[step] = loss
+      with open(log_path, 'a') as f:
+        f.write(json.dumps({'step': step, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
+                            'learning_rate': float(metrics['learning_rate']),
+                            'step_ms': dt * 1e3}) + '\n')
+
+      if (cfg_train['eval_every'] and step % cfg_train['eval_every'] == 0) or step == total:
+        eval_losses[step] = evaluate(eval_step, state.params, eval_batches, batch_sh)
+        if bar:
+          bar.message(f'step {step}: eval loss {eval_losses[step]:.4f}, '
+                      f'perplexity {math.exp(eval_losses[step]):.2f}')
+      if bar:
+        bar.update(step, loss, tokens_per_step / dt)
+      if checkpointer and (step % cfg_train['checkpoint_every'] == 0 or step == total):
+        meta['data'] = data.train.state()
+        checkpointer.save(step, state, meta)
+        last_good = step
+
+  if checkpointer:
+    checkpointer.close()
+  params = state.params
+  return TrainResult(
+      model_config=model_cfg,
+      mesh_shape=dict(mesh.shape),
+      num_params=int(sum(x.size for x in jax.tree.leaves(params))),
+      weight_bytes=int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
+      start_step=start_step,
+      final_step=int(state.step),
+      losses=losses,
+      step_times_s=step_times,
+      tokens_per_step=tokens_per_step,
+      samples_per_step=global_batch,
+      compile_s=compile_s,
+      initial_eval_loss=meta.get('initial_eval_loss'),
+      eval_losses=eval_losses,
+      data_stats=data.stats,
+      synthetic_data=data.synthetic,
+      checkpoint_dir=checkpointer.directory if checkpointer else None,
+      attention_impl=resolve_implementation(model_cfg.attention_impl, model_cfg.dtype),
+  )
+
+
+def summarize(result: TrainResult) -> dict[str, Any]:
+  """The latency and throughput figures of a run (the metrics issue extends this)."""
+  latency = summarize_ms(result.step_times_s)
+  seconds = float(sum(result.step_times_s))
+  n = len(result.step_times_s)
+  return {
+      'latency': {'step_ms': latency},
+      'throughput': {
+          'tokens_per_s': result.tokens_per_step * n / seconds if n else None,
+          'samples_per_s': result.samples_per_step * n / seconds if n else None,
+      },
+  }

@@ -1,0 +1,34 @@
+"""AdamW with linear warm-up and cosine decay, clipping, and decay kept off norms and biases."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+# Parameters by leaf name that weight decay must not shrink: norm gains and biases.
+NO_DECAY_NAMES = ('scale', 'bias')
+
+
+def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
+  peak = train['learning_rate']
+  warmup = min(train['warmup_steps'], train['steps'] - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(train['steps'], warmup + 1), end_value=peak * train['min_lr_ratio'])
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies (by leaf name, so it holds for scanned stacks too)."""
+  def decays(path, _):
+    return getattr(path[-1], 'key', None) not in NO_DECAY_NAMES
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
+  parts = []
+  if train['grad_clip_norm'] > 0:
+    parts.append(optax.clip_by_global_norm(train['grad_clip_norm']))
+  parts.append(optax.adamw(learning_rate_schedule(train), b1=train['b1'], b2=train['b2'],
+                           eps=train['eps'], weight_decay=train['weight_decay'], mask=decay_mask))
+  return optax.chain(*parts)

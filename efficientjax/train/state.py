@@ -1,0 +1,53 @@
+"""The train state and its placement on the mesh."""
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from efficientjax import parallel
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
+
+
+def _boxed_init(model: nn.Module, seq_len: int, rng: jax.Array):
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(rng, tokens)['params']
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                    seq_len: int) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings): every leaf placed by its logical axis names."""
+  boxed = jax.eval_shape(lambda k: _boxed_init(model, seq_len, k), jax.random.key(0))
+  param_sh = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract_params = nn.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Optimizer moments mirror the params' placement; counters are replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: parallel.replicated(mesh))
+  rep = parallel.replicated(mesh)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  return abstract, shardings
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, seq_len: int,
+               seed: int, shardings: TrainState) -> TrainState:
+  """Initialises directly into the sharded layout (no full copy on any one device)."""
+  def init(key):
+    init_key, state_key = jax.random.split(key)
+    params = nn.unbox(_boxed_init(model, seq_len, init_key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(state_key))
+  with parallel.activate(mesh):
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

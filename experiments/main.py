@@ -1,0 +1,124 @@
+"""The one command: train, fine-tune or serve a model and write its result record.
+
+    python -m experiments.main --config=configs/quickstart.py[:PRESET] [--config.a.b=VALUE ...]
+                               [--workdir=DIR]
+
+A config the run cannot use exits with status 2 and a message naming the field and the fix,
+before anything is built; a diverged run exits with status 1 and says which checkpoint is good.
+"""
+
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from efficientjax.errors import ConfigError
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'quickstart.py')
+_CONFIG_FLAG = '--config.'
+
+
+def fail(errors: list[ConfigError]) -> None:
+  lines = [f'config error: {e.field}: {e.message}' for e in errors]
+  sys.stderr.write('\n'.join(lines) + '\n')
+  sys.exit(2)
+
+
+def _check_override_paths(argv: list[str]) -> None:
+  """Unknown `--config.x.y=` fields fail here with a suggestion (config_flags would raise one
+  deep inside flag definition, as a traceback)."""
+  from experiments.validate import schema_paths, unknown_field_error  # pylint: disable=g-import-not-at-top
+  known = schema_paths()
+  errors = []
+  for arg in argv[1:]:
+    if arg.startswith(_CONFIG_FLAG):
+      path = arg[len(_CONFIG_FLAG):].split('=', 1)[0]
+      if path not in known and not any(k.startswith(path + '.') for k in known):
+        errors.append(unknown_field_error(path))
+  if errors:
+    fail(errors)
+
+
+def _flag_error(e: Exception) -> ConfigError:
+  """A config-file or override failure, as one line: the last line of a chained traceback is
+  the config file's own message (e.g. an unknown preset)."""
+  text = str(e).strip()
+  if text.startswith('flag --config.'):  # e.g. "flag --config.model.num_layers=abc: invalid ..."
+    flag, _, why = text[len('flag --config.'):].partition(': ')
+    return ConfigError(flag.split('=')[0], f'{why} (from --config.{flag})')
+  last = text.splitlines()[-1] if text else type(e).__name__
+  return ConfigError('--config', f'{last.strip()}; check the file path and its :preset')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    fail([_flag_error(e)])
+
+
+def _config_name(argv: list[str]) -> str:
+  """'quickstart_smoke' for --config=configs/quickstart.py:smoke: names the default workdir."""
+  arg = DEFAULT_CONFIG
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      arg = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      arg = argv[i + 1]
+  path, _, preset = arg.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  return f'{name}_{preset}' if preset else name
+
+
+def _main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail([ConfigError('argv', f'unexpected arguments {argv[1:]}; settings go in '
+                      '--config.FIELD=VALUE')])
+  try:
+    config = flags.FLAGS.config
+  except Exception as e:  # pylint: disable=broad-except
+    fail([_flag_error(e)])
+  from experiments import validate  # pylint: disable=g-import-not-at-top
+  from experiments.registry import runner  # pylint: disable=g-import-not-at-top
+  errors = validate.check(config)
+  if not errors:
+    from efficientjax.data import get_tokenizer  # pylint: disable=g-import-not-at-top
+    try:
+      tokenizer = get_tokenizer(config.data.tokenizer, eos_token=config.data.eos_token)
+      errors = validate.check_tokenizer(config, tokenizer.vocab_size)
+    except ConfigError as e:
+      errors = [e]
+  if errors:
+    fail(errors)
+
+  workdir = flags.FLAGS.workdir or os.path.join(
+      'runs', f'{_config_name(sys.argv)}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}')
+  from efficientjax.train.loop import TrainingDiverged  # pylint: disable=g-import-not-at-top
+  try:
+    record_path = runner(config.kind)(config, workdir)
+  except ConfigError as e:
+    fail([e])
+  except TrainingDiverged as e:
+    sys.stderr.write(f'training stopped: {e}\n')
+    sys.exit(1)
+  print(f'result record: {record_path}')
+
+
+def run() -> None:
+  _check_override_paths(sys.argv)
+  try:
+    config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Run config: a file path with an '
+                                    'optional :preset.', lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    fail([_flag_error(e)])
+  flags.DEFINE_string('workdir', None, 'Run directory (default runs/<config>-<UTC time>); a '
+                      'directory that holds checkpoints resumes from the latest.')
+  logging.set_verbosity(logging.WARNING)
+  app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()
