@@ -79,6 +79,7 @@ def _main(argv: list[str]) -> None:
                       '--config.FIELD=VALUE')])
   try:
     config = flags.FLAGS.config
+    config.keys()  # a file that failed to load raises only when first read
   except Exception as e:  # pylint: disable=broad-except
     fail([_flag_error(e)])
   from experiments import validate  # pylint: disable=g-import-not-at-top

@@ -47,7 +47,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
       loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     if schedule is not None:
       metrics['learning_rate'] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,92 @@
+"""The command a user types, end to end, in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from efficientjax.metrics.record import read_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, cwd=ROOT):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a laptop
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  return subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_run_writes_a_complete_record(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = _main('--config=configs/quickstart.py:smoke', f'--workdir={workdir}',
+               '--config.train.steps=5')
+  assert proc.returncode == 0, proc.stderr
+  assert f'result record: {workdir}/results.jsonl' in proc.stdout
+  (record,) = read_records(workdir / 'results.jsonl')
+  for key in ('schema_version', 'run_id', 'kind', 'created_at', 'config', 'config_hash', 'env',
+              'model', 'quality', 'metrics'):
+    assert key in record, key
+  assert record['kind'] == 'pretrain'
+  assert record['config']['train']['steps'] == 5  # the override reached the run
+  env = record['env']
+  for key in ('jax', 'jaxlib', 'flax', 'backend', 'device_kind', 'device_count', 'process_count',
+              'mesh_shape', 'git_commit'):
+    assert key in env, key
+  assert env['backend'] == 'cpu' and env['device_count'] == 1
+  assert env['mesh_shape'] == {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}
+  assert record['model']['params'] > 0 and record['model']['weight_bytes'] == 4 * record['model']['params']
+  q = record['quality']
+  assert q['initial_eval_perplexity'] > q['eval_perplexity'] > 1
+  step_ms = record['metrics']['latency']['step_ms']
+  assert step_ms['count'] == 5 - 2  # the timing warm-up steps are left out
+  assert 0 < step_ms['p50'] <= step_ms['p90'] <= step_ms['p99']
+  assert record['metrics']['throughput']['tokens_per_s'] > 0
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '5']
+
+
+def test_default_workdir_is_named_after_config_and_time(tmp_path):
+  proc = _main(f'--config={ROOT}/configs/quickstart.py:smoke', '--config.train.steps=3',
+               '--config.train.checkpoint_every=0', cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  (run,) = os.listdir(tmp_path / 'runs')
+  assert run.startswith('quickstart_smoke-')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.model.num_layers=abc'], 'config error: model.num_layers: invalid literal'),
+    (['--config.model.num_layerz=3'], "model.num_layerz: unknown field; did you mean "
+                                      "'model.num_layers'?"),
+    (['--config.model.attention=flash'], 'model.attention: unknown value'),
+    (['--config.model.num_kv_heads=3'], 'model.num_kv_heads: 3 does not divide'),
+    (['--config=configs/quickstart.py:huge'], "unknown preset 'huge'"),
+    (['--config=configs/missing.py'], 'config error: --config'),
+    (['--config.data.corpus=text:/nonexistent/*.txt'], 'data.corpus'),
+    (['--config.data.tokenizer=/nonexistent/tokenizer.json'], 'data.tokenizer'),
+])
+def test_bad_config_exits_2_with_one_message(args, message, tmp_path):
+  proc = _main('--config=configs/quickstart.py:smoke', *args, f'--workdir={tmp_path}/w')
+  assert proc.returncode == 2, (proc.stdout, proc.stderr)
+  assert message in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_workdir_of_another_model_is_not_overwritten(tmp_path):
+  workdir = tmp_path / 'run'
+  args = ['--config=configs/quickstart.py:smoke', f'--workdir={workdir}', '--config.train.steps=3']
+  assert _main(*args).returncode == 0
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  proc = _main(*args, '--config.model.num_layers=3')
+  assert proc.returncode == 2 and 'model differ' in proc.stderr, proc.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before
+  # Longer training of the same model resumes instead.
+  proc = _main(*args[:-1], '--config.train.steps=4')
+  assert proc.returncode == 0, proc.stderr
+  assert 'resumed from the checkpoint at step 3' in proc.stderr
+  records = read_records(workdir / 'results.jsonl')
+  assert [r['steps']['final'] for r in records] == [3, 4]
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['train']['steps'] == 4

@@ -1,0 +1,135 @@
+"""Training: it learns, it resumes bitwise, it shards without changing the numbers."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientjax import parallel
+from efficientjax.model import ModelConfig, Transformer
+from efficientjax.train.loop import TrainingDiverged, train
+from efficientjax.train.optimizer import decay_mask, make_optimizer
+from efficientjax.train.state import init_state, state_shardings
+from efficientjax.train.step import make_train_step
+from tests.helpers import smoke_config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'train_log.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_loss_falls_when_overfitting_one_batch():
+  c = smoke_config(**{'train.learning_rate': 1e-2, 'train.steps': 40, 'train.warmup_steps': 2})
+  model = Transformer(ModelConfig.from_config(c['model'], tokenizer_vocab_size=257))
+  tx = make_optimizer(c['train'])
+  mesh = parallel.make_mesh(c['mesh'], jax.devices()[:1])
+  _, shardings = state_shardings(model, tx, mesh, 32)
+  state = init_state(model, tx, mesh, 32, 0, shardings)
+  batch = jax.random.randint(jax.random.key(1), (4, 33), 0, 257)
+  step = jax.jit(make_train_step(model, tx, grad_accum_steps=1))
+  losses = []
+  for _ in range(40):
+    state, m = step(state, batch)
+    losses.append(float(m['loss']))
+  assert losses[0] > 5.0  # ~log(384) at init
+  assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = {'blocks': {'attn_norm': {'scale': jnp.ones((2, 4))}, 'q': {'kernel': jnp.ones((2, 4)),
+                                                                        'bias': jnp.ones((2,))}},
+            'final_norm': {'scale': jnp.ones(4)}}
+  mask = decay_mask(params)
+  assert mask == {'blocks': {'attn_norm': {'scale': False}, 'q': {'kernel': True, 'bias': False}},
+                  'final_norm': {'scale': False}}
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  c = smoke_config()
+  model = Transformer(ModelConfig.from_config(c['model'], tokenizer_vocab_size=257))
+  tx = make_optimizer(c['train'])
+  mesh = parallel.make_mesh(c['mesh'], jax.devices()[:1])
+  _, shardings = state_shardings(model, tx, mesh, 16)
+  batch = jax.random.randint(jax.random.key(2), (8, 17), 0, 257)
+  out = []
+  for accum in (1, 4):
+    state = init_state(model, tx, mesh, 16, 0, shardings)
+    with parallel.activate(mesh):
+      state, m = jax.jit(make_train_step(model, tx, accum))(state, batch)
+    out.append((float(m['loss']), state.params))
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][1], out[1][1])
+
+
+def test_restart_after_a_kill_continues_bitwise(tmp_path):
+  c = smoke_config(**{'train.steps': 8, 'train.checkpoint_every': 3, 'train.eval_every': 0})
+  one = jax.devices()[:1]
+  straight = train(c, str(tmp_path / 'straight'), devices=one, progress=False)
+  killed = str(tmp_path / 'killed')
+  first = train(c, killed, devices=one, progress=False, stop_after_step=7)  # last save: step 6
+  assert first.final_step == 7
+  resumed = train(c, killed, devices=one, progress=False)
+  assert resumed.start_step == 6
+  assert list(resumed.losses) == [7, 8]
+  for step in (7, 8):
+    assert resumed.losses[step] == straight.losses[step]  # bitwise, not approximately
+  assert resumed.eval_losses[8] == straight.eval_losses[8]
+  assert resumed.initial_eval_loss == straight.initial_eval_loss  # carried in the checkpoint
+  # The killed run's log keeps its steps; the restart appends from step 7 again.
+  assert [r['step'] for r in _losses(killed)] == [1, 2, 3, 4, 5, 6, 7, 7, 8]
+
+
+def _first_losses(mesh_axes, devices, steps=2):
+  c = smoke_config(**{'mesh.data': mesh_axes[0], 'mesh.fsdp': mesh_axes[1],
+                      'train.global_batch_size': 8, 'model.num_heads': 4})
+  model = Transformer(ModelConfig.from_config(c['model'], tokenizer_vocab_size=257))
+  tx = make_optimizer(c['train'])
+  mesh = parallel.make_mesh(c['mesh'], devices)
+  _, shardings = state_shardings(model, tx, mesh, 32)
+  state = init_state(model, tx, mesh, 32, 0, shardings)
+  rng = np.random.default_rng(0)
+  batch_sh = parallel.batch_sharding(mesh)
+  step = jax.jit(make_train_step(model, tx, 2), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, parallel.replicated(mesh)))
+  losses = []
+  with parallel.activate(mesh):
+    for _ in range(steps):
+      batch = jax.device_put(rng.integers(0, 257, (8, 33), dtype=np.int32), batch_sh)
+      state, m = step(state, batch)
+      losses.append(float(m['loss']))
+  kernel = state.params['blocks']['mlp']['up']['kernel']
+  return losses, kernel.sharding.spec
+
+
+@pytest.mark.parametrize('mesh_axes', [(1, 8), (2, 4)], ids=['fsdp8', 'data2xfsdp4'])
+def test_sharded_step_matches_one_device(mesh_axes):
+  assert jax.device_count() == 8, 'conftest sets 8 host devices'
+  ref, _ = _first_losses((1, 1), jax.devices()[:1])
+  got, spec = _first_losses(mesh_axes, jax.devices())
+  assert spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')  # [layers, embed, mlp]
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  c = smoke_config(**{'train.steps': 6, 'train.checkpoint_every': 2, 'train.eval_every': 0})
+  import efficientjax.train.loop as loop_module
+  real = loop_module.make_train_step
+
+  def poisoned(model, tx, accum, schedule=None):
+    step = real(model, tx, accum, schedule)
+
+    def wrapped(state, batch):
+      state, m = step(state, batch)
+      # From step 5 on the loss is NaN, as a diverging run's would be.
+      m['loss'] = jnp.where(state.step >= 5, jnp.nan, m['loss'])
+      return state, m
+    return wrapped
+
+  monkeypatch.setattr(loop_module, 'make_train_step', poisoned)
+  with pytest.raises(TrainingDiverged, match='at step 5; the last good checkpoint is step 4'):
+    train(c, str(tmp_path), devices=jax.devices()[:1], progress=False)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
