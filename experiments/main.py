@@ -82,8 +82,11 @@ def _main(argv: list[str]) -> None:
     config.keys()  # a file that failed to load raises only when first read
   except Exception as e:  # pylint: disable=broad-except
     fail([_flag_error(e)])
+  from efficientjax import parallel  # pylint: disable=g-import-not-at-top
   from experiments import validate  # pylint: disable=g-import-not-at-top
   from experiments.registry import runner  # pylint: disable=g-import-not-at-top
+  # Before anything asks JAX for devices: the checks below need the global device count.
+  parallel.maybe_initialize_distributed()
   errors = validate.check(config)
   if not errors:
     from efficientjax.data import get_tokenizer  # pylint: disable=g-import-not-at-top
