@@ -4,13 +4,20 @@
 # cut of configs/llama_1b.py, bf16 + cuDNN). Everything is bundled in $OUT/foundation_resume.tar
 # (the device tool returns only a few files). Run from the project root with
 # .whl/ml_collections-*.whl present (../shared/device/wheels.sh).
+# DETERMINISTIC=1: with XLA's deterministic GPU ops, and without the quickstart part; the
+# bundle is then $OUT/foundation_resume_deterministic.tar.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/ml_collections-*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; R=/tmp/res; rm -rf "$R" /tmp/runs; mkdir -p "$R"
-python3 -m experiments.main --config=configs/quickstart.py --workdir=/tmp/runs/quickstart > "$R/quickstart.log" 2>&1
-echo "quickstart exit $?" >> "$R/quickstart.log"
-cp /tmp/runs/quickstart/results.jsonl "$R/quickstart.results.jsonl"
+NAME=foundation_resume
+if [ "${DETERMINISTIC:-0}" = 1 ]; then
+  export XLA_FLAGS=--xla_gpu_deterministic_ops=true; NAME=foundation_resume_deterministic
+else
+  python3 -m experiments.main --config=configs/quickstart.py --workdir=/tmp/runs/quickstart > "$R/quickstart.log" 2>&1
+  echo "quickstart exit $?" >> "$R/quickstart.log"
+  cp /tmp/runs/quickstart/results.jsonl "$R/quickstart.results.jsonl"
+fi
 
 ARGS=(--config=configs/llama_1b.py --config.model.num_layers=8 --config.train.steps=30
       --config.train.warmup_steps=5 --config.train.eval_every=0 --config.train.eval_batches=2
@@ -37,8 +44,11 @@ def log(n):  # the last entry per step wins: the restart re-runs the steps after
   return {d['step']: d['loss'] for d in map(json.loads, open(f'{r}/{n}.train_log.jsonl'))}
 a, b = log('straight'), log('killed')
 d = [abs(a[s] - b[s]) for s in range(11, 31)]
+b10 = {d['step']: d['loss'] for d in list(map(json.loads, open(f'{r}/killed.train_log.jsonl')))[:10]}
+print('steps 1-10 of two uninterrupted runs:', 'bitwise equal' if all(a[s] == b10[s] for s in b10)
+      else 'differ')
 print('steps 11-30 after the restart:', 'bitwise equal to the uninterrupted run' if max(d) == 0
       else f'max |loss diff| vs the uninterrupted run {max(d):.3g}')
 PY
 grep -h "exit\|resumed\|record" "$R"/*.log
-tar -C "$R" -cf "$OUT/foundation_resume.tar" .
+tar -C "$R" -cf "$OUT/$NAME.tar" .
