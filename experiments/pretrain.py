@@ -5,6 +5,7 @@ import math
 import os
 from typing import Any
 
+import jax
 from ml_collections import ConfigDict
 
 from efficientjax.errors import ConfigError
@@ -27,9 +28,10 @@ def _guard_workdir(workdir: str, config: dict[str, Any]) -> None:
       raise ConfigError('--workdir', f'{workdir} holds checkpoints of a run whose '
                         f'{", ".join(changed)} differ from this config; use a new --workdir '
                         '(nothing there is overwritten)')
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:  # one writer on a shared file system
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
 
 
 def run(config: ConfigDict, workdir: str) -> str:

@@ -17,8 +17,13 @@ TINY = ModelConfig(vocab_size=97, embed_dim=48, num_layers=3, num_heads=4, num_k
 def _init(cfg, seed=0, batch=2, length=16):
   model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
-  params = nn.unbox(model.init(jax.random.key(seed), tokens)['params'])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)['params'])
   return model, params, tokens
+
+
+def _apply(model, params, tokens):
+  # Jitted: op-by-op dispatch makes these tiny models slow on CPU.
+  return jax.jit(model.apply)({'params': params}, tokens)
 
 
 def _reference_forward(cfg: ModelConfig, params, tokens):
@@ -58,7 +63,7 @@ def _reference_forward(cfg: ModelConfig, params, tokens):
 
 def test_matches_plain_reference():
   model, params, tokens = _init(TINY)
-  got = model.apply({'params': params}, tokens)
+  got = _apply(model, params, tokens)
   want = _reference_forward(TINY, params, tokens)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
@@ -69,16 +74,16 @@ def test_scanned_equals_unscanned_forward_and_backward():
   flat = unscan_params(params, TINY.num_layers)
 
   def loss(m, p):
-    return jnp.mean(m.apply({'params': p}, tokens) ** 2)
+    return jnp.mean(_apply(m, p, tokens) ** 2)
 
-  np.testing.assert_allclose(model.apply({'params': params}, tokens),
-                             unscanned.apply({'params': flat}, tokens), atol=1e-5, rtol=1e-5)
-  g_scan = jax.grad(lambda p: loss(model, p))(params)
-  g_flat = scan_params(jax.grad(lambda p: loss(unscanned, p))(flat), TINY.num_layers)
+  np.testing.assert_allclose(_apply(model, params, tokens),
+                             _apply(unscanned, flat, tokens), atol=1e-5, rtol=1e-5)
+  g_scan = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
+  g_flat = scan_params(jax.jit(jax.grad(lambda p: loss(unscanned, p)))(flat), TINY.num_layers)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g_scan, g_flat)
   # The unscanned init produces the same tree shape as scanning then unscanning.
-  own = nn.unbox(unscanned.init(jax.random.key(0), tokens)['params'])
-  assert jax.tree.structure(own) == jax.tree.structure(flat)
+  own = jax.eval_shape(unscanned.init, jax.random.key(0), tokens)['params']
+  assert jax.tree.structure(nn.unbox(own)) == jax.tree.structure(flat)
 
 
 @pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
@@ -87,10 +92,10 @@ def test_remat_policies_leave_values_and_gradients_unchanged(remat):
   rematted = Transformer(dataclasses.replace(TINY, remat=remat))
 
   def loss(m, p):
-    return jnp.mean(jax.nn.log_softmax(m.apply({'params': p}, tokens))[..., 0])
+    return jnp.mean(jax.nn.log_softmax(_apply(m, p, tokens))[..., 0])
 
-  v0, g0 = jax.value_and_grad(lambda p: loss(model, p))(params)
-  v1, g1 = jax.value_and_grad(lambda p: loss(rematted, p))(params)
+  v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
+  v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(rematted, p)))(params)
   np.testing.assert_allclose(v0, v1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g0, g1)
 
@@ -103,8 +108,8 @@ def test_causal(tie):
   changed = tokens.at[:, cut:].set(
       jax.random.randint(jax.random.key(99), (tokens.shape[0], 20 - cut), 0, cfg.vocab_size))
   assert not np.array_equal(tokens[:, cut:], changed[:, cut:])
-  a = model.apply({'params': params}, tokens)
-  b = model.apply({'params': params}, changed)
+  a = _apply(model, params, tokens)
+  b = _apply(model, params, changed)
   np.testing.assert_array_equal(a[:, :cut], b[:, :cut])
   assert not np.allclose(a[:, cut:], b[:, cut:])
 
@@ -115,15 +120,15 @@ def test_tied_head_uses_the_embedding_table():
   assert 'lm_head' not in params
   untied = Transformer(dataclasses.replace(TINY))
   p2 = dict(params, lm_head={'kernel': params['embed']['embedding'].T})
-  np.testing.assert_allclose(model.apply({'params': params}, tokens),
-                             untied.apply({'params': p2}, tokens), atol=1e-6)
+  np.testing.assert_allclose(_apply(model, params, tokens),
+                             _apply(untied, p2, tokens), atol=1e-6)
 
 
 def test_bf16_compute_stays_close_to_fp32():
   model, params, tokens = _init(TINY, seed=11)
   bf16 = Transformer(dataclasses.replace(TINY, dtype=jnp.bfloat16))
-  a = model.apply({'params': params}, tokens)
-  b = bf16.apply({'params': params}, tokens)
+  a = _apply(model, params, tokens)
+  b = _apply(bf16, params, tokens)
   assert b.dtype == jnp.float32  # logits are always returned in fp32
   np.testing.assert_allclose(a, b, atol=0.05)
 
