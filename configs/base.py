@@ -66,6 +66,13 @@ def get_config() -> config_dict.ConfigDict:
   t.async_checkpoint = True
   t.timing_warmup_steps = 2         # steps after compilation left out of the timings
 
+  me = c.metrics = config_dict.ConfigDict()
+  me.sample_interval_s = 0.1        # memory / power sampler period
+  me.peak_flops_per_s = placeholder(float)  # per device; None: the table in metrics/peaks.py
+
+  p = c.profile = config_dict.ConfigDict()
+  p.steps = 0                       # >0: trace that many steps after warm-up (excluded from timings)
+
   mesh = c.mesh = config_dict.ConfigDict()
   # Devices per mesh axis; -1 takes what the others leave. Default: pure FSDP.
   mesh.data = 1

@@ -10,7 +10,8 @@ from ml_collections import ConfigDict
 
 from efficientjax.errors import ConfigError
 from efficientjax.metrics import record as records
-from efficientjax.train.loop import summarize, train
+from efficientjax.metrics.report import training_metrics
+from efficientjax.train.loop import train
 
 # Sections that define what a checkpoint holds: resuming under other values would mix runs.
 _RESUME_SECTIONS = ('model', 'data', 'seed')
@@ -60,7 +61,7 @@ def run(config: ConfigDict, workdir: str) -> str:
           'initial_eval_perplexity': (math.exp(result.initial_eval_loss)
                                       if result.initial_eval_loss is not None else None),
       },
-      'metrics': {'compile_s': result.compile_s, **summarize(result)},
+      'metrics': training_metrics(result, peak_override=cfg['metrics']['peak_flops_per_s']),
       'checkpoint_dir': result.checkpoint_dir,
   })
   return records.write_record(workdir, record)

@@ -117,7 +117,8 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
                 'train.keep_checkpoints'):
     _at_least(errors, c, field, 1)
   for field in ('train.warmup_steps', 'train.eval_every', 'train.checkpoint_every',
-                'train.timing_warmup_steps', 'train.weight_decay', 'train.grad_clip_norm'):
+                'train.timing_warmup_steps', 'train.weight_decay', 'train.grad_clip_norm',
+                'profile.steps'):
     _at_least(errors, c, field, 0)
   if errors:
     return errors
@@ -159,6 +160,18 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
   if d['max_documents'] is not None and d['max_documents'] < 2:
     errors.append(ConfigError('data.max_documents', 'needs at least 2 (one to train on, one '
                               'held out), or unset for all'))
+
+  # Measurement.
+  if c['metrics']['sample_interval_s'] <= 0:
+    errors.append(ConfigError('metrics.sample_interval_s', 'must be positive (seconds), e.g. 0.1'))
+  peak = c['metrics']['peak_flops_per_s']
+  if peak is not None and peak <= 0:
+    errors.append(ConfigError('metrics.peak_flops_per_s', 'must be positive (FLOP/s per device), '
+                              'or unset to use the table in efficientjax/metrics/peaks.py'))
+  if t['steps'] <= t['timing_warmup_steps'] + c['profile']['steps']:
+    errors.append(ConfigError('profile.steps', f'train.timing_warmup_steps + profile.steps = '
+                              f'{t["timing_warmup_steps"] + c["profile"]["steps"]} leave no '
+                              f'measured steps out of train.steps={t["steps"]}; lower them'))
 
   # Optimisation.
   if t['learning_rate'] <= 0:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from efficientjax.metrics.record import read_records
+from efficientjax.metrics.record import read_records, validate_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,15 +22,16 @@ def _main(*args, cwd=ROOT):
 def test_smoke_run_writes_a_complete_record(tmp_path):
   workdir = tmp_path / 'run'
   proc = _main('--config=configs/quickstart.py:smoke', f'--workdir={workdir}',
-               '--config.train.steps=5')
+               '--config.train.steps=7', '--config.profile.steps=2')
   assert proc.returncode == 0, proc.stderr
   assert f'result record: {workdir}/results.jsonl' in proc.stdout
   (record,) = read_records(workdir / 'results.jsonl')
+  validate_record(record)
   for key in ('schema_version', 'run_id', 'kind', 'created_at', 'config', 'config_hash', 'env',
               'model', 'quality', 'metrics'):
     assert key in record, key
   assert record['kind'] == 'pretrain'
-  assert record['config']['train']['steps'] == 5  # the override reached the run
+  assert record['config']['train']['steps'] == 7  # the override reached the run
   env = record['env']
   for key in ('jax', 'jaxlib', 'flax', 'backend', 'device_kind', 'device_count', 'process_count',
               'mesh_shape', 'git_commit'):
@@ -40,11 +41,36 @@ def test_smoke_run_writes_a_complete_record(tmp_path):
   assert record['model']['params'] > 0 and record['model']['weight_bytes'] == 4 * record['model']['params']
   q = record['quality']
   assert q['initial_eval_perplexity'] > q['eval_perplexity'] > 1
-  step_ms = record['metrics']['latency']['step_ms']
-  assert step_ms['count'] == 5 - 2  # the timing warm-up steps are left out
+  m = record['metrics']
+  step_ms = m['latency']['step_ms']
+  assert step_ms['count'] == 7 - 2 - 2  # warm-up and profiled steps are left out
+  assert m['latency']['window_steps'] == 3 and m['latency']['window_s'] > 0
   assert 0 < step_ms['p50'] <= step_ms['p90'] <= step_ms['p99']
-  assert record['metrics']['throughput']['tokens_per_s'] > 0
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '5']
+  assert m['throughput']['tokens_per_s'] > 0
+  # The quickstart's record on CPU: MFU needs a peak, which a CPU does not have in the table.
+  assert m['compute']['mfu_analytic'] is None and 'peak_flops_per_s' in m['compute']['reason']
+  assert m['compute']['achieved_flops_per_s_analytic'] > 0
+  assert m['compute']['compiler_flops_per_step'] > m['compute']['analytic_flops_per_step']['total']
+  assert m['energy']['energy_j'] is not None or m['energy']['reason']
+  assert m['memory']['host_rss_bytes_peak'] > 0
+  t = m['trace']
+  assert t['available'] and t['source'] == 'host' and t['steps'] == 2
+  assert abs(sum(t['categories_ms'].values()) - t['busy_ms']) <= 0.02 * t['busy_ms']
+  assert os.path.exists(t['trace_path'])
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6', '7']
+
+
+def test_peak_from_the_config_gives_an_mfu(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = _main('--config=configs/quickstart.py:smoke', f'--workdir={workdir}',
+               '--config.train.steps=4', '--config.metrics.peak_flops_per_s=1e12',
+               '--config.train.checkpoint_every=0')
+  assert proc.returncode == 0, proc.stderr
+  (record,) = read_records(workdir / 'results.jsonl')
+  validate_record(record)
+  c = record['metrics']['compute']
+  assert c['peak_source'] == 'config: metrics.peak_flops_per_s'
+  assert c['mfu_analytic'] == pytest.approx(c['achieved_flops_per_s_analytic'] / 1e12)
 
 
 def test_default_workdir_is_named_after_config_and_time(tmp_path):

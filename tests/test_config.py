@@ -63,6 +63,10 @@ BAD = [
     ({'train.b2': 1.0}, {}, 'train.b2', 'must lie in [0, 1)'),
     ({'train.learning_rate': -1.0}, {}, 'train.learning_rate', 'must be positive'),
     ({'data.seq_len': None}, {}, 'data.seq_len', 'must be set'),
+    ({'profile.steps': -1}, {}, 'profile.steps', 'at least 0'),
+    ({'profile.steps': 4}, {}, 'profile.steps', 'leave no measured steps'),
+    ({'metrics.sample_interval_s': 0.0}, {}, 'metrics.sample_interval_s', 'must be positive'),
+    ({'metrics.peak_flops_per_s': -5.0}, {}, 'metrics.peak_flops_per_s', 'must be positive'),
 ]
 
 

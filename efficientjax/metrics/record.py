@@ -84,3 +84,14 @@ def write_record(workdir: str, record: Mapping[str, Any]) -> str:
 def read_records(path: str) -> list[dict[str, Any]]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'record_schema.json')
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+  """Raises jsonschema.ValidationError where `record` breaks the schema (tests use this)."""
+  import jsonschema  # pylint: disable=g-import-not-at-top  (a test dependency)
+  with open(SCHEMA_PATH) as f:
+    schema = json.load(f)
+  jsonschema.validate(record, schema, format_checker=jsonschema.FormatChecker())

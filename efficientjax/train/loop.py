@@ -18,7 +18,11 @@ import numpy as np
 from efficientjax import parallel
 from efficientjax.attention.core import resolve_implementation
 from efficientjax.data import build_data, get_tokenizer
-from efficientjax.metrics.timing import summarize_ms
+from efficientjax.metrics import flops as flop_counts
+from efficientjax.metrics.energy import make_energy_meter
+from efficientjax.metrics.sampler import Sampler
+from efficientjax.metrics.trace import summarize_trace
+from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.train.checkpoint import Checkpointer
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -50,6 +54,19 @@ class TrainResult:
   synthetic_data: bool
   checkpoint_dir: str | None
   attention_impl: str
+  # What the metrics are made of (efficientjax.metrics.report turns them into the record).
+  device_kind: str = ''
+  device_count: int = 1
+  analytic_flops: dict[str, float] = dataclasses.field(default_factory=dict)
+  compiler_flops: float | None = None        # unrolled XLA-attention twin of the step
+  compiled_step_flops: float | None = None   # the real compiled step's own count
+  memory_analysis: dict[str, int] = dataclasses.field(default_factory=dict)
+  window_s: float | None = None
+  window_steps: int = 0
+  paused_s: float = 0.0
+  energy: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+  trace: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def final_eval_loss(self) -> float | None:
@@ -110,6 +127,12 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
+  analytic = flop_counts.analytic_flops_per_step(model_cfg, seq_len=seq_len, batch=global_batch)
+  # Counted on an unsharded twin outside the mesh context: only the arithmetic matters here.
+  compiler = flop_counts.compiler_flops(model_cfg, lambda twin: (
+      make_train_step(Transformer(twin), tx, cfg_train['grad_accum_steps']),
+      (state_shardings(Transformer(twin), tx, mesh, seq_len)[0],
+       jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32))))
   with parallel.activate(mesh):
     t0 = time.perf_counter()
     abstract_batch = jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32, sharding=batch_sh)
@@ -120,6 +143,8 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh)
                         ).lower(abstract.params, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
+    compiled_raw = _cost_flops(train_step)
+    memory_analysis = _memory_analysis(train_step)
 
     if resume_step is None:
       meta['initial_eval_loss'] = evaluate(eval_step, state.params, eval_batches, batch_sh)
@@ -135,15 +160,40 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     eval_losses: dict[int, float] = {}
     step_times: list[float] = []
     last_good = resume_step
+    # Steps after `start_step`: warm-up, then the profiled ones (traced, so not timed), then
+    # the measurement window up to the last step.
+    warmup, profile_steps = cfg_train['timing_warmup_steps'], config['profile']['steps']
+    first_profiled = start_step + warmup + 1
+    first_measured = first_profiled + profile_steps
+    trace_dir = os.path.join(os.path.abspath(workdir), 'trace')
+    trace_t0 = trace_s = None
+    meter = make_energy_meter(jax.default_backend(), jax.local_devices())
+    sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices(),
+                      energy_meter=meter)
+    window = MeasurementWindow(meter, sampler)
     for step in range(start_step + 1, last + 1):
+      if profile_steps and step == first_profiled:
+        jax.block_until_ready(state)
+        jax.profiler.start_trace(trace_dir)
+        trace_t0 = time.perf_counter()
+      if step == first_measured:
+        window.open(state)
       t = time.perf_counter()
       batch = _device_batch(data.train.next(), batch_sh)
       state, metrics = train_step(state, batch)
       loss = float(metrics['loss'])  # a sync point: the step is done when its loss is on host
       dt = time.perf_counter() - t
-      if step - start_step > cfg_train['timing_warmup_steps']:
+      if window.is_open:
         step_times.append(dt)
+        window.steps += 1
+      if trace_t0 is not None and step == first_measured - 1:
+        jax.block_until_ready(state)
+        trace_s = time.perf_counter() - trace_t0
+        jax.profiler.stop_trace()
+        trace_t0 = None
       if not math.isfinite(loss):
+        if window.is_open:
+          window.close()
         if checkpointer:
           checkpointer.close()
         where = (f'the last good checkpoint is step {last_good} in {checkpointer.directory}'
@@ -157,17 +207,29 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                             'learning_rate': float(metrics['learning_rate']),
                             'step_ms': dt * 1e3}) + '\n')
 
-      if (cfg_train['eval_every'] and step % cfg_train['eval_every'] == 0) or step == total:
+      do_eval = (cfg_train['eval_every'] and step % cfg_train['eval_every'] == 0) or step == total
+      do_save = checkpointer and (step % cfg_train['checkpoint_every'] == 0 or step == total)
+      if window.is_open and step == last:
+        window.close(state)
+      elif window.is_open and (do_eval or do_save):
+        window.pause(state)  # evaluation and saving are not training: out of the window
+      if do_eval:
         eval_losses[step] = evaluate(eval_step, state.params, eval_batches, batch_sh)
         if bar:
           bar.message(f'step {step}: eval loss {eval_losses[step]:.4f}, '
                       f'perplexity {math.exp(eval_losses[step]):.2f}')
       if bar:
         bar.update(step, loss, tokens_per_step / dt)
-      if checkpointer and (step % cfg_train['checkpoint_every'] == 0 or step == total):
+      if do_save:
         meta['data'] = data.train.state()
         checkpointer.save(step, state, meta)
         last_good = step
+      if window.is_open and (do_eval or do_save) and step != last:
+        window.resume()
+    if trace_t0 is not None:  # the run ended inside the profiled steps
+      jax.block_until_ready(state)
+      trace_s = time.perf_counter() - trace_t0
+      jax.profiler.stop_trace()
 
   if checkpointer:
     checkpointer.close()
@@ -190,18 +252,44 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       synthetic_data=data.synthetic,
       checkpoint_dir=checkpointer.directory if checkpointer else None,
       attention_impl=resolve_implementation(model_cfg.attention_impl, model_cfg.dtype),
+      device_kind=jax.devices()[0].device_kind,
+      device_count=jax.device_count(),
+      analytic_flops=analytic,
+      compiler_flops=compiler,
+      compiled_step_flops=compiled_raw,
+      memory_analysis=memory_analysis,
+      window_s=window.seconds,
+      window_steps=window.steps,
+      paused_s=window.paused_s,
+      energy=window.energy(),
+      sampler=sampler.summary(),
+      trace=_trace_summary(trace_dir, profile_steps, trace_s, train_step),
   )
 
 
-def summarize(result: TrainResult) -> dict[str, Any]:
-  """The latency and throughput figures of a run (the metrics issue extends this)."""
-  latency = summarize_ms(result.step_times_s)
-  seconds = float(sum(result.step_times_s))
-  n = len(result.step_times_s)
-  return {
-      'latency': {'step_ms': latency},
-      'throughput': {
-          'tokens_per_s': result.tokens_per_step * n / seconds if n else None,
-          'samples_per_s': result.samples_per_step * n / seconds if n else None,
-      },
-  }
+def _cost_flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
+def _memory_analysis(compiled) -> dict[str, int]:
+  """The compiler's own memory plan for the step (bytes), where the backend provides one."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  return {name: int(getattr(analysis, name)) for name in dir(analysis)
+          if name.endswith('_in_bytes') and isinstance(getattr(analysis, name), int)}
+
+
+def _trace_summary(trace_dir: str, steps: int, seconds: float | None, compiled
+                   ) -> dict[str, Any]:
+  if not steps:
+    return {'available': False, 'reason': 'profiling is off; set --config.profile.steps=N'}
+  if seconds is None:
+    return {'available': False, 'reason': 'the run ended before the profiled steps'}
+  # The step's HLO lets fusions be classified by what they contain (on CPU most matmuls run
+  # as fusions whose names say nothing).
+  return summarize_trace(trace_dir, window_s=seconds, steps=steps, hlo_text=compiled.as_text())
