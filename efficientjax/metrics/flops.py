@@ -14,6 +14,7 @@ not the causal-halved model count; elementwise work (norms, softmax, the optimiz
 small remainder. docs/metrics.md gives the per-term comparison.
 """
 
+import contextlib
 import dataclasses
 import jax
 
@@ -40,16 +41,28 @@ def analytic_flops_per_step(cfg: ModelConfig, *, seq_len: int, batch: int) -> di
   }
 
 
-def compiler_flops(cfg: ModelConfig, build) -> float | None:
-  """XLA's FLOP count of the step, taken on an unrolled, XLA-attention twin of `cfg`.
+def compiler_flops(cfg: ModelConfig, build) -> tuple[float | None, str | None]:
+  """(XLA's FLOP count of the step taken on an unrolled, XLA-attention twin of `cfg`, or None
+  and the reason).
 
   build(twin_cfg) -> (step_fn, abstract_args): the step and its argument shapes for the twin
   (its params have the twin's per-layer layout).
+
+  The twin is lowered for the CPU backend, whatever the run's: the count is of the HLO before
+  any backend's optimisation (the same arithmetic everywhere), and GPU/TPU plugins do not
+  implement cost analysis of a lowered module (`Lowered.cost_analysis()` returns None there).
   """
   twin = dataclasses.replace(cfg, scan_layers=False, attention_impl='xla', remat='none')
   step_fn, args = build(twin)
-  analysis = jax.jit(step_fn).lower(*args).cost_analysis()
+  try:
+    where = jax.default_device(jax.devices('cpu')[0])
+  except RuntimeError:  # JAX_PLATFORMS without cpu: try the run's own backend
+    where = contextlib.nullcontext()
+  with where:
+    analysis = jax.jit(step_fn).lower(*args).cost_analysis()
   if isinstance(analysis, list):  # older jax returns one dict per computation
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get('flops')
-  return float(flops) if flops is not None and flops >= 0 else None
+  if flops is None or flops < 0:
+    return None, f'XLA gave no cost analysis for the lowered step on {jax.default_backend()}'
+  return float(flops), None

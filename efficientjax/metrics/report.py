@@ -54,6 +54,7 @@ def training_metrics(result, *, peak_override: float | None = None) -> dict[str,
       'compiler_flops_per_step': result.compiler_flops,
       'compiler_flops_source': 'XLA cost analysis of the step lowered with unrolled layers and '
                                'XLA attention (see docs/metrics.md)',
+      'compiler_flops_reason': result.compiler_flops_reason,
       'compiled_step_flops_raw': result.compiled_step_flops,
       'achieved_flops_per_s_analytic': achieved_analytic,
       'achieved_flops_per_s_compiler': achieved_compiler,

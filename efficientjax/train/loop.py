@@ -59,6 +59,7 @@ class TrainResult:
   device_count: int = 1
   analytic_flops: dict[str, float] = dataclasses.field(default_factory=dict)
   compiler_flops: float | None = None        # unrolled XLA-attention twin of the step
+  compiler_flops_reason: str | None = None
   compiled_step_flops: float | None = None   # the real compiled step's own count
   memory_analysis: dict[str, int] = dataclasses.field(default_factory=dict)
   window_s: float | None = None
@@ -129,7 +130,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
   log_path = os.path.join(workdir, 'train_log.jsonl')
   analytic = flop_counts.analytic_flops_per_step(model_cfg, seq_len=seq_len, batch=global_batch)
   # Counted on an unsharded twin outside the mesh context: only the arithmetic matters here.
-  compiler = flop_counts.compiler_flops(model_cfg, lambda twin: (
+  compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, lambda twin: (
       make_train_step(Transformer(twin), tx, cfg_train['grad_accum_steps']),
       (state_shardings(Transformer(twin), tx, mesh, seq_len)[0],
        jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32))))
@@ -256,6 +257,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       device_count=jax.device_count(),
       analytic_flops=analytic,
       compiler_flops=compiler,
+      compiler_flops_reason=compiler_reason,
       compiled_step_flops=compiled_raw,
       memory_analysis=memory_analysis,
       window_s=window.seconds,
