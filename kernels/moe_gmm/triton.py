@@ -1,0 +1,151 @@
+"""Grouped matmuls in Pallas with the Triton backend: the portable GPU path.
+
+gmm: the grid runs over (tile-group pairs, column tiles). Rows are tiled by `block_m`; a row
+tile that straddles a group boundary appears once per group it touches, each program masking
+the rows of its own group (the megablox scheme), so no group needs padding to the tile size.
+A virtual last group covers the rows past sum(group_sizes) and writes their zeros.
+
+tgmm: the grid runs over (groups, k tiles, n tiles); each program walks its group's row tiles.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+DEFAULT_TILING = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+_ANY = pl.BlockSpec(memory_space=pl.ANY)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, extra)
+  return jnp.pad(x, pad)
+
+
+def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """Row [start, end) of each group, plus the virtual group [sum(sizes), m): g + 1 entries."""
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  starts = ends - group_sizes.astype(jnp.int32)
+  return (jnp.concatenate([starts, ends[-1:]]),
+          jnp.concatenate([ends, jnp.array([m], jnp.int32)]))
+
+
+def tile_group_pairs(starts: jax.Array, ends: jax.Array, m: int, block_m: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(group, row tile) of every non-empty intersection, padded with group = len(starts).
+
+  The static count tiles_m + groups bounds them: each group adds at most one tile more than
+  the tiles it fully covers.
+  """
+  num = starts.shape[0]
+  sizes = ends - starts
+  first = starts // block_m
+  count = jnp.where(sizes > 0, (ends - 1) // block_m - first + 1, 0)
+  cum = jnp.cumsum(count)
+  pairs = pl.cdiv(m, block_m) + num
+  p = jnp.arange(pairs, dtype=jnp.int32)
+  group = jnp.searchsorted(cum, p, side='right').astype(jnp.int32)
+  safe = jnp.minimum(group, num - 1)
+  tile = first[safe] + p - (cum[safe] - count[safe])
+  return group, jnp.where(group < num, tile, 0).astype(jnp.int32)
+
+
+def _gmm_kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *,
+                num_groups, block_m, block_n, block_k, k_steps, transpose_rhs):
+  pair, col = pl.program_id(0), pl.program_id(1)
+  group, tile = group_ref[pair], tile_ref[pair]
+  bound = jnp.minimum(group, num_groups)  # num_groups is the virtual (zero) group
+  rows = tile * block_m + jnp.arange(block_m)
+  in_group = (rows >= starts_ref[bound]) & (rows < ends_ref[bound]) & (group <= num_groups)
+  weights = jnp.minimum(group, num_groups - 1)
+  row_tile = pl.ds(pl.multiple_of(tile * block_m, block_m), block_m)
+  col_tile = pl.ds(pl.multiple_of(col * block_n, block_n), block_n)
+
+  def accumulate(i, acc):
+    k_tile = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+    a = plgpu.load(lhs_ref.at[row_tile, k_tile], mask=in_group[:, None], other=0)
+    if transpose_rhs:  # rhs is [g, n_out, k]: the backward pass's rhsᵀ without a copy
+      b = plgpu.load(rhs_ref.at[weights, col_tile, k_tile])
+      return acc + plgpu.dot(a, b, trans_b=True)
+    b = plgpu.load(rhs_ref.at[weights, k_tile, col_tile])
+    return acc + plgpu.dot(a, b)
+
+  steps = jnp.where(group < num_groups, k_steps, 0)
+  acc = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros((block_m, block_n), jnp.float32))
+  plgpu.store(out_ref.at[row_tile, col_tile], acc.astype(out_ref.dtype), mask=in_group[:, None])
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+        preferred_element_type=None, block_m: int = 128, block_n: int = 128, block_k: int = 64,
+        num_warps: int = 8, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+  """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs)."""
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = preferred_element_type or lhs.dtype
+  lhs_p = _pad_to(_pad_to(lhs, 0, block_m), 1, block_k)
+  rhs_p = _pad_to(_pad_to(rhs, 2 if transpose_rhs else 1, block_k),
+                  1 if transpose_rhs else 2, block_n)
+  m_p, k_p = lhs_p.shape
+  n_p = -(-n // block_n) * block_n
+  starts, ends = group_bounds(group_sizes, m_p)
+  group, tile = tile_group_pairs(starts, ends, m_p, block_m)
+  kernel = functools.partial(_gmm_kernel, num_groups=num_groups, block_m=block_m,
+                             block_n=block_n, block_k=block_k, k_steps=k_p // block_k,
+                             transpose_rhs=transpose_rhs)
+  out = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
+      grid=(group.shape[0], n_p // block_n), in_specs=[_ANY] * 6, out_specs=_ANY,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name='moe_gmm',
+  )(group, tile, starts, ends, lhs_p, rhs_p)
+  return out[:m, :n]
+
+
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, block_k, block_n):
+  group, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  start, end = starts_ref[group], ends_ref[group]
+  first = start // block_m
+  tiles = jnp.where(end > start, (end - 1) // block_m - first + 1, 0)
+  k_tile = pl.ds(pl.multiple_of(ki * block_k, block_k), block_k)
+  n_tile = pl.ds(pl.multiple_of(ni * block_n, block_n), block_n)
+
+  def accumulate(t, acc):
+    r0 = (first + t) * block_m
+    rows = r0 + jnp.arange(block_m)
+    mask = ((rows >= start) & (rows < end))[:, None]
+    row_tile = pl.ds(pl.multiple_of(r0, block_m), block_m)
+    x = plgpu.load(lhs_ref.at[row_tile, k_tile], mask=mask, other=0)
+    dy = plgpu.load(grad_ref.at[row_tile, n_tile], mask=mask, other=0)
+    return acc + plgpu.dot(x, dy, trans_a=True)
+
+  acc = jax.lax.fori_loop(0, tiles, accumulate, jnp.zeros((block_k, block_n), jnp.float32))
+  plgpu.store(out_ref.at[group, k_tile, n_tile], acc.astype(out_ref.dtype))
+
+
+def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
+         block_m: int = 128, block_n: int = 128, block_k: int = 64, num_warps: int = 8,
+         num_stages: int = 3, interpret: bool = False) -> jax.Array:
+  """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups."""
+  m, k = lhs.shape
+  n = grad.shape[1]
+  num_groups = group_sizes.shape[0]
+  out_dtype = preferred_element_type or lhs.dtype
+  lhs_p = _pad_to(_pad_to(lhs, 0, block_m), 1, block_k)
+  grad_p = _pad_to(_pad_to(grad, 0, block_m), 1, block_n)
+  starts, ends = group_bounds(group_sizes, lhs_p.shape[0])
+  k_p, n_p = lhs_p.shape[1], grad_p.shape[1]
+  kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n)
+  out = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((num_groups, k_p, n_p), out_dtype),
+      grid=(num_groups, k_p // block_k, n_p // block_n), in_specs=[_ANY] * 4, out_specs=_ANY,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name='moe_tgmm',
+  )(starts[:num_groups], ends[:num_groups], lhs_p, grad_p)
+  return out[:, :k, :n]
