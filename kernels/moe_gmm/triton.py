@@ -76,8 +76,11 @@ def _gmm_kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
     b = plgpu.load(rhs_ref.at[weights, k_tile, col_tile])
     return acc + plgpu.dot(a, b)
 
-  steps = jnp.where(group < num_groups, k_steps, 0)
-  acc = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros((block_m, block_n), jnp.float32))
+  # The virtual group and padding pairs run no k steps. Both loop bounds are int32 values:
+  # Triton's scf.for wants one type for lower bound, upper bound and step.
+  steps = jnp.where(group < num_groups, k_steps, 0).astype(jnp.int32)
+  acc = jax.lax.fori_loop(jnp.int32(0), steps, accumulate,
+                          jnp.zeros((block_m, block_n), jnp.float32))
   plgpu.store(out_ref.at[row_tile, col_tile], acc.astype(out_ref.dtype), mask=in_group[:, None])
 
 
@@ -125,7 +128,8 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, b
     dy = plgpu.load(grad_ref.at[row_tile, n_tile], mask=mask, other=0)
     return acc + plgpu.dot(x, dy, trans_a=True)
 
-  acc = jax.lax.fori_loop(0, tiles, accumulate, jnp.zeros((block_k, block_n), jnp.float32))
+  acc = jax.lax.fori_loop(jnp.int32(0), tiles.astype(jnp.int32), accumulate,
+                          jnp.zeros((block_k, block_n), jnp.float32))
   plgpu.store(out_ref.at[group, k_tile, n_tile], acc.astype(out_ref.dtype))
 
 
