@@ -76,9 +76,10 @@ def _gmm_kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
     b = plgpu.load(rhs_ref.at[weights, k_tile, col_tile])
     return acc + plgpu.dot(a, b)
 
-  # The virtual group and padding pairs run no k steps. Both loop bounds are int32 values:
-  # Triton's scf.for wants one type for lower bound, upper bound and step.
-  steps = jnp.where(group < num_groups, k_steps, 0).astype(jnp.int32)
+  # The virtual group and padding pairs run no k steps. A multiply, not jnp.where: Pallas'
+  # Triton lowering of a scalar select gave the loop an i1 bound that Triton rejects
+  # ("scf.for ... same type"; seen on an H100, reproduced by lowering on CPU).
+  steps = k_steps * (group < num_groups).astype(jnp.int32)
   acc = jax.lax.fori_loop(jnp.int32(0), steps, accumulate,
                           jnp.zeros((block_m, block_n), jnp.float32))
   plgpu.store(out_ref.at[row_tile, col_tile], acc.astype(out_ref.dtype), mask=in_group[:, None])
@@ -115,7 +116,8 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, b
   group, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start, end = starts_ref[group], ends_ref[group]
   first = start // block_m
-  tiles = jnp.where(end > start, (end - 1) // block_m - first + 1, 0)
+  # Multiplied by the non-empty flag rather than selected: see _gmm_kernel's loop bound.
+  tiles = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
   k_tile = pl.ds(pl.multiple_of(ki * block_k, block_k), block_k)
   n_tile = pl.ds(pl.multiple_of(ni * block_n, block_n), block_n)
 
