@@ -7,7 +7,8 @@ at a few tilings. Forward and forward+backward TFLOP/s (fwd = 2·rows·k·n; fwd
 3× fwd), medians after warm-up. Every output is checked against a per-group reference before
 anything is timed.
 
-  python -m experiments.bench_moe_gmm --out=FILE.json [--quick]
+  python -m experiments.bench_moe_gmm --out=FILE.json [--quick] [--shapes=deepseek_v2_lite]
+      [--tilings=0,1] [--repeats=N]
 """
 
 import json
@@ -25,6 +26,9 @@ from kernels.moe_gmm import gmm
 _OUT = flags.DEFINE_string('out', None, 'write results here as JSON')
 _QUICK = flags.DEFINE_bool('quick', False, 'tiny shapes on any backend (a check of the script)')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'timed calls per variant')
+_SHAPES = flags.DEFINE_list('shapes', None, 'only these shape names (a device call has 10 '
+                            'minutes: split the three shapes over calls)')
+_TILINGS = flags.DEFINE_list('tilings', None, 'only these indices of TILINGS')
 
 # (name, experts, top_k, tokens, k, n): rows = tokens × top_k; DeepSeek-V3's token count is
 # scaled down so its 256 experts fit one GPU.
@@ -90,6 +94,12 @@ def fwd_bwd(f):
 def main(argv):
   del argv
   shapes = QUICK_SHAPES if _QUICK.value else SHAPES
+  if _SHAPES.value:
+    unknown = set(_SHAPES.value) - {s[0] for s in SHAPES}
+    if unknown:
+      raise app.UsageError(f'unknown --shapes {sorted(unknown)}; valid: {[s[0] for s in SHAPES]}')
+    shapes = [s for s in shapes if s[0] in _SHAPES.value]
+  tilings = [TILINGS[int(i)] for i in _TILINGS.value] if _TILINGS.value else TILINGS
   interpret = jax.default_backend() != 'gpu'
   try:
     import tokamax  # pylint: disable=g-import-not-at-top
@@ -119,7 +129,7 @@ def main(argv):
       }
       if tokamax is not None:
         variants['tokamax_ragged_dot'] = lambda a, b: tokamax.ragged_dot(a, b, sizes)
-      for i, tiling in enumerate(TILINGS if not interpret else TILINGS[:1]):
+      for i, tiling in enumerate(tilings if not interpret else tilings[:1]):
         tiles = dict(tiling, block_m=16, block_n=16, block_k=16) if interpret else tiling
         variants[f'ours_triton_{i}'] = (lambda a, b, t=tiles: gmm(
             a, b, sizes, implementation='triton', tiling=t, interpret=interpret))
