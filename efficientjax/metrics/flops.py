@@ -59,10 +59,16 @@ def compiler_flops(cfg: ModelConfig, build) -> tuple[float | None, str | None]:
   except RuntimeError:  # JAX_PLATFORMS without cpu: try the run's own backend
     where = contextlib.nullcontext()
   with where:
-    analysis = jax.jit(step_fn).lower(*args).cost_analysis()
+    flops = flops_of(jax.jit(step_fn).lower(*args))
+  if flops is None:
+    return None, f'XLA gave no cost analysis for the lowered step on {jax.default_backend()}'
+  return flops, None
+
+
+def flops_of(stage) -> float | None:
+  """The 'flops' of a Lowered or Compiled stage's cost analysis, or None where XLA has none."""
+  analysis = stage.cost_analysis()
   if isinstance(analysis, list):  # older jax returns one dict per computation
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get('flops')
-  if flops is None or flops < 0:
-    return None, f'XLA gave no cost analysis for the lowered step on {jax.default_backend()}'
-  return float(flops), None
+  return float(flops) if flops is not None and flops >= 0 else None

@@ -144,7 +144,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh)
                         ).lower(abstract.params, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
-    compiled_raw = _cost_flops(train_step)
+    compiled_raw = flop_counts.flops_of(train_step)
     memory_analysis = _memory_analysis(train_step)
 
     if resume_step is None:
@@ -267,14 +267,6 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       sampler=sampler.summary(),
       trace=_trace_summary(trace_dir, profile_steps, trace_s, train_step),
   )
-
-
-def _cost_flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, list):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get('flops')
-  return float(flops) if flops is not None and flops >= 0 else None
 
 
 def _memory_analysis(compiled) -> dict[str, int]:
