@@ -166,17 +166,14 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     warmup, profile_steps = cfg_train['timing_warmup_steps'], config['profile']['steps']
     first_profiled = start_step + warmup + 1
     first_measured = first_profiled + profile_steps
-    trace_dir = os.path.join(os.path.abspath(workdir), 'trace')
-    trace_t0 = trace_s = None
+    trace = _StepTrace(os.path.join(os.path.abspath(workdir), 'trace'), first_profiled,
+                       profile_steps)
     meter = make_energy_meter(jax.default_backend(), jax.local_devices())
     sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices(),
                       energy_meter=meter)
     window = MeasurementWindow(meter, sampler)
     for step in range(start_step + 1, last + 1):
-      if profile_steps and step == first_profiled:
-        jax.block_until_ready(state)
-        jax.profiler.start_trace(trace_dir)
-        trace_t0 = time.perf_counter()
+      trace.before(step, state)
       if step == first_measured:
         window.open(state)
       t = time.perf_counter()
@@ -187,12 +184,9 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       if window.is_open:
         step_times.append(dt)
         window.steps += 1
-      if trace_t0 is not None and step == first_measured - 1:
-        jax.block_until_ready(state)
-        trace_s = time.perf_counter() - trace_t0
-        jax.profiler.stop_trace()
-        trace_t0 = None
+      trace.after(step, state)
       if not math.isfinite(loss):
+        trace.stop(state)
         if window.is_open:
           window.close()
         if checkpointer:
@@ -227,10 +221,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
         last_good = step
       if window.is_open and (do_eval or do_save) and step != last:
         window.resume()
-    if trace_t0 is not None:  # the run ended inside the profiled steps
-      jax.block_until_ready(state)
-      trace_s = time.perf_counter() - trace_t0
-      jax.profiler.stop_trace()
+    trace.stop(state)  # in case the run ended inside the profiled steps
 
   if checkpointer:
     checkpointer.close()
@@ -265,8 +256,35 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       paused_s=window.paused_s,
       energy=window.energy(),
       sampler=sampler.summary(),
-      trace=_trace_summary(trace_dir, profile_steps, trace_s, train_step),
+      trace=_trace_summary(trace.logdir, profile_steps, trace.seconds, train_step),
   )
+
+
+class _StepTrace:
+  """`jax.profiler` tracing of `count` steps from step `first`, and the wall time they took."""
+
+  def __init__(self, logdir: str, first: int, count: int):
+    self.logdir, self.first, self.count = logdir, first, count
+    self.seconds: float | None = None
+    self._t0: float | None = None
+
+  def before(self, step: int, state) -> None:
+    if self.count and step == self.first:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.logdir)
+      self._t0 = time.perf_counter()
+
+  def after(self, step: int, state) -> None:
+    if step == self.first + self.count - 1:
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    """Ends the trace if one is running (also on the way out of a failed run)."""
+    if self._t0 is not None:
+      jax.block_until_ready(state)
+      self.seconds = time.perf_counter() - self._t0
+      jax.profiler.stop_trace()
+      self._t0 = None
 
 
 def _memory_analysis(compiled) -> dict[str, int]:

@@ -115,7 +115,9 @@ def test_sharded_step_matches_one_device(mesh_axes):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  c = smoke_config(**{'train.steps': 6, 'train.checkpoint_every': 2, 'train.eval_every': 0})
+  # Steps 3-5 are profiled, so the divergence at step 5 happens inside the trace.
+  c = smoke_config(**{'train.steps': 6, 'train.checkpoint_every': 2, 'train.eval_every': 0,
+                      'profile.steps': 3})
   import efficientjax.train.loop as loop_module
   real = loop_module.make_train_step
 
@@ -133,3 +135,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
   with pytest.raises(TrainingDiverged, match='at step 5; the last good checkpoint is step 4'):
     train(c, str(tmp_path), devices=jax.devices()[:1], progress=False)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  # The trace was ended on the way out: a new one can start.
+  jax.profiler.start_trace(str(tmp_path / 'after'))
+  jax.profiler.stop_trace()
