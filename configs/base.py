@@ -53,7 +53,7 @@ def get_config() -> config_dict.ConfigDict:
   t.learning_rate = 3e-4            # peak
   t.warmup_steps = 100
   t.min_lr_ratio = 0.1              # cosine decays to learning_rate * min_lr_ratio
-  t.weight_decay = 0.1              # AdamW; never applied to norms, biases or embeddings
+  t.weight_decay = 0.1              # AdamW; never applied to norm gains or biases
   t.b1 = 0.9
   t.b2 = 0.95
   t.eps = 1e-8

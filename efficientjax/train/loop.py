@@ -51,7 +51,6 @@ class TrainResult:
   initial_eval_loss: float | None
   eval_losses: dict[int, float]
   data_stats: dict[str, Any]
-  synthetic_data: bool
   checkpoint_dir: str | None
   attention_impl: str
   # What the metrics are made of (efficientjax.metrics.report turns them into the record).
@@ -241,7 +240,6 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       initial_eval_loss=meta.get('initial_eval_loss'),
       eval_losses=eval_losses,
       data_stats=data.stats,
-      synthetic_data=data.synthetic,
       checkpoint_dir=checkpointer.directory if checkpointer else None,
       attention_impl=resolve_implementation(model_cfg.attention_impl, model_cfg.dtype),
       device_kind=jax.devices()[0].device_kind,
