@@ -25,10 +25,37 @@ def get_config() -> config_dict.ConfigDict:
   m.num_kv_heads = placeholder(int)  # None: = num_heads
   m.head_dim = placeholder(int)      # None: embed_dim // num_heads
   m.mlp_dim = 5632
-  m.attention = 'mha'               # attention registry key
+  m.attention = 'mha'               # attention registry key: mha | gqa | mqa | mla | nsa
   m.attention_impl = 'auto'         # auto | xla | cudnn  (jax.nn.dot_product_attention)
+  m.qkv_bias = False                # biases on the q/k/v projections (Qwen2)
+  m.qk_norm = False                 # RMSNorm on queries and keys per head, before RoPE
+  m.sliding_window = placeholder(int)  # keys per query, itself included; None: the whole past
   m.position = 'rope'               # positional-encoding registry key
   m.rope_theta = 10000.0
+  m.max_seq_len = placeholder(int)  # longest sequence for learned positions; None: data.seq_len
+  y = m.yarn = config_dict.ConfigDict()  # YaRN RoPE scaling (HF's parameters); factor 1 = off
+  y.factor = 1.0
+  y.original_max_len = 4096
+  y.beta_fast = 32.0
+  y.beta_slow = 1.0
+  y.mscale = 1.0
+  y.mscale_all_dim = 0.0
+  r = m.relative = config_dict.ConfigDict()  # position='relative': T5 bucketed bias
+  r.num_buckets = 32
+  r.max_distance = 128
+  la = m.mla = config_dict.ConfigDict()  # attention='mla' (DeepSeek-V2)
+  la.q_lora_rank = 0                # 0: no query compression
+  la.kv_lora_rank = 512
+  la.qk_nope_head_dim = 128
+  la.qk_rope_head_dim = 64
+  la.v_head_dim = 128
+  ns = m.nsa = config_dict.ConfigDict()  # attention='nsa' (native sparse attention)
+  ns.block_len = 32                 # l
+  ns.stride = 16                    # d
+  ns.select_block_len = 64          # l'
+  ns.num_selected = 16              # n
+  ns.window = 512                   # w
+  ns.compression = 'mlp'            # mlp | mean
   m.ffn = 'dense'                   # FFN registry key
   m.norm_eps = 1e-5
   m.tie_embeddings = False

@@ -25,6 +25,48 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
+class MLAConfig:
+  """Multi-head latent attention's shape (DeepSeek-V2, arXiv 2405.04434 §2.1)."""
+  q_lora_rank: int = 0          # 0: queries projected directly from the input, no compression
+  kv_lora_rank: int = 512       # the cached latent
+  qk_nope_head_dim: int = 128   # per-head query/key features without position
+  qk_rope_head_dim: int = 64    # the decoupled RoPE features; one key shared by every head
+  v_head_dim: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig:
+  """Native sparse attention's branches (arXiv 2502.11089 §3); the paper's defaults."""
+  block_len: int = 32           # l: tokens per compressed block
+  stride: int = 16              # d: distance between compressed blocks' starts
+  select_block_len: int = 64    # l': tokens per selected block
+  num_selected: int = 16        # n: blocks each query (group) attends to, initial and local included
+  window: int = 512             # w: the sliding-window branch
+  compression: str = 'mlp'      # mlp (learned, with intra-block positions) | mean (pooling, l = d = l')
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnConfig:
+  """YaRN's RoPE extension (arXiv 2309.00071), in Hugging Face's parameterisation."""
+  factor: float = 1.0           # 1: plain RoPE
+  original_max_len: int = 4096  # the context the model was trained at before scaling
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0           # DeepSeek's form of the attention temperature (with mscale_all_dim)
+  mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeConfig:
+  """T5's bucketed relative-position bias (Raffel et al. 2020, §2.1)."""
+  num_buckets: int = 32
+  max_distance: int = 128
+
+
+_NESTED = {'mla': MLAConfig, 'nsa': NSAConfig, 'yarn': YarnConfig, 'relative': RelativeConfig}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's shape with every derived value resolved (no placeholders)."""
   vocab_size: int
@@ -36,8 +78,16 @@ class ModelConfig:
   mlp_dim: int
   attention: str = 'mha'
   attention_impl: str = 'auto'
+  qkv_bias: bool = False        # biases on the q, k, v projections (Qwen2)
+  qk_norm: bool = False         # RMSNorm over head_dim on queries and keys, before RoPE
+  sliding_window: int | None = None  # keys per query, itself included; None: the whole past
   position: str = 'rope'
   rope_theta: float = 10000.0
+  max_seq_len: int = 2048       # the longest sequence learned absolute positions can embed
+  yarn: YarnConfig = YarnConfig()
+  relative: RelativeConfig = RelativeConfig()
+  mla: MLAConfig = MLAConfig()
+  nsa: NSAConfig = NSAConfig()
   ffn: str = 'dense'
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
@@ -48,20 +98,30 @@ class ModelConfig:
   remat: str = 'none'
 
   @classmethod
-  def from_config(cls, model: Mapping[str, Any], *, tokenizer_vocab_size: int | None = None
-                  ) -> 'ModelConfig':
-    """Builds from the `model` section of a run config, deriving the placeholder fields."""
+  def from_config(cls, model: Mapping[str, Any], *, tokenizer_vocab_size: int | None = None,
+                  seq_len: int | None = None) -> 'ModelConfig':
+    """Builds from the `model` section of a run config, deriving the placeholder fields
+    (`seq_len`, the run's sequence length, is the default `max_seq_len`)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in dict(model).items() if k in fields}
+    for name, sub in _NESTED.items():
+      if name in kw and not isinstance(kw[name], sub):
+        sub_fields = {f.name for f in dataclasses.fields(sub)}
+        kw[name] = sub(**{k: v for k, v in dict(kw[name]).items() if k in sub_fields})
     if kw.get('vocab_size') is None:
       if tokenizer_vocab_size is None:
         raise ValueError('model.vocab_size is unset and no tokenizer vocabulary was given')
       # Round up so the vocab dimension tiles evenly on accelerators and shards over `tensor`.
       kw['vocab_size'] = -(-tokenizer_vocab_size // 128) * 128
     if kw.get('num_kv_heads') is None:
-      kw['num_kv_heads'] = kw['num_heads']
+      kw['num_kv_heads'] = 1 if kw.get('attention') == 'mqa' else kw['num_heads']
     if kw.get('head_dim') is None:
       kw['head_dim'] = kw['embed_dim'] // kw['num_heads']
+    if kw.get('max_seq_len') is None:
+      if seq_len is not None:
+        kw['max_seq_len'] = seq_len
+      else:
+        kw.pop('max_seq_len', None)
     kw['param_dtype'] = jnp.dtype(kw.get('param_dtype', 'float32'))
     kw['dtype'] = jnp.dtype(kw.get('dtype', 'float32'))
     return cls(**kw)
@@ -78,30 +138,49 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: Any = None
+               ) -> tuple[jax.Array, Any]:
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h = RMSNorm(name='attn_norm', **norm)(x)
-    x = x + ATTENTION.get(cfg.attention)(cfg, name='attn')(h, positions)
+    h, cache = ATTENTION.get(cfg.attention)(cfg, name='attn')(h, positions, cache)
+    x = x + h
     h = RMSNorm(name='mlp_norm', **norm)(x)
     x = x + FFN.get(cfg.ffn)(cfg, name='mlp')(h)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    return x, None  # (carry, output): the shape nn.scan wants
+    return x, cache  # (carry, per-layer output): the shape nn.scan wants
 
 
 class Transformer(nn.Module):
-  """tokens [batch, length] -> float32 logits [batch, length, vocab]."""
+  """tokens [batch, length] -> float32 logits [batch, length, vocab].
+
+  `__call__` runs whole sequences (training, evaluation); `decode_step` runs new tokens against
+  a KV cache from `init_cache` (prefill, then one token at a time) and returns the updated
+  cache. Both are the same computation (`forward`).
+  """
   config: ModelConfig
 
-  @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    return self.forward(tokens, positions, None)[0]
+
+  def decode_step(self, tokens: jax.Array, positions: jax.Array, cache: Any
+                  ) -> tuple[jax.Array, Any]:
+    """tokens/positions [batch, t] (positions contiguous per row, continuing what the cache
+    holds) -> (logits [batch, t, vocab], cache with the new tokens written)."""
+    return self.forward(tokens, positions, cache)
+
+  @nn.compact
+  def forward(self, tokens: jax.Array, positions: jax.Array | None, cache: Any
+              ) -> tuple[jax.Array, Any]:
     cfg = self.config
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   init_std=cfg.init_std, name='embed')
     x = embed(tokens)
-    x = POSITIONS.get(cfg.position)(theta=cfg.rope_theta).embed(x, positions)
+    position_embedding = POSITIONS.get(cfg.position)(cfg).embedding
+    if position_embedding is not None:
+      x = x + position_embedding(cfg, name='position')(positions).astype(x.dtype)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
     block = Block
@@ -110,13 +189,19 @@ class Transformer(nn.Module):
       # back into the forward pass.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
+      # The cache (None in training) is scanned over its leading layer axis like the params.
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast,), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, name='blocks')(x, positions)
+      x, cache = stack(cfg, name='blocks')(x, positions, cache)
     else:
+      layer_caches = []
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, name=f'block_{i}')(x, positions)
+        layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+        x, layer_cache = block(cfg, name=f'block_{i}')(x, positions, layer_cache)
+        layer_caches.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
     x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:
@@ -126,7 +211,15 @@ class Transformer(nn.Module):
                       param_dtype=cfg.param_dtype,
                       kernel_init=nn.initializers.normal(cfg.init_std), name='lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
-    return logits.astype(jnp.float32)
+    return logits.astype(jnp.float32), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Any:
+  """An empty KV cache for `Transformer.decode_step`: the attention variant's per-layer cache
+  with a leading layer axis, room for `max_len` tokens, in `dtype` (default the compute dtype)."""
+  variant = ATTENTION.get(cfg.attention)
+  layer = jax.eval_shape(lambda: variant.init_cache(cfg, batch, max_len, jnp.dtype(dtype or cfg.dtype)))
+  return jax.tree.map(lambda a: jnp.zeros((cfg.num_layers,) + a.shape, a.dtype), layer)
 
 
 def unscan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

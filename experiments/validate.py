@@ -147,11 +147,13 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
     elif m['dtype'] == 'float32':
       errors.append(ConfigError('model.attention_impl', "cuDNN flash attention runs in "
                                 "bfloat16/float16; set model.dtype or use 'auto'"))
+  if m['sliding_window'] is not None and m['sliding_window'] < 1:
+    errors.append(ConfigError('model.sliding_window', f'must be at least 1 key, got '
+                              f'{m["sliding_window"]}; unset it for full attention'))
   if m['attention'] in ATTENTION:
-    multiple = getattr(ATTENTION.get(m['attention']), 'seq_len_multiple', lambda _: 1)(m)
-    if d['seq_len'] % multiple:
-      errors.append(ConfigError('data.seq_len', f'{d["seq_len"]} is not a multiple of '
-                                f'{multiple}, which attention {m["attention"]!r} needs'))
+    variant_check = getattr(ATTENTION.get(m['attention']), 'check', None)
+    if variant_check is not None:
+      errors.extend(variant_check(m, d['seq_len']))
 
   # Data.
   if not 0 < d['eval_fraction'] < 1:

@@ -29,7 +29,11 @@ BAD = [
     ({'train.learning_rate': 'fast'}, {}, 'train.learning_rate', 'expects float'),
     ({'model.num_heads': 2.5}, {}, 'model.num_heads', 'expects int'),
     ({'model.scan_layers': 1}, {}, 'model.scan_layers', 'expects bool'),
-    ({'model.attention': 'flash'}, {}, 'model.attention', 'valid values: mha'),
+    ({'model.attention': 'flash'}, {}, 'model.attention', 'valid values: gqa, mha'),
+    ({'model.num_kv_heads': 2}, {}, 'model.attention', "is GQA; set model.attention='gqa'"),
+    ({'model.num_kv_heads': 1}, {}, 'model.attention', "is MQA; set model.attention='mqa'"),
+    ({'model.attention': 'gqa'}, {}, 'model.num_kv_heads', "'gqa' needs the number of K/V"),
+    ({'model.sliding_window': 0}, {}, 'model.sliding_window', 'at least 1 key'),
     ({'model.ffn': 'moe'}, {}, 'model.ffn', 'valid values: dense'),
     ({'model.position': 'alibi'}, {}, 'model.position', 'valid values: none, rope'),
     ({'model.remat': 'some'}, {}, 'model.remat', 'dots_saveable, full, none'),
@@ -80,14 +84,15 @@ def test_bad_config_names_field_and_fix(overrides, facts, field, phrase):
   assert any(phrase in e.message for e in matching), [e.message for e in matching]
 
 
-def test_sequence_length_multiple_comes_from_the_attention_variant(monkeypatch):
+def test_attention_variant_checks_its_own_shapes(monkeypatch):
   from efficientjax.attention import ATTENTION
 
   class Blocked:
     @staticmethod
-    def seq_len_multiple(model):
+    def check(model, seq_len):
       del model
-      return 48
+      from efficientjax.errors import ConfigError
+      return [ConfigError('data.seq_len', f'{seq_len} is not a multiple of 48')] if seq_len % 48 else []
 
   monkeypatch.setitem(ATTENTION._entries, 'blocked', Blocked)
   errors = _errors({'model.attention': 'blocked'})

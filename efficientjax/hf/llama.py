@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from efficientjax.attention import kv_head_variant
 from efficientjax.errors import ConfigError
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
                                             refuse_if, register, require, rope_theta,
@@ -65,7 +66,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       rope_theta=theta,
       norm_eps=float(hf.get('rms_norm_eps', _DEFAULT_RMS_NORM_EPS)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      attention='mha',
+      attention=kv_head_variant(num_heads, num_kv_heads),
       position='rope',
       ffn='dense',
   )
@@ -73,11 +74,19 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
   """Our config -> `config.json` keys of a `LlamaConfig`, refusing what Llama cannot express."""
-  for field, value, want in (('attention', cfg.attention, 'mha'),
+  # Any name of the K/V-head family: the head counts are what the export writes.
+  attention = cfg.attention if cfg.attention in ('mha', 'gqa', 'mqa') else 'mha'
+  for field, value, want in (('attention', cfg.attention, attention),
                              ('position', cfg.position, 'rope'), ('ffn', cfg.ffn, 'dense')):
     if value != want:
       raise ConfigError(f'model.{field}', f'{value!r} has no LlamaForCausalLM equivalent; a Llama '
                         f'export needs model.{field}={want!r}')
+  for field, value, off in (('qkv_bias', cfg.qkv_bias, False), ('qk_norm', cfg.qk_norm, False),
+                            ('sliding_window', cfg.sliding_window, None),
+                            ('yarn.factor', cfg.yarn.factor, 1.0)):
+    if value != off:
+      raise ConfigError(f'model.{field}', f'{value!r} has no LlamaForCausalLM equivalent; a Llama '
+                        f'export needs model.{field}={off!r} (Qwen2 has q/k/v biases)')
   return dict(
       vocab_size=cfg.vocab_size,
       hidden_size=cfg.embed_dim,

@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 import transformers
 
+from efficientjax.attention import kv_head_variant
 from efficientjax.errors import ConfigError
 from efficientjax.hf import load_checkpoint, load_llama, save_llama
 from efficientjax.model import ModelConfig, Transformer
@@ -102,8 +103,8 @@ def test_load_matches_transformers_logits(checkpoint, tokens, scan_layers):
   assert fields == dict(
       vocab_size=VOCAB, embed_dim=EMBED, num_layers=2, num_heads=HEADS,
       num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim, mlp_dim=MLP, rope_theta=5000.0,
-      norm_eps=1e-5, tie_embeddings=hf.tie_word_embeddings, attention='mha', position='rope',
-      ffn='dense')
+      norm_eps=1e-5, tie_embeddings=hf.tie_word_embeddings,
+      attention=kv_head_variant(HEADS, hf.num_key_value_heads), position='rope', ffn='dense')
   assert ('blocks' in params) == scan_layers and ('block_1' in params) != scan_layers
   assert ('lm_head' in params) != hf.tie_word_embeddings
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
