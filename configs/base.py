@@ -40,6 +40,7 @@ def get_config() -> config_dict.ConfigDict:
   y.beta_slow = 1.0
   y.mscale = 1.0
   y.mscale_all_dim = 0.0
+  y.truncate = True                 # round YaRN's ramp ends to whole dims (HF's default)
   r = m.relative = config_dict.ConfigDict()  # position='relative': T5 bucketed bias
   r.num_buckets = 32
   r.max_distance = 128

@@ -54,6 +54,7 @@ class YarnConfig:
   beta_slow: float = 1.0
   mscale: float = 1.0           # DeepSeek's form of the attention temperature (with mscale_all_dim)
   mscale_all_dim: float = 0.0
+  truncate: bool = True         # round the ramp's ends outwards to whole dims (HF's default)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -223,7 +223,8 @@ def check_tokenizer(config: Mapping[str, Any], tokenizer_vocab_size: int) -> lis
   if vocab is not None and vocab < tokenizer_vocab_size:
     return [ConfigError('model.vocab_size', f'{vocab} is smaller than the tokenizer\'s '
                         f'{tokenizer_vocab_size} tokens; raise it or leave it unset')]
-  model = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer_vocab_size)
+  model = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer_vocab_size,
+                                  seq_len=config['data']['seq_len'])
   tp = config['mesh']['tensor']
   if tp > 1 and model.vocab_size % tp:
     return [ConfigError('model.vocab_size', f'{model.vocab_size} does not shard over '

@@ -14,6 +14,8 @@ these static methods, which the model, validation and the metrics use:
 """
 
 from efficientjax.attention.mha import MultiHeadAttention, kv_head_variant
+from efficientjax.attention.mla import MultiHeadLatentAttention
+from efficientjax.attention.nsa import NativeSparseAttention
 from efficientjax.attention.positions import POSITIONS
 from efficientjax.registry import Registry
 
@@ -21,3 +23,5 @@ ATTENTION = Registry('model.attention')
 # One module for the K/V-head family; the name must match the head counts (see its `check`).
 for _name in ('mha', 'gqa', 'mqa'):
   ATTENTION.register(_name)(MultiHeadAttention)
+ATTENTION.register('mla')(MultiHeadLatentAttention)
+ATTENTION.register('nsa')(NativeSparseAttention)

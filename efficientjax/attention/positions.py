@@ -9,14 +9,20 @@ An encoding can act in three places, each optional:
   buckets).
 Every variant calls `rotate` and `attention_bias` and the model calls `embedding`, so a new
 encoding is one class here and works with every attention variant that can take it.
+
+The entries: `none` (NoPE), `rope` (with YaRN when `model.yarn.factor` > 1), `absolute`
+(sinusoidal, Vaswani et al. 2017), `learned` (a trained table of `max_seq_len` rows) and
+`relative` (T5's bucketed bias, Raffel et al. 2020).
 """
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from efficientjax.registry import Registry
 
@@ -36,14 +42,27 @@ class NoPosition:
     return x
 
 
+# ---------------------------------------------------------------------------------------------
+# RoPE and YaRN.
+
+
 @POSITIONS.register('rope')
 @dataclasses.dataclass(frozen=True)
 class RoPE(NoPosition):
   """Rotary embeddings (Su et al. 2021) in the half-split layout of GPT-NeoX and Hugging Face
-  Llama: feature i pairs with feature i + head_dim/2, so HF checkpoints load unpermuted."""
+  Llama: feature i pairs with feature i + head_dim/2, so HF checkpoints load unpermuted.
+
+  With `yarn.factor` > 1 the frequencies and the cos/sin scale are YaRN's (`yarn_parameters`).
+  The rotated width is x's last dim, so a variant rotating part of a head (MLA's decoupled RoPE
+  features) gets YaRN computed for that width, as Hugging Face does for DeepSeek.
+  """
 
   def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    return apply_rope(x, positions, self.config.rope_theta)
+    cfg = self.config
+    if cfg.yarn.factor <= 1.0:
+      return apply_rope(x, positions, cfg.rope_theta)
+    inv_freq, attention_factor = yarn_parameters(x.shape[-1], cfg.rope_theta, cfg.yarn)
+    return apply_rope(x, positions, cfg.rope_theta, jnp.asarray(inv_freq), attention_factor)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
@@ -62,3 +81,182 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def rope_frequencies(cfg: Any, dim: int | None = None) -> tuple[np.ndarray, float]:
+  """(inv_freq float32 [dim/2], attention_factor) of `cfg`'s RoPE, YaRN included, on the host
+  (checkpoint loaders compare them with stored buffers). `dim` defaults to head_dim."""
+  dim = cfg.head_dim if dim is None else dim
+  if cfg.yarn.factor > 1.0:
+    return yarn_parameters(dim, cfg.rope_theta, cfg.yarn)
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  return (np.float32(1.0) / np.float32(cfg.rope_theta) ** exponents).astype(np.float32), 1.0
+
+
+def yarn_attention_factor(factor: float, mscale: float = 1.0, mscale_all_dim: float = 0.0
+                          ) -> float:
+  """YaRN's temperature as a cos/sin multiplier: 0.1·ln(factor) + 1 (the paper's sqrt(1/t)),
+  or DeepSeek's ratio mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are
+  set (non-zero) - Hugging Face's rule, which ignores `mscale` alone."""
+  def get_mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+  if mscale and mscale_all_dim:
+    return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+  return get_mscale(factor)
+
+
+def yarn_parameters(dim: int, theta: float, yarn: Any) -> tuple[np.ndarray, float]:
+  """YaRN (Peng et al. 2023, arXiv 2309.00071 §3.2-3.4): (inv_freq float32 [dim/2],
+  attention_factor) for `yarn` (a `YarnConfig`), computed exactly as Hugging Face's
+  `_compute_yarn_parameters` (transformers 5.x), float32 where it uses float32.
+
+  Frequencies that turn fewer than `beta_slow` times over the original context are interpolated
+  (divided by `factor`), those turning more than `beta_fast` times are kept, and a linear ramp
+  over the dims between blends the two. `truncate` (HF's default True) rounds the ramp's ends
+  outwards to whole dims.
+  """
+  factor = float(yarn.factor)
+  original = yarn.original_max_len
+
+  def correction_dim(num_rotations: float) -> float:
+    # The dim whose wavelength fits `num_rotations` times into the original context.
+    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+  low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+  if yarn.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # HF's guard against a zero-width ramp
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) /
+                 np.float32(high - low), 0, 1).astype(np.float32)
+  extrapolation_weight = np.float32(1) - ramp
+
+  pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  extrapolated = np.float32(1) / pos_freqs
+  interpolated = np.float32(1) / (np.float32(factor) * pos_freqs)
+  inv_freq = (interpolated * (np.float32(1) - extrapolation_weight) +
+              extrapolated * extrapolation_weight)
+  attention_factor = yarn_attention_factor(factor, yarn.mscale, yarn.mscale_all_dim)
+  return inv_freq.astype(np.float32), attention_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Absolute positions, added to the token embeddings.
+
+
+def sinusoids(positions: jax.Array, dim: int) -> jax.Array:
+  """Vaswani et al. 2017 §3.5, interleaved as in the paper: PE[p, 2i] = sin(p / 10000^(2i/dim)),
+  PE[p, 2i+1] = cos(p / 10000^(2i/dim)). positions [...] -> float32 [..., dim]."""
+  pairs = (dim + 1) // 2
+  inv_freq = 1.0 / (10000.0 ** (2 * jnp.arange(pairs, dtype=jnp.float32) / dim))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return pe.reshape(*positions.shape, 2 * pairs)[..., :dim]
+
+
+class SinusoidalEmbedding(nn.Module):
+  """positions [batch, t] -> [batch, t, embed] fixed sinusoids; no parameters, any position."""
+  config: Any
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    pe = sinusoids(positions, cfg.embed_dim).astype(cfg.dtype)
+    return nn.with_logical_constraint(pe, ('batch', 'length', 'embed'))
+
+
+@POSITIONS.register('absolute')
+@dataclasses.dataclass(frozen=True)
+class AbsolutePosition(NoPosition):
+  """Sinusoidal absolute positions added to the token embeddings (the original Transformer)."""
+  embedding: ClassVar[type[nn.Module] | None] = SinusoidalEmbedding
+
+
+class LearnedEmbedding(nn.Module):
+  """positions [batch, t] -> [batch, t, embed]: rows of a trained table [max_seq_len, embed]
+  (GPT-2), initialised normal(init_std).
+
+  A position outside [0, max_seq_len) has no row. Rather than clamp to the last row, as a plain
+  gather would, silently giving every later token the same position, it embeds as NaN: that
+  token's logits are NaN, and so is everything attending to it afterwards (its K/V enter the
+  cache), so a loss, a perplexity or a decode past the table cannot go unnoticed. Keeping
+  seq_len (and prefill + generated tokens) <= max_seq_len is the config check's job.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    table = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('positions', 'embed')),
+        (cfg.max_seq_len, cfg.embed_dim), cfg.param_dtype)
+    inside = (positions >= 0) & (positions < cfg.max_seq_len)
+    rows = jnp.take(table, jnp.clip(positions, 0, cfg.max_seq_len - 1), axis=0).astype(cfg.dtype)
+    pe = jnp.where(inside[..., None], rows, jnp.nan)
+    return nn.with_logical_constraint(pe, ('batch', 'length', 'embed'))
+
+
+@POSITIONS.register('learned')
+@dataclasses.dataclass(frozen=True)
+class LearnedPosition(NoPosition):
+  """Learned absolute positions added to the token embeddings (GPT-2); `max_seq_len` rows."""
+  embedding: ClassVar[type[nn.Module] | None] = LearnedEmbedding
+
+
+# ---------------------------------------------------------------------------------------------
+# T5's relative-position bias.
+
+
+def relative_position_bucket(relative_position: jax.Array, num_buckets: int = 32,
+                             max_distance: int = 128) -> jax.Array:
+  """T5's causal (unidirectional) buckets (Raffel et al. 2020 §2.1; Mesh TensorFlow's and
+  transformers' `_relative_position_bucket(..., bidirectional=False)`, float32 as they are).
+
+  relative_position = key position - query position (<= 0 for the past; a future key, which
+  the causal mask hides anyway, falls in bucket 0 with the query itself). Distances below
+  num_buckets/2 get a bucket each; larger ones share logarithmically wider buckets up to
+  max_distance, beyond which all fall in the last bucket. Returns int32 in [0, num_buckets).
+  """
+  distance = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = distance < max_exact
+  # max(·, 1): log(0) is only ever taken for small distances, whose result where() discards.
+  scaled = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+            / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+  large = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
+  return jnp.where(is_small, distance, large).astype(jnp.int32)
+
+
+class RelativeBias(nn.Module):
+  """(q_positions [batch, tq], k_positions [batch, tk]) -> float32 [batch, heads, tq, tk]:
+  a learned scalar per head and relative-distance bucket, added to the attention logits.
+
+  One table [num_buckets, heads] per layer: T5 shares one across its layers (computed in the
+  first and passed down), but our layers are scanned with per-layer parameters and a variant
+  knows nothing of its neighbours, so each layer owns its table (num_buckets x heads values a
+  layer, negligible). Initialised normal(init_std). Unlike T5 our logits are scaled by
+  1/sqrt(head_dim) before the bias is added; the bias itself is unscaled.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    rel = cfg.relative
+    table = self.param(
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                  ('position_buckets', 'heads')),
+        (rel.num_buckets, cfg.num_heads), cfg.param_dtype)
+    buckets = relative_position_bucket(k_positions[:, None, :] - q_positions[:, :, None],
+                                       rel.num_buckets, rel.max_distance)  # [b, tq, tk]
+    bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [b, tq, tk, heads]
+    bias = jnp.transpose(bias, (0, 3, 1, 2))
+    return nn.with_logical_constraint(bias, ('batch', 'heads', 'length', 'kv_length'))
+
+
+@POSITIONS.register('relative')
+@dataclasses.dataclass(frozen=True)
+class RelativePosition(NoPosition):
+  """T5's bucketed relative-position bias on the attention logits; nothing on q, k or x."""
+  attention_bias: ClassVar[type[nn.Module] | None] = RelativeBias

@@ -18,26 +18,29 @@ import contextlib
 import dataclasses
 import jax
 
+from efficientjax.attention import ATTENTION
 from efficientjax.model import ModelConfig
 
 
 def analytic_flops_per_step(cfg: ModelConfig, *, seq_len: int, batch: int) -> dict[str, float]:
-  """Per optimizer step (forward + backward), summed over the global batch."""
+  """Per optimizer step (forward + backward), summed over the global batch.
+
+  The attention variant gives its own per-token counts (`flops_per_token`: projections, and the
+  attention over the keys each token sees, e.g. half the sequence when causal), so MLA's latent
+  projections and NSA's sparse branches are counted as what they are.
+  """
   tokens = batch * seq_len
-  e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  per_layer = (e * h * d        # q
-               + 2 * e * kv * d  # k, v
-               + h * d * e       # o
-               + 3 * e * cfg.mlp_dim)  # gate, up, down (dense SwiGLU)
-  head = e * cfg.vocab_size  # the output projection (tied or not, it is a matmul)
-  matmul = 3 * 2 * tokens * (cfg.num_layers * per_layer + head)
-  # Scores q·k and the weighted sum of v: 2 matmuls of 2·T·T·d per head per sequence.
-  attention_full = 3 * cfg.num_layers * batch * 2 * (2 * seq_len * seq_len * d * h)
+  attn = ATTENTION.get(cfg.attention).flops_per_token(cfg, seq_len)
+  ffn = 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim  # gate, up, down (dense SwiGLU)
+  head = 2.0 * cfg.embed_dim * cfg.vocab_size  # the output projection (tied or not, a matmul)
+  per_token = lambda per_layer, extra=0.0: 3 * tokens * (cfg.num_layers * per_layer + extra)
+  matmul = per_token(attn['projections'] + ffn, head)
+  attention = per_token(attn['attention'])
   return {
       'matmul': float(matmul),
-      'attention': float(attention_full / 2),  # causal: only the lower triangle is needed
-      'attention_as_executed': float(attention_full),  # what a dense (non-causal-skipping) kernel does
-      'total': float(matmul + attention_full / 2),
+      'attention': float(attention),
+      'attention_as_executed': float(per_token(attn['attention_as_executed'])),
+      'total': float(matmul + attention),
   }
 
 

@@ -30,6 +30,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('latent', None),
     ('norm', None),
     ('layers', None),
+    ('branch', None),  # NSA's three attention branches (a gate per head and branch)
+    ('block_offset', None),  # a token's offset inside an NSA compression block
+    ('kv_length', None),  # the keys' length beside the queries' (a bias [b, h, tq, tk])
+    ('positions', None),  # rows of a learned absolute-position table
+    ('position_buckets', None),  # T5's relative-distance buckets
 )
 
 

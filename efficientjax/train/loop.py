@@ -19,6 +19,7 @@ from efficientjax import parallel
 from efficientjax.attention.core import resolve_implementation
 from efficientjax.data import build_data, get_tokenizer
 from efficientjax.metrics import flops as flop_counts
+from efficientjax.metrics.architecture import attention_summary
 from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.trace import summarize_trace
@@ -53,6 +54,7 @@ class TrainResult:
   data_stats: dict[str, Any]
   checkpoint_dir: str | None
   attention_impl: str
+  attention: dict[str, Any]       # efficientjax.metrics.architecture.attention_summary
   # What the metrics are made of (efficientjax.metrics.report turns them into the record).
   device_kind: str = ''
   device_count: int = 1
@@ -96,7 +98,8 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
   """
   cfg_data, cfg_train = config['data'], config['train']
   tokenizer = get_tokenizer(cfg_data['tokenizer'], eos_token=cfg_data['eos_token'])
-  model_cfg = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer.vocab_size,
+                                      seq_len=cfg_data['seq_len'])
   mesh = parallel.make_mesh(config['mesh'], devices)
   seq_len = cfg_data['seq_len']
   global_batch = cfg_train['global_batch_size']
@@ -229,6 +232,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       model_config=model_cfg,
       mesh_shape=dict(mesh.shape),
       num_params=int(sum(x.size for x in jax.tree.leaves(params))),
+      attention=attention_summary(model_cfg, params, seq_len),
       weight_bytes=int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
       start_step=start_step,
       final_step=int(state.step),

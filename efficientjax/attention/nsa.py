@@ -1,0 +1,375 @@
+"""Native sparse attention (NSA; Yuan et al. 2025, arXiv 2502.11089), in plain JAX.
+
+Three branches share the queries, each with its own keys and values (§3.3: "independent keys
+and values for three branches"), and are mixed per query head by learned sigmoid gates of the
+input (Eq. 5: out = sum_c g_c · Attn_c):
+
+  cmp  attends to compressed blocks: a block of `block_len` (l) raw keys (values) starting every
+       `stride` (d) tokens is mapped to one key (value) by a learned MLP over the flattened
+       block with an intra-block position encoding (Eq. 7). A query sees a block once all its
+       tokens are in its past; a query with no complete block gets zero from this branch.
+  slc  attends, token by token and causally, to the `num_selected` (n) blocks of
+       `select_block_len` (l') tokens that the cmp branch's attention probabilities rank
+       highest (Eq. 8-9), summed over the query heads of a K/V group so the group shares one
+       selection (Eq. 10-11). The query's own block, the initial block and the block before
+       the query's always count among the n (the paper's 1 initial + 2 local blocks); with
+       n < 3 they are kept in that order of priority. The choice is not differentiable;
+       gradients reach the selected keys and values through the attention itself.
+  win  attends to the last `window` (w) tokens, the query included.
+
+This is the reference the Pallas kernels are tested against: each branch runs as a dense
+masked attention, so memory and work are O(T²) per sequence (the selection mask alone is
+[batch, kv_heads, T, T]); `flops_per_token` reports this as `attention_as_executed`.
+
+Choices the paper leaves open:
+- the compression MLP is Linear(l·head_dim -> head_dim) · SiLU · Linear(head_dim -> head_dim),
+  with biases, after adding a learned [l, head_dim] position table; keys and values have one
+  each, shared by the K/V heads. `compression='mean'` pools non-overlapping blocks instead
+  (l = d = l', no parameters).
+- blocks are compressed from un-rotated keys; the compressed key is then rotated (or biased)
+  at its block's first position, so a query-block score depends on their distance.
+- Eq. 9 is applied with the blocks aligned by the tokens they cover: compressed block i
+  (tokens [i·d, i·d + l)) adds p_cmp[i] times (tokens it shares with selection block j) / d to
+  block j's importance - the paper's double sum over (m, n), which counts exactly those shared
+  strides. With l = l' = d it is p_slc = p_cmp.
+- a whole sequence (no cache) is taken to start at position 0, as `Transformer` passes it: its
+  blocks are cut at sequence offsets.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficientjax.attention import cache as kv_cache
+from efficientjax.attention.core import causal_mask, mean_context
+from efficientjax.attention.positions import POSITIONS
+from efficientjax.errors import ConfigError
+from efficientjax.nn.linear import Linear
+
+BRANCHES = ('cmp', 'slc', 'win')
+COMPRESSIONS = ('mlp', 'mean')
+# Selection scores of the always-selected blocks: far above any importance (a sum of
+# probabilities, at most heads_per_group · l / d), ranked current > initial > previous.
+FORCED_SCORE = 1e30
+
+
+@flax.struct.dataclass
+class NSACache:
+  """One layer's cache. Each branch's raw keys and values [batch, max_len, kv_heads, head_dim],
+  written at their positions (cmp's un-rotated, as the compression reads them; slc's and win's
+  rotated, as attended), and the compressed keys and values [batch, max_blocks, kv_heads,
+  head_dim], block j written by the step that completes it (at position j·d + l - 1)."""
+  k_cmp: jax.Array
+  v_cmp: jax.Array
+  k_slc: jax.Array
+  v_slc: jax.Array
+  k_win: jax.Array
+  v_win: jax.Array
+  k_blocks: jax.Array
+  v_blocks: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression (Eq. 7).
+
+
+def num_blocks(length: int, block_len: int, stride: int) -> int:
+  """Compressed blocks complete within `length` tokens (block j ends at j·stride + block_len - 1)."""
+  return max(0, (length - block_len) // stride + 1)
+
+
+def block_tokens(x: jax.Array, starts: jax.Array, block_len: int) -> jax.Array:
+  """x [batch, length, kv_heads, dim], starts [batch, n] -> the blocks' tokens
+  [batch, n, kv_heads, block_len, dim] (a start past the end reads the last tokens)."""
+  idx = jnp.clip(starts[..., None] + jnp.arange(block_len), 0, x.shape[1] - 1)
+  return jnp.swapaxes(jax.vmap(lambda row, i: row[i])(x, idx), 2, 3)
+
+
+def completed_blocks(positions: jax.Array, num_new: int, block_len: int, stride: int,
+                     max_blocks: int) -> jax.Array:
+  """The blocks completed by a step of `num_new` tokens at positions[:, 0] onwards:
+  [batch, num_new // stride + 1] block ids, `max_blocks` (out of range) where none."""
+  first = positions[:, 0]
+  # The first block ending at or after `first`: ceil((first - block_len + 1) / stride).
+  j0 = jnp.maximum(0, -((block_len - 1 - first) // stride))
+  j = j0[:, None] + jnp.arange(num_new // stride + 1)
+  done = (j * stride + block_len - 1 <= first[:, None] + num_new - 1) & (j < max_blocks)
+  return jnp.where(done, j, max_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection (Eq. 8-11).
+
+
+def selection_weights(num_cmp: int, num_slc: int, block_len: int, stride: int,
+                      select_block_len: int) -> np.ndarray:
+  """[num_cmp, num_slc] Eq. 9's weights: the tokens compressed block i and selection block j
+  share, in strides (an integer, as stride divides block_len and select_block_len)."""
+  cmp_start = np.arange(num_cmp)[:, None] * stride
+  slc_start = np.arange(num_slc)[None, :] * select_block_len
+  shared = (np.minimum(cmp_start + block_len, slc_start + select_block_len)
+            - np.maximum(cmp_start, slc_start))
+  return (np.maximum(shared, 0) / stride).astype(np.float32)
+
+
+def block_importance(p_cmp: jax.Array, weights: np.ndarray) -> jax.Array:
+  """p_cmp [batch, kv_heads, group, q_len, num_cmp] (the cmp branch's probabilities) ->
+  [batch, kv_heads, q_len, num_slc]: Eq. 9 per head, summed over the group's heads (Eq. 10)."""
+  return jnp.einsum('bkgtc,cs->bkts', p_cmp.astype(jnp.float32), weights)
+
+
+def select_blocks(importance: jax.Array, q_positions: jax.Array, select_block_len: int,
+                  num_selected: int) -> jax.Array:
+  """importance [batch, kv_heads, q_len, num_slc], q_positions [batch, q_len] -> the selected
+  blocks [batch, kv_heads, q_len, min(num_selected, num_slc)], -1 in slots left empty because
+  fewer blocks lie at or before the query. Forced blocks first (current, initial, previous),
+  then by importance; ties go to the lower block."""
+  block = jnp.arange(importance.shape[-1])
+  current = (q_positions // select_block_len)[:, None, :, None]
+  rank = jnp.select([block == current, block == 0, block == current - 1], [3.0, 2.0, 1.0], 0.0)
+  score = jnp.where(rank > 0, FORCED_SCORE * rank, importance)
+  score = jnp.where(block <= current, score, -jnp.inf)
+  score, idx = jax.lax.top_k(score, min(num_selected, importance.shape[-1]))
+  return jnp.where(score > -jnp.inf, idx, -1).astype(jnp.int32)
+
+
+def selected_token_mask(selected: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
+                        select_block_len: int, num_slc: int) -> jax.Array:
+  """selected [batch, kv_heads, q_len, n] block ids, k_positions [k_len] -> [batch, kv_heads,
+  q_len, k_len]: the keys of the selected blocks, causally (the query's own block is partial)."""
+  chosen = jnp.any(selected[..., None] == jnp.arange(num_slc), axis=-2)  # [b, k, t, num_slc]
+  return chosen[..., k_positions // select_block_len] & (k_positions <= q_positions[:, None, :, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# One branch's attention.
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis among the `mask`ed entries; a row with none gives zeros, with
+  finite gradients (no -inf - -inf)."""
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True,
+                                      initial=jnp.finfo(logits.dtype).min))
+  e = jnp.where(mask, jnp.exp(logits - top), 0.0)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Grouped masked attention, scores and softmax in float32.
+
+  Args:
+    q: [batch, q_len, heads, dim]; head h reads K/V head h // (heads / kv_heads).
+    k, v: [batch, k_len, kv_heads, dim].
+    mask: boolean, broadcastable to [batch, kv_heads, q_len, k_len].
+    bias: float [batch, heads, q_len, k_len] added to the scaled scores, or None.
+  Returns:
+    out [batch, q_len, heads, dim] and the probabilities [batch, kv_heads, group, q_len, k_len].
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+  if bias is not None:
+    logits = logits + bias.reshape(b, kv, h // kv, t, -1)
+  probs = masked_softmax(logits, mask[:, :, None])
+  out = jnp.einsum('bkgts,bskd->btkgd', probs.astype(v.dtype), v)
+  return out.reshape(b, t, h, d), probs
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer.
+
+
+class NativeSparseAttention(nn.Module):
+  """NSA with any number of K/V heads per branch (GQA groups share their selected blocks)."""
+  config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: NSACache | None = None
+               ) -> tuple[jax.Array, NSACache | None]:
+    cfg, nsa = self.config, self.config.nsa
+    l, d, sl = nsa.block_len, nsa.stride, nsa.select_block_len
+    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.initializers.normal(cfg.init_std))
+    qkv = dict(use_bias=cfg.qkv_bias, **proj)
+    q = Linear((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), name='q', **qkv)(x)
+    kvs = {name: Linear((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'),
+                        name=name, **qkv)(x)
+           for name in ('k_cmp', 'v_cmp', 'k_slc', 'v_slc', 'k_win', 'v_win')}
+    gates = nn.sigmoid(Linear((cfg.num_heads, len(BRANCHES)), ('embed', 'heads', 'branch'),
+                              use_bias=True, name='gate', **proj)(x))  # [b, t, heads, 3]
+
+    pos = POSITIONS.get(cfg.position)(cfg)
+    q = pos.rotate(q, positions)
+    kvs['k_slc'], kvs['k_win'] = pos.rotate(kvs['k_slc'], positions), pos.rotate(kvs['k_win'], positions)
+    q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
+    kvs = {n: nn.with_logical_constraint(a, ('batch', 'length', 'kv_heads', 'head_dim'))
+           for n, a in kvs.items()}
+    compress_k, compress_v = self._compressor('k'), self._compressor('v')
+
+    def compress(k_raw, v_raw, starts):  # raw [b, len, kv, hd], starts [b, n] -> [b, n, kv, hd]
+      k_blocks = pos.rotate(compress_k(block_tokens(k_raw, starts, l)), starts)
+      return k_blocks, compress_v(block_tokens(v_raw, starts, l))
+
+    batch = x.shape[0]
+    if cache is None:  # a whole sequence from position 0
+      length = x.shape[1]
+      q_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      k_positions = jnp.arange(length, dtype=jnp.int32)
+      block_starts = jnp.arange(num_blocks(length, l, d), dtype=jnp.int32) * d
+      k_blocks, v_blocks = compress(kvs['k_cmp'], kvs['v_cmp'],
+                                    jnp.broadcast_to(block_starts, (batch, block_starts.size)))
+    else:
+      cache = cache.replace(**{n: kv_cache.write(getattr(cache, n), a, positions)
+                               for n, a in kvs.items()})
+      max_blocks = cache.k_blocks.shape[1]
+      done = completed_blocks(positions, x.shape[1], l, d, max_blocks)
+      new_k, new_v = compress(cache.k_cmp, cache.v_cmp, done * d)
+      put = jax.vmap(lambda buf, ids, new: buf.at[ids].set(new.astype(buf.dtype), mode='drop'))
+      cache = cache.replace(k_blocks=put(cache.k_blocks, done, new_k),
+                            v_blocks=put(cache.v_blocks, done, new_v))
+      kvs = {n: getattr(cache, n) for n in kvs}
+      k_blocks, v_blocks = cache.k_blocks, cache.v_blocks
+      q_positions = positions
+      k_positions = jnp.arange(cache.k_slc.shape[1], dtype=jnp.int32)
+      block_starts = jnp.arange(max_blocks, dtype=jnp.int32) * d
+    k_blocks = nn.with_logical_constraint(k_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
+    v_blocks = nn.with_logical_constraint(v_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
+
+    token_bias = block_bias = None
+    if pos.attention_bias is not None:
+      position_bias = pos.attention_bias(cfg, name='position_bias')
+      token_bias = position_bias(q_positions, jnp.broadcast_to(k_positions, (batch, k_positions.size)))
+      block_bias = position_bias(q_positions, jnp.broadcast_to(block_starts, (batch, block_starts.size)))
+
+    # cmp: the blocks complete at each query's position.
+    cmp_mask = (block_starts + l - 1)[None, None, None, :] <= q_positions[:, None, :, None]
+    out_cmp, p_cmp = attend(q, k_blocks, v_blocks, cmp_mask, block_bias)
+
+    # slc: the blocks the cmp branch's probabilities rank highest, per K/V group.
+    num_slc = -(-k_positions.size // sl)
+    weights = selection_weights(block_starts.size, num_slc, l, d, sl)
+    importance = block_importance(jax.lax.stop_gradient(p_cmp), weights)
+    selected = select_blocks(importance, q_positions, sl, nsa.num_selected)
+    slc_mask = selected_token_mask(selected, q_positions, k_positions, sl, num_slc)
+    out_slc, _ = attend(q, kvs['k_slc'], kvs['v_slc'], slc_mask, token_bias)
+
+    # win: the last `window` tokens.
+    win_mask = causal_mask(q_positions, jnp.broadcast_to(k_positions, (batch, k_positions.size)),
+                           nsa.window)
+    out_win, _ = attend(q, kvs['k_win'], kvs['v_win'], win_mask, token_bias)
+
+    out = sum(gates[..., i, None] * o for i, o in enumerate((out_cmp, out_slc, out_win)))
+    out = nn.with_logical_constraint(out.astype(cfg.dtype), ('batch', 'length', 'heads', 'head_dim'))
+    out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), in_dims=2, name='o', **proj)(out)
+    return out, cache
+
+  def _compressor(self, name: str):
+    """The map from a block's tokens [..., block_len, head_dim] to one [..., head_dim], its
+    parameters named `{name}_...` (called inside __call__, so they belong to this layer)."""
+    cfg, nsa = self.config, self.config.nsa
+    if nsa.compression == 'mean':
+      return lambda blocks: jnp.mean(blocks, axis=-2)
+    proj = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.initializers.normal(cfg.init_std))
+    block_pos = self.param(
+        f'{name}_block_pos',
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                     ('block_offset', 'head_dim')),
+        (nsa.block_len, cfg.head_dim), cfg.param_dtype)
+    hidden = Linear((cfg.head_dim,), ('block_offset', 'head_dim', 'latent'), in_dims=2,
+                    name=f'{name}_compress_hidden', **proj)
+    out = Linear((cfg.head_dim,), ('latent', 'head_dim'), name=f'{name}_compress_out', **proj)
+    return lambda blocks: out(nn.silu(hidden(blocks + block_pos.astype(cfg.dtype))))
+
+  @staticmethod
+  def check(m, seq_len: int) -> list[ConfigError]:
+    """Shapes NSA cannot run: block sizes that do not tile by the stride, `mean` compression
+    with blocks of different lengths, and options it does not implement."""
+    del seq_len
+    n = m['nsa']
+    errors = []
+    for field in ('block_len', 'stride', 'select_block_len', 'num_selected', 'window'):
+      if n[field] < 1:
+        errors.append(ConfigError(f'model.nsa.{field}', f'must be at least 1, got {n[field]}'))
+    if n['compression'] not in COMPRESSIONS:
+      errors.append(ConfigError('model.nsa.compression', f'unknown value {n["compression"]!r}; '
+                                f'valid values: {", ".join(COMPRESSIONS)}'))
+    if errors:
+      return errors
+    l, d, sl = n['block_len'], n['stride'], n['select_block_len']
+    if l % d:
+      errors.append(ConfigError('model.nsa.stride', f'{d} does not divide model.nsa.block_len='
+                                f'{l}; compressed blocks must start a whole number of strides '
+                                f'apart within a block (e.g. stride {l // 2 or 1})'))
+    if sl % d:
+      errors.append(ConfigError('model.nsa.select_block_len', f'{sl} is not a multiple of '
+                                f'model.nsa.stride={d}; selection blocks are scored from whole '
+                                f'strides of compressed blocks (Eq. 9), e.g. {max(d, sl // d * d)}'))
+    if n['compression'] == 'mean' and not l == d == sl:
+      errors.append(ConfigError('model.nsa.compression', f"'mean' pools non-overlapping blocks "
+                                f'that are also the selection blocks, so it needs block_len = '
+                                f'stride = select_block_len, got {l}, {d}, {sl}; set them equal '
+                                f"or use 'mlp'"))
+    heads, kv = m['num_heads'], m['num_kv_heads'] or m['num_heads']
+    if heads % kv:
+      errors.append(ConfigError('model.num_kv_heads', f'{kv} does not divide model.num_heads='
+                                f'{heads}; each K/V head must serve a whole group of query heads'))
+    if m.get('sliding_window') is not None:
+      errors.append(ConfigError('model.sliding_window', 'NSA has its own window branch '
+                                '(model.nsa.window); unset model.sliding_window'))
+    if m.get('qk_norm'):
+      errors.append(ConfigError('model.qk_norm', 'QK-norm is not implemented for nsa; set '
+                                'model.qk_norm=False'))
+    return errors
+
+  @staticmethod
+  def init_cache(cfg, batch: int, max_len: int, dtype) -> NSACache:
+    raw = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype)
+    # At least one block slot, never written (and so never visible) when max_len < block_len.
+    max_blocks = max(1, num_blocks(max_len, cfg.nsa.block_len, cfg.nsa.stride))
+    blocks = jnp.zeros((batch, max_blocks, cfg.num_kv_heads, cfg.head_dim), dtype)
+    return NSACache(k_cmp=raw, v_cmp=raw, k_slc=raw, v_slc=raw, k_win=raw, v_win=raw,
+                    k_blocks=blocks, v_blocks=blocks)
+
+  @staticmethod
+  def cache_values_per_token(cfg) -> float:
+    """Values one layer caches per token: a raw key and value per K/V head for each of the three
+    branches, plus a compressed key and value per K/V head every `stride` tokens."""
+    kv_values = 2 * cfg.num_kv_heads * cfg.head_dim
+    return len(BRANCHES) * kv_values + kv_values / cfg.nsa.stride
+
+  @staticmethod
+  def flops_per_token(cfg, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one layer, averaged over a causal sequence of `seq_len`.
+
+    `attention` counts the keys each branch attends to (mha's convention: a token-level causal
+    branch counts its diagonal half): the complete compressed blocks (~t/d), the selected
+    blocks' tokens (n·l', fewer early on) and min(t, w). `attention_as_executed` is what this
+    dense masked version computes: every compressed block and two full T x T squares, plus the
+    selection scores.
+    """
+    e, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    nsa = cfg.nsa
+    l, d, sl, n = nsa.block_len, nsa.stride, nsa.select_block_len, nsa.num_selected
+    if nsa.compression == 'mlp':  # keys and values, one block every d tokens
+      compression = 2 * 2.0 * kv * (l * hd * hd + hd * hd) / d
+    else:
+      compression = 2.0 * kv * l * hd / d
+    projections = (2.0 * (e * h * hd + 6 * e * kv * hd + h * hd * e + len(BRANCHES) * e * h)
+                   + compression)
+    t = np.arange(seq_len)
+    cmp_keys = np.maximum(0, (t - l + 1) // d + 1).mean()
+    slc_keys = (np.minimum(n - 1, t // sl) * sl + t % sl + 1).mean() - 0.5
+    win_keys = mean_context(seq_len, nsa.window)
+    per_key = 2.0 * 2 * h * hd  # a score (q·k) and a weighted value per head
+    num_cmp, num_slc = num_blocks(seq_len, l, d), -(-seq_len // sl)
+    return {'projections': projections,
+            'attention': per_key * float(cmp_keys + slc_keys + win_keys),
+            'attention_as_executed': (per_key * (num_cmp + 2 * seq_len)
+                                      + 2.0 * h * num_cmp * num_slc)}

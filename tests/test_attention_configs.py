@@ -1,0 +1,66 @@
+"""The attention study's configs: valid, sized as documented, and runnable end to end."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from efficientjax.model import ModelConfig, Transformer
+from experiments import validate
+from tests.test_cli import _main
+from efficientjax.metrics.record import read_records, validate_record
+
+VARIANTS = ('mha', 'gqa', 'mqa', 'mla', 'nsa')
+BYTE_VOCAB = 257
+
+
+def _config(variant, preset=None):
+  return importlib.import_module(f'configs.attention_{variant}').get_config(preset).to_dict()
+
+
+def _params(c) -> int:
+  cfg = ModelConfig.from_config(c['model'], tokenizer_vocab_size=BYTE_VOCAB,
+                                seq_len=c['data']['seq_len'])
+  tokens = jax.ShapeDtypeStruct((1, c['data']['seq_len']), jnp.int32)
+  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize('preset', [None, 'smoke'])
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_configs_validate(variant, preset):
+  c = _config(variant, preset)
+  assert c['model']['attention'] == variant
+  assert validate.check(c, num_devices=1, process_count=1, backend='gpu') == []
+
+
+def test_parameter_counts_as_documented():
+  counts = {v: _params(_config(v)) for v in VARIANTS}
+  gqa = counts['gqa']
+  assert 1.30e9 < gqa < 1.32e9  # qwen_1p5b.py: 1.31B with the byte vocabulary
+  # MHA and MQA are defined by their head counts: MHA adds 28 layers x 10 x 1536 x 128 (+ biases)
+  # of K/V projections, MQA removes 28 x 2 x 1536 x 128 (+ biases).
+  assert counts['mha'] - gqa == 28 * (2 * 10 * 1536 * 128 + 2 * 10 * 128)
+  assert gqa - counts['mqa'] == 28 * (2 * 1536 * 128 + 2 * 128)
+  # MLA and NSA are sized to match GQA within 5% (each config file says how).
+  for v in ('mla', 'nsa'):
+    assert abs(counts[v] - gqa) / gqa < 0.05, (v, counts[v], gqa)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_smoke_preset_runs_through_the_cli(variant, tmp_path):
+  proc = _main(f'--config=configs/attention_{variant}.py:smoke', f'--workdir={tmp_path}',
+               '--config.train.checkpoint_every=0')
+  assert proc.returncode == 0, proc.stderr
+  (record,) = read_records(tmp_path / 'results.jsonl')
+  validate_record(record)
+  attn = record['model']['attention']
+  assert attn['variant'] == variant
+  # The cache arrays hold what the variant's formula says (same dtype: the compute dtype).
+  assert attn['kv_cache_bytes_per_token_measured'] == pytest.approx(
+      attn['kv_cache_bytes_per_token'], rel=0.1)
+  assert attn['forward_flops_per_token']['attention'] > 0
+  assert 0 < attn['params'] < record['model']['params']
+  q = record['quality']
+  assert q['eval_loss'] < q['initial_eval_loss']  # it learns, a little, in 6 steps
