@@ -1,10 +1,11 @@
 """Hugging Face checkpoint interchange: safetensors in and out, one file per model family."""
 
+from efficientjax.hf.deepseek_v2 import DEEPSEEK_V2, load_deepseek_v2, save_deepseek_v2
 from efficientjax.hf.llama import LLAMA, load_llama, save_llama
 from efficientjax.hf.safetensors_io import (FAMILIES, Family, Redundant, TensorRule,
                                             load_checkpoint, save_checkpoint)
 
 __all__ = [
-    'FAMILIES', 'Family', 'LLAMA', 'Redundant', 'TensorRule', 'load_checkpoint', 'load_llama',
-    'save_checkpoint', 'save_llama',
+    'DEEPSEEK_V2', 'FAMILIES', 'Family', 'LLAMA', 'Redundant', 'TensorRule', 'load_checkpoint',
+    'load_deepseek_v2', 'load_llama', 'save_checkpoint', 'save_deepseek_v2', 'save_llama',
 ]

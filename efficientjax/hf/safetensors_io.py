@@ -48,10 +48,15 @@ class TensorRule:
     param: our param path, relative to the layer's block for per-layer tensors, else to the root.
     linear_in_dims: for a torch `Linear` weight (stored [out, in]), how many leading dims of our
       kernel ([in..., out...]) are inputs; None for tensors stored in our layout already.
+    permute: for features whose order differs by a fixed permutation (DeepSeek's interleaved
+      RoPE pairs against our half-split ones): the param's last axis, in our layout, takes the
+      checkpoint's features in this order (ours[..., i] = theirs[..., permute[i]]); export
+      applies the inverse. None keeps the order.
   """
   hf_name: str
   param: tuple[str, ...]
   linear_in_dims: int | None = None
+  permute: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,12 +253,17 @@ def _hf_shape(rule: TensorRule, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _to_ours(tensor: np.ndarray, rule: TensorRule, shape: Sequence[int]) -> np.ndarray:
-  if rule.linear_in_dims is None:
-    return tensor.reshape(shape)
-  return tensor.T.reshape(shape)
+  array = tensor.reshape(shape) if rule.linear_in_dims is None else tensor.T.reshape(shape)
+  if rule.permute is not None:
+    if sorted(rule.permute) != list(range(shape[-1])):
+      raise ValueError(f'{rule.hf_name}: permute is not a permutation of {shape[-1]} features')
+    array = array[..., list(rule.permute)]
+  return array
 
 
 def _to_hf(array: np.ndarray, rule: TensorRule) -> np.ndarray:
+  if rule.permute is not None:
+    array = array[..., list(np.argsort(rule.permute))]
   if rule.linear_in_dims is None:
     return array
   n = rule.linear_in_dims

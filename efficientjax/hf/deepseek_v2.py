@@ -1,0 +1,256 @@
+"""DeepSeek-V2 (`DeepseekV2ForCausalLM`) checkpoints with dense MLPs: our `mla` + `rope` + `dense`.
+
+The blocks are Llama's (pre-norm RMSNorm, SwiGLU, no biases) with multi-head latent attention
+(efficientjax.attention.mla), whose tensors map one to one onto ours but for one layout detail:
+
+RoPE pairs. DeepSeek's code, and transformers' port of it, rotates consecutive features
+(2i, 2i + 1) as one complex number (`view_as_complex`); our RoPE pairs feature i with
+i + d/2 (the GPT-NeoX / HF Llama layout). With P the permutation that lists the even features,
+then the odd ones, interleaved RoPE of x, permuted by P, equals half-split RoPE of x permuted by
+P, at every position; and a score q·k is unchanged when q and k are permuted alike. So the
+output features that become RoPE features - the last qk_rope_head_dim of each head of q_proj /
+q_b_proj, and the last qk_rope_head_dim of kv_a_proj_with_mqa (the shared key) - are permuted
+by P at load time (and by P's inverse at export), and the logits are identical. Nothing else
+reads those features: the cached k_rope is in our order, produced and consumed by us.
+
+Refused, before any weight is read: MoE layers (a later issue), biases, non-silu activations,
+RoPE scalings other than YaRN, and grouped K/V heads (MLA has one set per query head).
+"""
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from efficientjax.errors import ConfigError
+from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
+                                            refuse_if, register, require, save_checkpoint)
+from efficientjax.model import ModelConfig
+
+# transformers' DeepseekV2Config defaults (5.x), for keys a config.json leaves out: the model
+# transformers would build from it is the one we must match.
+_HF_DEFAULTS = dict(rms_norm_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=0,
+                    n_routed_experts=64, rope_theta=10000.0)
+_DEFAULT_MAX_POSITIONS = 2048
+
+
+def _get(hf: Mapping[str, Any], key: str) -> Any:
+  return hf[key] if key in hf else _HF_DEFAULTS[key]
+
+
+def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """`rope_theta` and, for YaRN, our `yarn` fields, from either config spelling (transformers
+  5.x: `rope_parameters`; 4.x and DeepSeek's own code: `rope_theta` + `rope_scaling`)."""
+  params = dict(hf.get('rope_parameters') or {})
+  spec = params if params else dict(hf.get('rope_scaling') or {})
+  theta = float(params.get('rope_theta', hf.get('rope_theta', _HF_DEFAULTS['rope_theta'])))
+  kind = spec.get('rope_type', spec.get('type', 'default'))
+  refuse_if(kind not in ('default', 'yarn'),
+            f'RoPE scaling {kind!r} is not supported (rope_scaling / rope_parameters = {spec}); '
+            'DeepSeek-V2 loads with plain RoPE or YaRN')
+  factor = spec.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  refuse_if(factor != 1.0, f'partial_rotary_factor={factor} is not supported; MLA rotates all '
+            'qk_rope_head_dim features')
+  fields: dict[str, Any] = {'rope_theta': theta}
+  if kind == 'yarn':
+    refuse_if(spec.get('factor') is None, 'YaRN without a factor (derived from '
+              'max_position_embeddings, as DeepSeek-V3 configs do) is not supported; set '
+              'rope_parameters.factor')
+    refuse_if(spec.get('attention_factor') is not None,
+              f'YaRN with an explicit attention_factor={spec["attention_factor"]} is not '
+              'supported; we derive it from factor, mscale and mscale_all_dim as DeepSeek does')
+    refuse_if(spec.get('original_max_position_embeddings') is None,
+              'YaRN needs rope_parameters.original_max_position_embeddings (the pretraining '
+              'context)')
+    fields['yarn'] = dict(
+        factor=float(spec['factor']),
+        original_max_len=int(spec['original_max_position_embeddings']),
+        # transformers' truthiness rules: unset (or 0) beta_fast/beta_slow take 32/1, and an
+        # unset mscale / mscale_all_dim drops DeepSeek's form of the temperature.
+        beta_fast=float(spec.get('beta_fast') or 32.0),
+        beta_slow=float(spec.get('beta_slow') or 1.0),
+        mscale=float(spec.get('mscale') or 0.0),
+        mscale_all_dim=float(spec.get('mscale_all_dim') or 0.0),
+        truncate=bool(spec.get('truncate', True)))
+  return fields
+
+
+def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """`config.json` -> our `model` fields, refusing what the model cannot compute."""
+  num_layers = int(require(hf, 'num_hidden_layers'))
+  experts = _get(hf, 'n_routed_experts')
+  first_dense = _get(hf, 'first_k_dense_replace')
+  refuse_if(bool(experts) and first_dense < num_layers,
+            f'MoE checkpoints are not supported yet: layers {first_dense}..{num_layers - 1} of '
+            f'this DeepSeek-V2 route to n_routed_experts={experts} experts '
+            f'(first_k_dense_replace={first_dense} < num_hidden_layers={num_layers}); only '
+            'checkpoints whose every layer has a dense MLP load for now '
+            '(first_k_dense_replace >= num_hidden_layers)')
+  act = hf.get('hidden_act', 'silu')
+  refuse_if(act not in ('silu', 'swish'),
+            f'hidden_act={act!r} is not supported: our dense FFN is SwiGLU (silu); use a '
+            'checkpoint with hidden_act "silu"')
+  for key in ('attention_bias', 'mlp_bias'):
+    refuse_if(bool(hf.get(key, False)),
+              f'{key}=true is not supported: our projections have no biases; use a checkpoint '
+              f'with {key} false')
+  refuse_if(hf.get('quantization_config') is not None,
+            'quantized checkpoints (quantization_config set) are not supported; load the '
+            'float16/bfloat16/float32 checkpoint and quantise with efficientjax.quant')
+  num_heads = int(require(hf, 'num_attention_heads'))
+  num_kv_heads = hf.get('num_key_value_heads') or num_heads
+  # transformers would repeat the per-head keys and values that kv_b_proj already gives every
+  # head; no DeepSeek checkpoint does that, and MLA has no K/V head count.
+  refuse_if(num_kv_heads != num_heads,
+            f'num_key_value_heads={num_kv_heads} differs from num_attention_heads={num_heads}; '
+            'MLA expands keys and values for every query head, so they must be equal')
+  rope = int(_get(hf, 'qk_rope_head_dim'))
+  refuse_if(rope % 2 != 0, f'qk_rope_head_dim={rope} is odd; RoPE rotates pairs of features')
+  q_lora_rank = _get(hf, 'q_lora_rank')
+  return dict(
+      vocab_size=int(require(hf, 'vocab_size')),
+      embed_dim=int(require(hf, 'hidden_size')),
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=num_heads,
+      # transformers sets head_dim to the rotated width (what its RoPE is computed for); MLA
+      # reads its own widths from `mla`.
+      head_dim=rope,
+      mlp_dim=int(require(hf, 'intermediate_size')),
+      norm_eps=float(_get(hf, 'rms_norm_eps')),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      attention='mla',
+      position='rope',
+      ffn='dense',
+      mla=dict(q_lora_rank=int(q_lora_rank or 0),
+               kv_lora_rank=int(_get(hf, 'kv_lora_rank')),
+               qk_nope_head_dim=int(_get(hf, 'qk_nope_head_dim')),
+               qk_rope_head_dim=rope,
+               v_head_dim=int(_get(hf, 'v_head_dim'))),
+      **_rope_fields(hf),
+  )
+
+
+def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
+  """Our config -> `config.json` keys of a dense-MLP `DeepseekV2Config`, refusing what it cannot
+  express."""
+  for field, value, want in (('attention', cfg.attention, 'mla'), ('position', cfg.position, 'rope'),
+                             ('ffn', cfg.ffn, 'dense'), ('qkv_bias', cfg.qkv_bias, False),
+                             ('qk_norm', cfg.qk_norm, False),
+                             ('sliding_window', cfg.sliding_window, None)):
+    if value != want:
+      raise ConfigError(f'model.{field}', f'{value!r} has no DeepseekV2ForCausalLM equivalent; a '
+                        f'DeepSeek-V2 export needs model.{field}={want!r}')
+  if cfg.num_kv_heads != cfg.num_heads:
+    raise ConfigError('model.num_kv_heads', 'MLA has no K/V head count; leave it unset')
+  m, yarn = cfg.mla, cfg.yarn
+  rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  max_positions = _DEFAULT_MAX_POSITIONS
+  if yarn.factor > 1.0:
+    rope = {'rope_type': 'yarn', 'rope_theta': cfg.rope_theta, 'factor': yarn.factor,
+            'original_max_position_embeddings': yarn.original_max_len,
+            'beta_fast': yarn.beta_fast, 'beta_slow': yarn.beta_slow, 'mscale': yarn.mscale,
+            'mscale_all_dim': yarn.mscale_all_dim, 'truncate': yarn.truncate}
+    max_positions = int(math.ceil(yarn.original_max_len * yarn.factor))
+  return dict(
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.embed_dim,
+      intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_heads,
+      q_lora_rank=m.q_lora_rank or None,  # null: queries projected directly (q_proj)
+      kv_lora_rank=m.kv_lora_rank,
+      qk_nope_head_dim=m.qk_nope_head_dim,
+      qk_rope_head_dim=m.qk_rope_head_dim,
+      v_head_dim=m.v_head_dim,
+      head_dim=m.qk_rope_head_dim,
+      hidden_act='silu',
+      rms_norm_eps=cfg.norm_eps,
+      # transformers 5.x reads rope_parameters; rope_theta for older readers.
+      rope_theta=cfg.rope_theta,
+      rope_parameters=rope,
+      attention_bias=False,
+      mlp_bias=False,
+      attention_dropout=0.0,
+      tie_word_embeddings=cfg.tie_embeddings,
+      initializer_range=cfg.init_std,
+      max_position_embeddings=max_positions,
+      # Every layer dense: MoE layers start at first_k_dense_replace, here past the last layer.
+      first_k_dense_replace=cfg.num_layers,
+      n_routed_experts=0,
+      use_cache=True,
+  )
+
+
+def rope_order(prefix: int, rope: int) -> tuple[int, ...]:
+  """Our order of an output axis whose last `rope` features are DeepSeek's interleaved RoPE
+  pairs: the first `prefix` kept, then each pair's first feature, then each pair's second."""
+  return (tuple(range(prefix)) + tuple(range(prefix, prefix + rope, 2)) +
+          tuple(range(prefix + 1, prefix + rope, 2)))
+
+
+def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
+  m = cfg.mla
+  layer = 'model.layers.{layer}.'
+  attn = layer + 'self_attn.'
+  q_order = rope_order(m.qk_nope_head_dim, m.qk_rope_head_dim)  # per head, of [heads, nope+rope]
+  rules = [
+      TensorRule('model.embed_tokens.weight', ('embed', 'embedding')),
+      TensorRule(layer + 'input_layernorm.weight', ('attn_norm', 'scale')),
+      TensorRule(attn + 'kv_a_proj_with_mqa.weight', ('attn', 'kv_a', 'kernel'), linear_in_dims=1,
+                 permute=rope_order(m.kv_lora_rank, m.qk_rope_head_dim)),
+      TensorRule(attn + 'kv_a_layernorm.weight', ('attn', 'kv_norm', 'scale')),
+      TensorRule(attn + 'kv_b_proj.weight', ('attn', 'kv_b', 'kernel'), linear_in_dims=1),
+      TensorRule(attn + 'o_proj.weight', ('attn', 'o', 'kernel'), linear_in_dims=2),
+      TensorRule(layer + 'post_attention_layernorm.weight', ('mlp_norm', 'scale')),
+      TensorRule(layer + 'mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'mlp.up_proj.weight', ('mlp', 'up', 'kernel'), linear_in_dims=1),
+      TensorRule(layer + 'mlp.down_proj.weight', ('mlp', 'down', 'kernel'), linear_in_dims=1),
+      TensorRule('model.norm.weight', ('final_norm', 'scale')),
+  ]
+  if m.q_lora_rank:
+    rules += [
+        TensorRule(attn + 'q_a_proj.weight', ('attn', 'q_a', 'kernel'), linear_in_dims=1),
+        TensorRule(attn + 'q_a_layernorm.weight', ('attn', 'q_norm', 'scale')),
+        TensorRule(attn + 'q_b_proj.weight', ('attn', 'q_b', 'kernel'), linear_in_dims=1,
+                   permute=q_order),
+    ]
+  else:
+    rules.append(TensorRule(attn + 'q_proj.weight', ('attn', 'q', 'kernel'), linear_in_dims=1,
+                            permute=q_order))
+  if cfg.tie_embeddings:
+    rules.append(Redundant('lm_head.weight', lambda cfg, read: read('model.embed_tokens.weight')))
+  else:
+    rules.append(TensorRule('lm_head.weight', ('lm_head', 'kernel'), linear_in_dims=1))
+  return rules
+
+
+DEEPSEEK_V2 = register(Family(
+    name='DeepSeek-V2',
+    model_types=('deepseek_v2',),
+    architecture='DeepseekV2ForCausalLM',
+    fields_from_hf=fields_from_hf,
+    hf_from_config=hf_from_config,
+    tensor_rules=tensor_rules,
+))
+
+
+def load_deepseek_v2(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bool = True
+                     ) -> tuple[dict[str, Any], Params]:
+  """Reads a dense-MLP `DeepseekV2ForCausalLM` checkpoint directory (config.json +
+  *.safetensors) as (model_fields, params), like `load_llama`; `model_fields['mla']` (and
+  `['yarn']` for YaRN checkpoints) are dicts of the nested config. Raises `ConfigError` for a
+  checkpoint the model cannot express (MoE layers included), before reading any weight."""
+  return load_checkpoint(path, DEEPSEEK_V2, param_dtype=param_dtype, scan_layers=scan_layers)
+
+
+def save_deepseek_v2(path: str | Path, params: Mapping[str, Any],
+                     model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
+                     extra_config: Mapping[str, Any] | None = None) -> Path:
+  """Writes an `mla` model as a `DeepseekV2ForCausalLM` checkpoint that transformers'
+  `from_pretrained` loads (every layer a dense MLP); arguments as `save_llama`."""
+  return save_checkpoint(path, params, model, DEEPSEEK_V2, dtype=dtype, extra_config=extra_config)

@@ -1,0 +1,127 @@
+"""Time and memory of one attention layer per variant, forward and forward+backward.
+
+Each variant at the attention study's shape (configs/attention_<variant>.py: hidden 1536, 12
+query heads), bf16, one sequence of each length, through each SDPA implementation it can use
+(cuDNN and XLA on a GPU; NSA is pure JAX, so XLA only). Per row: median and spread of the
+step time after warm-up, XLA's memory analysis of the compiled step (temporaries: the
+attention's working set; the device's own peak counter is process-wide and cumulative, so it
+cannot separate rows), and the analytic
+forward FLOPs of the layer (so rows compare as TFLOP/s too). A row that fails (out of memory at
+16k, an implementation refusing a shape) records the error and the rest go on.
+
+  python -m experiments.bench_attention --out=FILE.json [--variants=mha,mla] [--seq_lens=4096,16384]
+      [--impls=cudnn,xla] [--repeats=N] [--quick]
+"""
+
+import dataclasses
+import importlib
+import json
+import statistics
+import time
+import traceback
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from efficientjax.attention import ATTENTION
+from efficientjax.model import ModelConfig
+
+_OUT = flags.DEFINE_string('out', None, 'write results here as JSON')
+_VARIANTS = flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla', 'nsa'], 'variants')
+_SEQ_LENS = flags.DEFINE_list('seq_lens', ['4096', '16384'], 'tokens per sequence')
+_IMPLS = flags.DEFINE_list('impls', ['cudnn', 'xla'], 'SDPA implementations to try')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'timed calls per row')
+_QUICK = flags.DEFINE_bool('quick', False, 'the smoke shapes, short sequences, fp32 (any backend)')
+
+
+def layer_config(variant: str, impl: str, quick: bool) -> ModelConfig:
+  c = importlib.import_module(f'configs.attention_{variant}').get_config(
+      'smoke' if quick else None).to_dict()
+  c['model'].update(attention_impl=impl, dtype='float32' if quick else 'bfloat16',
+                    param_dtype='float32' if quick else 'bfloat16')
+  return ModelConfig.from_config(c['model'], tokenizer_vocab_size=257)
+
+
+def timed(fn, *args, repeats: int) -> dict[str, float]:
+  jax.block_until_ready(fn(*args))  # compile
+  jax.block_until_ready(fn(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return {'p50_ms': statistics.median(times), 'min_ms': min(times), 'max_ms': max(times),
+          'count': len(times)}
+
+
+def bench_one(variant: str, impl: str, seq_len: int, repeats: int, quick: bool) -> dict:
+  cfg = layer_config(variant, impl, quick)
+  layer = ATTENTION.get(cfg.attention)(cfg)
+  x = jax.random.normal(jax.random.key(0), (1, seq_len, cfg.embed_dim), cfg.dtype)
+  positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
+  params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x, positions))
+
+  def forward(p, x):
+    return layer.apply(p, x, positions)[0]
+
+  def loss(p, x):
+    return jnp.mean(forward(p, x).astype(jnp.float32) ** 2)
+
+  fwd = jax.jit(forward)
+  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  # Check the two implementations agree before timing anything (XLA is the reference).
+  if impl != 'xla':
+    ref_cfg = dataclasses.replace(cfg, attention_impl='xla')
+    ref = jax.jit(lambda p, x: ATTENTION.get(cfg.attention)(ref_cfg).apply(p, x, positions)[0])
+    err = float(jnp.max(jnp.abs(fwd(params, x).astype(jnp.float32)
+                                - ref(params, x).astype(jnp.float32))))
+    scale = float(jnp.max(jnp.abs(ref(params, x).astype(jnp.float32))))
+    if not err <= 2e-2 * scale + 1e-3:
+      raise AssertionError(f'{impl} differs from xla by {err} (output scale {scale})')
+  row = {'forward': timed(fwd, params, x, repeats=repeats),
+         'forward_backward': timed(fwd_bwd, params, x, repeats=repeats)}
+  for name, fn in (('forward', fwd), ('forward_backward', fwd_bwd)):
+    analysis = fn.lower(params, x).compile().memory_analysis()
+    row[name]['temp_bytes'] = getattr(analysis, 'temp_size_in_bytes', None)
+    row[name]['argument_bytes'] = getattr(analysis, 'argument_size_in_bytes', None)
+  flops = ATTENTION.get(cfg.attention).flops_per_token(cfg, seq_len)
+  fwd_flops = seq_len * (flops['projections'] + flops['attention'])
+  row['forward_flops_analytic'] = fwd_flops
+  row['forward']['tflops_per_s'] = fwd_flops / row['forward']['p50_ms'] / 1e9
+  row['forward_backward']['tflops_per_s'] = 3 * fwd_flops / row['forward_backward']['p50_ms'] / 1e9
+  return row
+
+
+def main(argv):
+  del argv
+  quick = _QUICK.value
+  seq_lens = [128, 256] if quick else [int(s) for s in _SEQ_LENS.value]
+  backend = jax.default_backend()
+  impls = [i for i in _IMPLS.value if backend == 'gpu' or i != 'cudnn']
+  rows = []
+  for variant in _VARIANTS.value:
+    for impl in impls:
+      if variant == 'nsa' and impl != 'xla':
+        continue  # pure JAX; its kernels are another issue
+      for seq_len in seq_lens:
+        row = {'variant': variant, 'impl': impl, 'seq_len': seq_len}
+        try:
+          row.update(bench_one(variant, impl, seq_len, _REPEATS.value, quick))
+        except Exception as e:  # noqa: BLE001 - a failed row is a result (e.g. OOM at 16k)
+          row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+          traceback.print_exc()
+        rows.append(row)
+        summary = row.get('error') or (f'fwd {row["forward"]["p50_ms"]:.2f} ms, fwd+bwd '
+                                       f'{row["forward_backward"]["p50_ms"]:.2f} ms')
+        print(f'{variant:4s} {impl:6s} {seq_len:6d}: {summary}', flush=True)
+  result = {'device': jax.devices()[0].device_kind, 'backend': backend, 'jax': jax.__version__,
+            'quick': quick, 'rows': rows}
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
