@@ -108,3 +108,19 @@ def get_config() -> config_dict.ConfigDict:
   mesh.tensor = 1
   mesh.expert = 1
   return c
+
+
+def smoke_training(c: config_dict.ConfigDict) -> None:
+  """The training side of a `:smoke` preset: a few fp32 steps on short sequences of a small
+  corpus, with an evaluation and a checkpoint on the way, so a laptop CPU runs it in seconds."""
+  c.model.dtype = 'float32'  # bf16 matmuls are emulated on CPUs and run slower than fp32
+  c.model.remat = 'none'
+  c.data.seq_len = 64
+  c.data.max_documents = 200
+  c.train.steps = 6
+  c.train.global_batch_size = 4
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 2
+  c.train.eval_every = 3
+  c.train.eval_batches = 2
+  c.train.checkpoint_every = 3

@@ -39,17 +39,7 @@ def get_config(preset=None):
     m.num_heads = 4
     m.head_dim = 16
     m.mlp_dim = 128
-    m.dtype = 'float32'  # bf16 matmuls are emulated on CPUs and run slower than fp32
-    m.remat = 'none'
-    c.data.seq_len = 64
-    c.data.max_documents = 200
-    c.train.steps = 6
-    c.train.global_batch_size = 4
-    c.train.learning_rate = 3e-3
-    c.train.warmup_steps = 2
-    c.train.eval_every = 3
-    c.train.eval_batches = 2
-    c.train.checkpoint_every = 3
+    base.smoke_training(c)
   elif preset is not None:
     raise ValueError(f'unknown preset {preset!r}; valid: smoke')
   return c

@@ -150,10 +150,12 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
   if m['sliding_window'] is not None and m['sliding_window'] < 1:
     errors.append(ConfigError('model.sliding_window', f'must be at least 1 key, got '
                               f'{m["sliding_window"]}; unset it for full attention'))
-  if m['attention'] in ATTENTION:
-    variant_check = getattr(ATTENTION.get(m['attention']), 'check', None)
-    if variant_check is not None:
-      errors.extend(variant_check(m, d['seq_len']))
+  # Variant- and encoding-specific shapes: each registry entry may check its own.
+  for registry, name in ((ATTENTION, m['attention']), (POSITIONS, m['position'])):
+    if name in registry:
+      entry_check = getattr(registry.get(name), 'check', None)
+      if entry_check is not None:
+        errors.extend(entry_check(m, d['seq_len']))
 
   # Data.
   if not 0 < d['eval_fraction'] < 1:

@@ -1,0 +1,53 @@
+"""A DeepSeek-V2-style dense model of ~7B parameters with multi-head latent attention.
+
+DeepSeek-V2's attention (arXiv 2405.04434 §2.1: 128-wide heads, query latent 1536, K/V latent
+512, a 64-wide decoupled RoPE key) on a dense body: 32 layers, hidden 4096, 32 heads, SwiGLU
+12288, DeepSeek-V2's vocabulary of 102,400 (untied). Per layer: 39.1M attention + 151.0M MLP;
+total 6.93B. Its KV cache is 576 values per token per layer (36.9 KB/token in bf16 over 32
+layers), against 8,192 for the MHA it replaces.
+
+Memory: fp32 parameters with AdamW hold 16 bytes per parameter (111 GB), so a run needs
+several GPUs on the default FSDP mesh (e.g. 4 H100s; `--config.mesh.fsdp=-1` is the default)
+and full remat at seq 4096. Presets: `:smoke` (CPU, seconds).
+"""
+
+from configs import base
+
+
+def get_config(preset=None):
+  c = base.get_config()
+  m = c.model
+  m.vocab_size = 102400
+  m.embed_dim = 4096
+  m.num_layers = 32
+  m.num_heads = 32
+  m.mlp_dim = 12288
+  m.attention = 'mla'
+  m.mla.q_lora_rank = 1536
+  m.mla.kv_lora_rank = 512
+  m.mla.qk_nope_head_dim = 128
+  m.mla.qk_rope_head_dim = 64
+  m.mla.v_head_dim = 128
+  m.norm_eps = 1e-6
+  m.remat = 'full'
+  c.data.seq_len = 4096
+  c.train.global_batch_size = 32
+  c.train.steps = 5000
+  c.train.warmup_steps = 500
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 500
+  if preset == 'smoke':
+    m.vocab_size = None  # the byte tokenizer's
+    m.embed_dim = 64
+    m.num_layers = 2
+    m.num_heads = 4
+    m.mlp_dim = 128
+    m.mla.q_lora_rank = 32
+    m.mla.kv_lora_rank = 32
+    m.mla.qk_nope_head_dim = 16
+    m.mla.qk_rope_head_dim = 8
+    m.mla.v_head_dim = 16
+    base.smoke_training(c)
+  elif preset is not None:
+    raise ValueError(f'unknown preset {preset!r} for mla_7b; valid: smoke')
+  return c
