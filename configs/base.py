@@ -57,7 +57,26 @@ def get_config() -> config_dict.ConfigDict:
   ns.num_selected = 16              # n
   ns.window = 512                   # w
   ns.compression = 'mlp'            # mlp | mean
-  m.ffn = 'dense'                   # FFN registry key
+  m.ffn = 'dense'                   # FFN registry key: dense | moe
+  e = m.moe = config_dict.ConfigDict()  # ffn='moe': sparse mixture of SwiGLU experts
+  e.num_experts = 8
+  e.top_k = 2
+  e.expert_dim = placeholder(int)   # each routed expert's hidden width; None: model.mlp_dim
+  e.num_shared_experts = 0          # always-on experts (DeepSeek), computed as one MLP
+  e.first_dense_layers = 0          # leading layers with a dense FFN of model.mlp_dim (DeepSeek)
+  e.router = 'softmax'              # softmax (Mixtral, DeepSeek-V2) | sigmoid (DeepSeek-V3)
+  e.norm_topk_prob = True           # renormalise the top-k weights to sum to 1
+  e.routed_scaling_factor = 1.0     # multiplies the routed experts' weights (DeepSeek)
+  e.num_groups = 1                  # group-limited routing: experts in this many groups ...
+  e.topk_groups = 1                 # ... of which each token may use this many
+  e.aux_loss_coef = 0.01            # Switch/GShard load-balancing loss E·Σ fᵢ·Pᵢ
+  e.z_loss_coef = 0.0               # router z-loss (ST-MoE)
+  e.seq_aux_loss_coef = 0.0         # the same balance per sequence (DeepSeek-V3)
+  e.aux_free = False                # DeepSeek-V3's bias balancing, updated after each step ...
+  e.bias_update_rate = 0.001        # ... by this much: b += u·sign(mean load - load)
+  e.dispatch = 'dropless'           # dense | capacity | dropless
+  e.capacity_factor = 1.25          # capacity: slots per expert = factor · tokens · k / experts
+  e.grouped_matmul = 'auto'         # dropless: auto | ragged_dot | triton | tokamax | reference
   m.norm_eps = 1e-5
   m.tie_embeddings = False
   m.init_std = 0.02

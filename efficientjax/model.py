@@ -64,7 +64,31 @@ class RelativeConfig:
   max_distance: int = 128
 
 
-_NESTED = {'mla': MLAConfig, 'nsa': NSAConfig, 'yarn': YarnConfig, 'relative': RelativeConfig}
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """A sparse mixture of SwiGLU experts in place of the dense FFN (see configs/base.py)."""
+  num_experts: int = 8
+  top_k: int = 2
+  expert_dim: int | None = None  # None: the dense mlp_dim
+  num_shared_experts: int = 0
+  first_dense_layers: int = 0
+  router: str = 'softmax'
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 1.0
+  num_groups: int = 1
+  topk_groups: int = 1
+  aux_loss_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  seq_aux_loss_coef: float = 0.0
+  aux_free: bool = False
+  bias_update_rate: float = 0.001
+  dispatch: str = 'dropless'
+  capacity_factor: float = 1.25
+  grouped_matmul: str = 'auto'
+
+
+_NESTED = {'mla': MLAConfig, 'nsa': NSAConfig, 'yarn': YarnConfig, 'relative': RelativeConfig,
+           'moe': MoEConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +114,7 @@ class ModelConfig:
   mla: MLAConfig = MLAConfig()
   nsa: NSAConfig = NSAConfig()
   ffn: str = 'dense'
+  moe: MoEConfig = MoEConfig()
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
@@ -123,6 +148,9 @@ class ModelConfig:
         kw['max_seq_len'] = seq_len
       else:
         kw.pop('max_seq_len', None)
+    moe = kw.get('moe')
+    if moe is not None and moe.expert_dim is None:
+      kw['moe'] = dataclasses.replace(moe, expert_dim=kw['mlp_dim'])
     kw['param_dtype'] = jnp.dtype(kw.get('param_dtype', 'float32'))
     kw['dtype'] = jnp.dtype(kw.get('dtype', 'float32'))
     return cls(**kw)
