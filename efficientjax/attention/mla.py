@@ -167,9 +167,9 @@ class MultiHeadLatentAttention(nn.Module):
                                 'it or widen the q/k head'))
     kv = m['num_kv_heads']
     if kv is not None and kv != m['num_heads']:
-      errors.append(ConfigError('model.num_kv_heads', f'{kv}: MLA expands keys and values for '
-                                f'every one of the model.num_heads={m["num_heads"]} query heads '
-                                'from the shared latent (its cache size is set by '
+      errors.append(ConfigError('model.num_kv_heads', f'is {kv}, but MLA expands keys and '
+                                f'values for every one of the model.num_heads={m["num_heads"]} '
+                                'query heads from the shared latent (its cache size is set by '
                                 'model.mla.kv_lora_rank); leave model.num_kv_heads unset'))
     return errors
 

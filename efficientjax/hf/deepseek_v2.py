@@ -59,9 +59,10 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     refuse_if(spec.get('factor') is None, 'YaRN without a factor (derived from '
               'max_position_embeddings, as DeepSeek-V3 configs do) is not supported; set '
               'rope_parameters.factor')
-    refuse_if(spec.get('attention_factor') is not None,
-              f'YaRN with an explicit attention_factor={spec["attention_factor"]} is not '
-              'supported; we derive it from factor, mscale and mscale_all_dim as DeepSeek does')
+    attention_factor = spec.get('attention_factor')
+    refuse_if(attention_factor is not None,
+              f'YaRN with an explicit attention_factor={attention_factor} is not supported; we '
+              'derive it from factor, mscale and mscale_all_dim as DeepSeek does')
     refuse_if(spec.get('original_max_position_embeddings') is None,
               'YaRN needs rope_parameters.original_max_position_embeddings (the pretraining '
               'context)')
@@ -137,9 +138,9 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
   """Our config -> `config.json` keys of a dense-MLP `DeepseekV2Config`, refusing what it cannot
   express."""
-  for field, value, want in (('attention', cfg.attention, 'mla'), ('position', cfg.position, 'rope'),
-                             ('ffn', cfg.ffn, 'dense'), ('qkv_bias', cfg.qkv_bias, False),
-                             ('qk_norm', cfg.qk_norm, False),
+  for field, value, want in (('attention', cfg.attention, 'mla'),
+                             ('position', cfg.position, 'rope'), ('ffn', cfg.ffn, 'dense'),
+                             ('qkv_bias', cfg.qkv_bias, False), ('qk_norm', cfg.qk_norm, False),
                              ('sliding_window', cfg.sliding_window, None)):
     if value != want:
       raise ConfigError(f'model.{field}', f'{value!r} has no DeepseekV2ForCausalLM equivalent; a '
