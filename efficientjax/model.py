@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientjax.attention import ATTENTION, POSITIONS
+from efficientjax.moe import layer as _moe_layer  # noqa: F401 (registers model.ffn 'moe')
 from efficientjax.nn import FFN, Embed, Linear, RMSNorm
 
 # What a rematerialised block keeps for the backward pass; `none` keeps everything.
@@ -162,9 +163,33 @@ class ModelConfig:
     return d
 
 
+# Per-layer variable collections besides params, scanned with the layers (see efficientjax.moe):
+# `losses` (auxiliary training losses), `moe_stats` (what the record reports), `moe_state`
+# (non-trained state such as the aux-loss-free routing bias).
+LAYER_COLLECTIONS = ('losses', 'moe_stats', 'moe_state')
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+  """A run of consecutive identical layers, scanned as one `nn.scan` (params under `name`)."""
+  name: str
+  ffn: str
+  first_layer: int
+  num_layers: int
+
+
+def layer_stacks(cfg: ModelConfig) -> list[LayerStack]:
+  """The model's layers as homogeneous stacks: DeepSeek-style MoE models keep their first
+  layers dense (`model.moe.first_dense_layers`), which a single scan cannot hold."""
+  dense = cfg.moe.first_dense_layers if cfg.ffn == 'moe' else 0
+  stacks = [LayerStack('dense_blocks', 'dense', 0, dense)] if dense else []
+  return stacks + [LayerStack('blocks', cfg.ffn, dense, cfg.num_layers - dense)]
+
+
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
   config: ModelConfig
+  ffn: str | None = None  # None: config.ffn
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, cache: Any = None
@@ -175,7 +200,7 @@ class Block(nn.Module):
     h, cache = ATTENTION.get(cfg.attention)(cfg, name='attn')(h, positions, cache)
     x = x + h
     h = RMSNorm(name='mlp_norm', **norm)(x)
-    x = x + FFN.get(cfg.ffn)(cfg, name='mlp')(h)
+    x = x + FFN.get(self.ffn or cfg.ffn)(cfg, name='mlp')(h)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     return x, cache  # (carry, per-layer output): the shape nn.scan wants
 
@@ -217,20 +242,24 @@ class Transformer(nn.Module):
       # prevent_cse is only needed outside scan, where XLA could otherwise merge the recompute
       # back into the forward pass.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      # The cache (None in training) is scanned over its leading layer axis like the params.
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast, 0), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, cache = stack(cfg, name='blocks')(x, positions, cache)
-    else:
-      layer_caches = []
-      for i in range(cfg.num_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-        x, layer_cache = block(cfg, name=f'block_{i}')(x, positions, layer_cache)
-        layer_caches.append(layer_cache)
-      if cache is not None:
-        cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
+    layers = lambda c, start, n: None if c is None else jax.tree.map(lambda a: a[start:start + n], c)
+    caches = []
+    for s in layer_stacks(cfg):
+      if cfg.scan_layers:
+        # The cache (None in training) is scanned over its leading layer axis like the params.
+        stack = nn.scan(block, variable_axes={'params': 0, **{c: 0 for c in LAYER_COLLECTIONS}},
+                        split_rngs={'params': True}, in_axes=(nn.broadcast, 0),
+                        length=s.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+        x, stack_cache = stack(cfg, s.ffn, name=s.name)(
+            x, positions, layers(cache, s.first_layer, s.num_layers))
+        caches.append(stack_cache)
+      else:
+        for i in range(s.first_layer, s.first_layer + s.num_layers):
+          x, layer_cache = block(cfg, s.ffn, name=f'block_{i}')(
+              x, positions, None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache))
+          caches.append(None if cache is None else jax.tree.map(lambda a: a[None], layer_cache))
+    if cache is not None:
+      cache = jax.tree.map(lambda *a: jnp.concatenate(a), *caches)
 
     x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:
@@ -251,18 +280,30 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
   return jax.tree.map(lambda a: jnp.zeros((cfg.num_layers,) + a.shape, a.dtype), layer)
 
 
-def unscan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-  """Scanned params (`blocks` stacked on axis 0) -> the per-layer `block_i` layout."""
+def auxiliary_loss(losses: Mapping[str, Any]) -> jax.Array:
+  """The sum of every auxiliary loss the layers left in the `losses` collection (0 if none)."""
+  return sum((jnp.sum(x) for x in jax.tree.leaves(losses)), jnp.zeros((), jnp.float32))
+
+
+def unscan_params(params: Mapping[str, Any], cfg: ModelConfig | int) -> dict[str, Any]:
+  """Scanned params (each stack's layers on axis 0) -> the per-layer `block_i` layout.
+  `cfg` may be a layer count for a model of one stack."""
+  stacks = (layer_stacks(cfg) if isinstance(cfg, ModelConfig)
+            else [LayerStack('blocks', '', 0, cfg)])
   params = dict(params)
-  blocks = params.pop('blocks')
-  for i in range(num_layers):
-    params[f'block_{i}'] = jax.tree.map(lambda a, i=i: a[i], blocks)
+  for s in stacks:
+    stacked = params.pop(s.name)
+    for j in range(s.num_layers):
+      params[f'block_{s.first_layer + j}'] = jax.tree.map(lambda a, j=j: a[j], stacked)
   return params
 
 
-def scan_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+def scan_params(params: Mapping[str, Any], cfg: ModelConfig | int) -> dict[str, Any]:
   """Per-layer `block_i` params -> the scanned layout (inverse of `unscan_params`)."""
+  stacks = (layer_stacks(cfg) if isinstance(cfg, ModelConfig)
+            else [LayerStack('blocks', '', 0, cfg)])
   params = dict(params)
-  layers = [params.pop(f'block_{i}') for i in range(num_layers)]
-  params['blocks'] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  for s in stacks:
+    layers = [params.pop(f'block_{i}') for i in range(s.first_layer, s.first_layer + s.num_layers)]
+    params[s.name] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
   return params

@@ -63,4 +63,6 @@ def run(config: ConfigDict, workdir: str) -> str:
       'metrics': training_metrics(result, peak_override=cfg['metrics']['peak_flops_per_s']),
       'checkpoint_dir': result.checkpoint_dir,
   })
+  if result.moe is not None:
+    record['moe'] = result.moe  # expert load, dropped tokens, balancing losses and biases
   return records.write_record(workdir, record)

@@ -133,10 +133,6 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
     errors.append(ConfigError('model.head_dim', f'unset, and model.embed_dim={m["embed_dim"]} '
                               f'does not divide by model.num_heads={m["num_heads"]}; set '
                               'model.head_dim or change the head count'))
-  head_dim = m['head_dim'] or m['embed_dim'] // m['num_heads']
-  if m['position'] == 'rope' and head_dim % 2:
-    errors.append(ConfigError('model.head_dim', f'RoPE rotates feature pairs, so the head '
-                              f'dimension must be even, got {head_dim}'))
   if m['vocab_size'] is not None and m['vocab_size'] < 1:
     errors.append(ConfigError('model.vocab_size', 'must be positive, or unset to follow the '
                               'tokenizer'))
@@ -151,7 +147,8 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
     errors.append(ConfigError('model.sliding_window', f'must be at least 1 key, got '
                               f'{m["sliding_window"]}; unset it for full attention'))
   # Variant- and encoding-specific shapes: each registry entry may check its own.
-  for registry, name in ((ATTENTION, m['attention']), (POSITIONS, m['position'])):
+  for registry, name in ((ATTENTION, m['attention']), (POSITIONS, m['position']),
+                         (FFN, m['ffn'])):
     if name in registry:
       entry_check = getattr(registry.get(name), 'check', None)
       if entry_check is not None:
@@ -209,6 +206,10 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
   if batch % process_count:
     errors.append(ConfigError('train.global_batch_size', f'{batch} does not split over '
                               f'{process_count} processes; use a multiple of {process_count}'))
+  ep = sizes['expert']
+  if ep > 1 and m['ffn'] == 'moe' and m['moe']['num_experts'] % ep:
+    errors.append(ConfigError('mesh.expert', f'{ep} devices cannot hold an equal share of '
+                              f'model.moe.num_experts={m["moe"]["num_experts"]}; use a divisor'))
   tp = sizes['tensor']
   if tp > 1:
     for field, value in (('model.num_heads', m['num_heads']), ('model.num_kv_heads', kv),

@@ -12,6 +12,15 @@ from efficientjax.nn.linear import Linear
 from efficientjax.nn.norms import RMSNorm
 
 
+def rope_head_dim_errors(m) -> list[ConfigError]:
+  """RoPE rotates feature pairs: a variant whose heads are rotated whole needs an even width."""
+  head_dim = m['head_dim'] or m['embed_dim'] // m['num_heads']
+  if m['position'] == 'rope' and head_dim % 2:
+    return [ConfigError('model.head_dim', f'RoPE rotates feature pairs, so the head dimension '
+                        f'must be even, got {head_dim}')]
+  return []
+
+
 def kv_head_variant(num_heads: int, num_kv_heads: int) -> str:
   """The registry name for these head counts."""
   if num_kv_heads == num_heads:
@@ -68,18 +77,20 @@ class MultiHeadAttention(nn.Module):
     """The registry name must say what the head counts are, so records and tables label a run
     by what it computed: mha (kv = heads), mqa (kv = 1), gqa (anything between)."""
     del seq_len
+    errors = rope_head_dim_errors(m)
     kv, heads, name = m['num_kv_heads'], m['num_heads'], m['attention']
     if kv is None:
       if name == 'gqa':
-        return [ConfigError('model.num_kv_heads', "attention 'gqa' needs the number of K/V "
-                            f'heads, a divisor of model.num_heads={heads} (e.g. {heads // 2 or 1})')]
-      return []
+        errors.append(ConfigError('model.num_kv_heads', "attention 'gqa' needs the number of K/V "
+                                  f'heads, a divisor of model.num_heads={heads} (e.g. '
+                                  f'{heads // 2 or 1})'))
+      return errors
     want = kv_head_variant(heads, kv)
     if want != name:
-      return [ConfigError('model.attention', f'{name!r} with model.num_kv_heads={kv} and '
-                          f'model.num_heads={heads} is {want.upper()}; set model.attention='
-                          f'{want!r} or change model.num_kv_heads')]
-    return []
+      errors.append(ConfigError('model.attention', f'{name!r} with model.num_kv_heads={kv} and '
+                                f'model.num_heads={heads} is {want.upper()}; set '
+                                f'model.attention={want!r} or change model.num_kv_heads'))
+    return errors
 
   @staticmethod
   def init_cache(cfg, batch: int, max_len: int, dtype) -> kv_cache.KVCache:

@@ -25,6 +25,7 @@ from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.trace import summarize_trace
 from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer
+from efficientjax.moe.report import ExpertStats
 from efficientjax.train.checkpoint import Checkpointer
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
@@ -55,6 +56,7 @@ class TrainResult:
   checkpoint_dir: str | None
   attention_impl: str
   attention: dict[str, Any]       # efficientjax.metrics.architecture.attention_summary
+  moe: dict[str, Any] | None      # efficientjax.moe.report.ExpertStats.summary; None if dense
   # What the metrics are made of (efficientjax.metrics.report turns them into the record).
   device_kind: str = ''
   device_count: int = 1
@@ -80,10 +82,10 @@ def _device_batch(local: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local)
 
 
-def evaluate(eval_fn, params, batches, sharding) -> float:
+def evaluate(eval_fn, state: TrainState, batches, sharding) -> float:
   total, count = 0.0, 0.0
   for b in batches:
-    s, n = eval_fn(params, _device_batch(b, sharding))
+    s, n = eval_fn(state.params, state.model_state, _device_batch(b, sharding))
     total += float(s)
     count += float(n)
   return total / count
@@ -143,14 +145,15 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                          in_shardings=(shardings, batch_sh), donate_argnums=0,
                          out_shardings=(shardings, parallel.replicated(mesh))
                          ).lower(abstract, abstract_batch).compile()
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh)
-                        ).lower(abstract.params, abstract_batch).compile()
+    eval_step = jax.jit(make_eval_step(model),
+                        in_shardings=(shardings.params, shardings.model_state, batch_sh)
+                        ).lower(abstract.params, abstract.model_state, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
     compiled_raw = flop_counts.flops_of(train_step)
     memory_analysis = _memory_analysis(train_step)
 
     if resume_step is None:
-      meta['initial_eval_loss'] = evaluate(eval_step, state.params, eval_batches, batch_sh)
+      meta['initial_eval_loss'] = evaluate(eval_step, state, eval_batches, batch_sh)
     start_step = int(state.step)
     total = cfg_train['steps']
     last = total if stop_after_step is None else min(total, stop_after_step)
@@ -174,6 +177,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices(),
                       energy_meter=meter)
     window = MeasurementWindow(meter, sampler)
+    expert_stats = ExpertStats(model_cfg) if model_cfg.ffn == 'moe' else None
     for step in range(start_step + 1, last + 1):
       trace.before(step, state)
       if step == first_measured:
@@ -199,10 +203,13 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
             f'the training loss became {loss} at step {step}; {where}. Lower '
             'train.learning_rate, raise train.warmup_steps or set train.grad_clip_norm.')
       losses[step] = loss
+      line = {'step': step, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
+              'learning_rate': float(metrics['learning_rate']), 'step_ms': dt * 1e3}
+      if expert_stats is not None:
+        line.update(expert_stats.add(jax.device_get(metrics['moe_stats'])),
+                    aux_loss=float(metrics['aux_loss']))
       with open(log_path, 'a') as f:
-        f.write(json.dumps({'step': step, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
-                            'learning_rate': float(metrics['learning_rate']),
-                            'step_ms': dt * 1e3}) + '\n')
+        f.write(json.dumps(line) + '\n')
 
       do_eval = (cfg_train['eval_every'] and step % cfg_train['eval_every'] == 0) or step == total
       do_save = checkpointer and (step % cfg_train['checkpoint_every'] == 0 or step == total)
@@ -211,7 +218,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       elif window.is_open and (do_eval or do_save):
         window.pause(state)  # evaluation and saving are not training: out of the window
       if do_eval:
-        eval_losses[step] = evaluate(eval_step, state.params, eval_batches, batch_sh)
+        eval_losses[step] = evaluate(eval_step, state, eval_batches, batch_sh)
         if bar:
           bar.message(f'step {step}: eval loss {eval_losses[step]:.4f}, '
                       f'perplexity {math.exp(eval_losses[step]):.2f}')
@@ -233,6 +240,8 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       mesh_shape=dict(mesh.shape),
       num_params=int(sum(x.size for x in jax.tree.leaves(params))),
       attention=attention_summary(model_cfg, params, seq_len),
+      moe=(expert_stats.summary(jax.device_get(state.model_state))
+           if expert_stats is not None else None),
       weight_bytes=int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
       start_step=start_step,
       final_step=int(state.step),

@@ -17,17 +17,25 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
+  # Non-trained model collections that persist across steps (MoE routing biases); {} for most.
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
-def _boxed_init(model: nn.Module, seq_len: int, rng: jax.Array):
+_PERSISTENT = ('moe_state',)  # the collections of model.init kept in the train state
+
+
+def _boxed_init(model: nn.Module, seq_len: int, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+  """(boxed params, model state) as `model.init` makes them."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return model.init(rng, tokens)['params']
+  variables = model.init(rng, tokens)
+  return variables['params'], {k: v for k, v in variables.items() if k in _PERSISTENT}
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     seq_len: int) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings): every leaf placed by its logical axis names."""
-  boxed = jax.eval_shape(lambda k: _boxed_init(model, seq_len, k), jax.random.key(0))
+  boxed, abstract_model_state = jax.eval_shape(lambda k: _boxed_init(model, seq_len, k),
+                                               jax.random.key(0))
   param_sh = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   abstract_params = nn.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -36,8 +44,11 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
                                  transform_non_params=lambda _: parallel.replicated(mesh))
   rep = parallel.replicated(mesh)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+                        opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                        model_state=abstract_model_state)
+  # Model state is small (a bias per expert per layer): replicated.
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep,
+                         model_state=jax.tree.map(lambda _: rep, abstract_model_state))
   return abstract, shardings
 
 
@@ -46,8 +57,9 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, s
   """Initialises directly into the sharded layout (no full copy on any one device)."""
   def init(key):
     init_key, state_key = jax.random.split(key)
-    params = nn.unbox(_boxed_init(model, seq_len, init_key))
+    boxed, model_state = _boxed_init(model, seq_len, init_key)
+    params = nn.unbox(boxed)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_key))
+                      rng=jax.random.key_data(state_key), model_state=nn.unbox(model_state))
   with parallel.activate(mesh):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

@@ -1,6 +1,6 @@
 """The training and evaluation steps: pure functions of (state, batch)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -8,29 +8,65 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from efficientjax.model import auxiliary_loss
+from efficientjax.moe import balance
 from efficientjax.train.state import TrainState
 
+# What the layers report during a training step (see efficientjax.model.LAYER_COLLECTIONS).
+_REPORTED = ('losses', 'moe_stats')
 
-def token_losses(model: nn.Module, params: Any, batch: jax.Array) -> jax.Array:
-  """Next-token cross-entropy per position. batch: [b, seq_len + 1] token windows."""
+
+def forward(model: nn.Module, params: Any, model_state: Mapping[str, Any], batch: jax.Array
+            ) -> tuple[jax.Array, dict[str, Any]]:
+  """(next-token cross-entropy per position, what the layers reported). batch: [b, seq_len + 1]
+  token windows; model_state: the non-trained collections (e.g. MoE routing biases)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  logits = model.apply({'params': params}, inputs)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  logits, reported = model.apply({'params': params, **model_state}, inputs, mutable=_REPORTED)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), dict(reported)
+
+
+def token_losses(model: nn.Module, params: Any, batch: jax.Array,
+                 model_state: Mapping[str, Any] | None = None) -> jax.Array:
+  """Next-token cross-entropy per position."""
+  return forward(model, params, model_state or {}, batch)[0]
+
+
+def update_routing_bias(model_state: Mapping[str, Any], moe_stats: Mapping[str, Any],
+                        rate: float) -> dict[str, Any]:
+  """DeepSeek-V3's auxiliary-loss-free balancing: each layer's routing bias moves by `rate`
+  toward the experts that this step under-used (the load each layer reported)."""
+  if 'moe_state' not in model_state:
+    return dict(model_state)
+  flat_stats = {path[:-1]: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(moe_stats)
+                if getattr(path[-1], 'key', None) == 'load'}
+
+  def update(path, bias):
+    return balance.update_bias(bias, flat_stats[path[:-1]], rate)
+  return {**model_state, 'moe_state': jax.tree_util.tree_map_with_path(
+      update, model_state['moe_state'])}
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum_steps: int,
                     schedule: optax.Schedule | None = None
-                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """One optimizer step over a global batch, accumulating over `grad_accum_steps` micro-batches."""
+                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Any]]]:
+  """One optimizer step over a global batch, accumulating over `grad_accum_steps` micro-batches.
 
-  def loss_fn(params, micro):
-    return token_losses(model, params, micro).mean()
+  The loss optimised is the cross-entropy plus any auxiliary losses the layers report (MoE
+  balancing); `metrics['loss']` is the cross-entropy alone, comparable across models.
+  """
+  moe = model.config.moe if model.config.ffn == 'moe' else None
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  def loss_fn(params, model_state, micro):
+    losses, reported = forward(model, params, model_state, micro)
+    ce = losses.mean()
+    aux = auxiliary_loss(reported.get('losses', {}))
+    return ce + aux, (ce, aux, reported.get('moe_stats', {}))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: jax.Array):
     if grad_accum_steps == 1:
-      loss, grads = grad_fn(state.params, batch)
+      (_, (ce, aux, stats)), grads = grad_fn(state.params, state.model_state, batch)
     else:
       # Micro-batch i takes rows i, i + k, i + 2k, ...: with the batch dim sharded in
       # contiguous blocks, every device keeps its own rows and nothing moves.
@@ -39,27 +75,38 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
 
       def accumulate(carry, mb):
         mb = nn.with_logical_constraint(mb, ('batch', 'length'))
-        loss, grads = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        (_, out), grads = grad_fn(state.params, state.model_state, mb)
+        return jax.tree.map(jnp.add, carry, (out, grads)), None
 
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-      loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+      shapes = jax.eval_shape(grad_fn, state.params, state.model_state, micro[0])
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
+      ((ce, aux, stats), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      # Means over micro-batches, except the expert load, which counts tokens: a sum.
+      ce, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, (ce, aux, grads))
+      stats = jax.tree_util.tree_map_with_path(
+          lambda p, x: x if getattr(p[-1], 'key', None) == 'load' else x / grad_accum_steps, stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    model_state = state.model_state
+    if moe is not None and moe.aux_free:
+      model_state = update_routing_bias(model_state, stats, moe.bias_update_rate)
+    metrics = {'loss': ce, 'grad_norm': optax.tree.norm(grads)}
+    if moe is not None:
+      metrics['aux_loss'] = aux
+      metrics['moe_stats'] = stats
     if schedule is not None:
       metrics['learning_rate'] = schedule(state.step)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         model_state=model_state), metrics
 
   return step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
-  """(summed loss, token count) over a batch, so batches combine exactly."""
+def make_eval_step(model: nn.Module) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]:
+  """(summed cross-entropy, token count) over a batch, so batches combine exactly."""
 
-  def step(params, batch):
-    losses = token_losses(model, params, batch)
+  def step(params, model_state, batch):
+    losses = token_losses(model, params, batch, model_state)
     return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
   return step

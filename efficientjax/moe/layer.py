@@ -1,0 +1,133 @@
+"""The MoE feed-forward block (`model.ffn = 'moe'`): a router, routed SwiGLU experts run by a
+dispatch strategy, optional shared experts, and the balancing terms.
+
+What the block leaves beside its output, in Flax variable collections (the model scans them
+with the layers, so each gets a leading layer axis):
+- `losses`: the weighted balancing losses of this call, which the training step adds to the
+  cross-entropy (`efficientjax.model.auxiliary_loss`);
+- `moe_stats`: what the record reports (expert load, dropped fraction, each loss unweighted);
+- `moe_state`: the auxiliary-loss-free balancing bias (DeepSeek-V3), not a parameter: the
+  training step updates it from the load after each optimizer step, and it is checkpointed with
+  the train state.
+The losses and stats are only written when the caller asks for them (`mutable=[...]`), so
+inference and evaluation pay nothing.
+"""
+
+import dataclasses
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficientjax.errors import ConfigError
+from efficientjax.moe import balance
+from efficientjax.moe.dispatch import DISPATCH, GROUPED_MATMULS
+from efficientjax.moe.router import ROUTERS, route
+from efficientjax.moe.router import check as check_router
+from efficientjax.nn.mlp import FFN, MLP
+
+LOSSES = 'losses'
+STATS = 'moe_stats'
+STATE = 'moe_state'
+
+
+@FFN.register('moe')
+class MoE(nn.Module):
+  config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
+
+  @staticmethod
+  def check(m, seq_len: int) -> list[ConfigError]:
+    """The `model.moe` fields, before anything is built (m: the config's model section)."""
+    del seq_len
+    moe, errors = m['moe'], []
+    for registry, field in ((ROUTERS, 'router'), (DISPATCH, 'dispatch')):
+      if moe[field] not in registry:
+        errors.append(ConfigError(f'model.moe.{field}', f'unknown value {moe[field]!r}; valid '
+                                  f'values: {", ".join(registry)}'))
+    if moe['grouped_matmul'] not in GROUPED_MATMULS:
+      errors.append(ConfigError('model.moe.grouped_matmul', f'unknown value '
+                                f'{moe["grouped_matmul"]!r}; valid values: '
+                                f'{", ".join(GROUPED_MATMULS)}'))
+    for field in ('num_experts', 'top_k', 'num_groups', 'topk_groups'):
+      if moe[field] < 1:
+        errors.append(ConfigError(f'model.moe.{field}', f'must be at least 1, got {moe[field]}'))
+    if moe['expert_dim'] is not None and moe['expert_dim'] < 1:
+      errors.append(ConfigError('model.moe.expert_dim', 'must be positive, or unset for '
+                                'model.mlp_dim'))
+    if not 0 <= moe['first_dense_layers'] < m['num_layers']:
+      errors.append(ConfigError('model.moe.first_dense_layers', f'must lie in [0, '
+                                f'model.num_layers={m["num_layers"]}), got '
+                                f'{moe["first_dense_layers"]}; a model with no MoE layer is '
+                                "model.ffn='dense'"))
+    if moe['num_shared_experts'] < 0:
+      errors.append(ConfigError('model.moe.num_shared_experts', 'must be 0 or more'))
+    if moe['capacity_factor'] <= 0:
+      errors.append(ConfigError('model.moe.capacity_factor', f'must be positive, got '
+                                f'{moe["capacity_factor"]}'))
+    for field in ('aux_loss_coef', 'z_loss_coef', 'seq_aux_loss_coef', 'bias_update_rate'):
+      if moe[field] < 0:
+        errors.append(ConfigError(f'model.moe.{field}', f'must be 0 or more, got {moe[field]}'))
+    if not errors:
+      try:
+        check_router(types.SimpleNamespace(**moe))  # the fields it reads, as attributes
+      except ConfigError as e:
+        errors.append(e)
+    return errors
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg, moe = self.config, self.config.moe
+    batch, length, embed = x.shape
+    tokens = x.reshape(batch * length, embed)
+    num_experts, f = moe.num_experts, moe.expert_dim
+
+    # Routing in float32 whatever the compute dtype: top-k over near-ties in bf16 would make
+    # the selection depend on rounding.
+    router = self.param('router', nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std), ('embed', 'router')), (embed, num_experts),
+        cfg.param_dtype)
+    logits = jnp.dot(tokens.astype(jnp.float32), router.astype(jnp.float32))
+    bias = None
+    if moe.aux_free:
+      bias = self.variable(STATE, 'bias', jnp.zeros, (num_experts,), jnp.float32).value
+    routing = route(logits, moe, bias)
+
+    init = nn.initializers.normal(cfg.init_std)
+    expert = lambda name, axes, shape: self.param(
+        name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
+    weights = {'gate': expert('gate', ('expert', 'embed', 'mlp'), (num_experts, embed, f)),
+               'up': expert('up', ('expert', 'embed', 'mlp'), (num_experts, embed, f)),
+               'down': expert('down', ('expert', 'mlp', 'embed'), (num_experts, f, embed))}
+    weights = {k: w.astype(cfg.dtype) for k, w in weights.items()}
+    y, dispatch_stats = DISPATCH.get(moe.dispatch)(tokens, weights, routing, moe, dtype=cfg.dtype)
+    y = y.reshape(batch, length, embed)
+    if moe.num_shared_experts:
+      # Shared experts see every token, so they are one dense SwiGLU of their summed width.
+      shared_cfg = dataclasses.replace(cfg, mlp_dim=moe.num_shared_experts * f)
+      y = y + MLP(shared_cfg, name='shared')(x)
+
+    if self.is_mutable_collection(LOSSES) or self.is_mutable_collection(STATS):
+      self._record(routing, dispatch_stats, batch, length)
+    return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+
+  def _record(self, routing, dispatch_stats, batch: int, length: int) -> None:
+    moe = self.config.moe
+    num_experts = moe.num_experts
+    load = balance.expert_load(routing.experts, num_experts)
+    terms = {
+        'aux_loss': balance.load_balancing_loss(routing.probs, routing.experts, num_experts),
+        'z_loss': balance.router_z_loss(routing.logits),
+        'seq_aux_loss': balance.sequence_balance_loss(
+            routing.probs.reshape(batch, length, num_experts),
+            routing.experts.reshape(batch, length, -1), num_experts),
+    }
+    coefs = {'aux_loss': moe.aux_loss_coef, 'z_loss': moe.z_loss_coef,
+             'seq_aux_loss': moe.seq_aux_loss_coef}
+    if self.is_mutable_collection(LOSSES):
+      total = sum(coefs[k] * v for k, v in terms.items() if coefs[k])
+      self.put_variable(LOSSES, 'moe', jnp.asarray(total, jnp.float32))
+    if self.is_mutable_collection(STATS):
+      for name, value in {**terms, 'load': load,
+                          'dropped_fraction': dispatch_stats['dropped_fraction']}.items():
+        self.put_variable(STATS, name, value)
