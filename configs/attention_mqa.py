@@ -1,11 +1,11 @@
 """Attention study: MQA, all 12 query heads share one K/V head (half of GQA's KV cache).
 Presets: `:smoke`."""
 
-from configs import qwen_1p5b
+from configs import qwen2p5
 
 
 def get_config(preset=None):
-  c = qwen_1p5b.get_config(preset)
+  c = qwen2p5.get_config(preset, size='1.5b')
   c.model.attention = 'mqa'
   c.model.num_kv_heads = 1
   return c

@@ -3,7 +3,7 @@
 DeepSeek-V2's attention (arXiv 2405.04434 §2.1: 128-wide heads, query latent 1536, K/V latent
 512, a 64-wide decoupled RoPE key) on a dense body: 32 layers, hidden 4096, 32 heads, SwiGLU
 12288, DeepSeek-V2's vocabulary of 102,400 (untied). Per layer: 39.1M attention + 151.0M MLP;
-total 6.93B. Its KV cache is 576 values per token per layer (36.9 KB/token in bf16 over 32
+total 6.92B. Its KV cache is 576 values per token per layer (36.9 KB/token in bf16 over 32
 layers), against 8,192 for the MHA it replaces.
 
 Memory: fp32 parameters with AdamW hold 16 bytes per parameter (111 GB), so a run needs

@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 from efficientjax.errors import ConfigError
 from efficientjax.metrics import record as records
 from efficientjax.metrics.report import training_metrics
+from efficientjax.moe.report import inactive_params
 from efficientjax.train.loop import train
 
 # Sections that define what a checkpoint holds: resuming under other values would mix runs.
@@ -64,5 +65,7 @@ def run(config: ConfigDict, workdir: str) -> str:
       'checkpoint_dir': result.checkpoint_dir,
   })
   if result.moe is not None:
-    record['moe'] = result.moe  # expert load, dropped tokens, balancing losses and biases
+    # Expert load, dropped tokens, balancing losses and biases; and what a token computes with.
+    record['moe'] = {**result.moe,
+                     'params_active': result.num_params - inactive_params(result.model_config)}
   return records.write_record(workdir, record)

@@ -171,6 +171,13 @@ class MultiHeadLatentAttention(nn.Module):
                                 f'values for every one of the model.num_heads={m["num_heads"]} '
                                 'query heads from the shared latent (its cache size is set by '
                                 'model.mla.kv_lora_rank); leave model.num_kv_heads unset'))
+    # Options of the K/V-head family that MLA's projections do not have (DeepSeek's have
+    # neither): refused rather than silently ignored.
+    for field, off, why in (('qkv_bias', False, 'its latent projections have no biases'),
+                            ('qk_norm', False, 'it normalises the latents, not per-head q/k')):
+      if m[field] != off:
+        errors.append(ConfigError(f'model.{field}', f'is not supported by MLA ({why}); set '
+                                  f'model.{field}={off}'))
     return errors
 
   @staticmethod

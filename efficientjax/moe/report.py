@@ -31,6 +31,14 @@ def by_layer(tree: Mapping[str, Any], name: str, cfg: ModelConfig) -> dict[int, 
   return dict(sorted(out.items()))
 
 
+def inactive_params(cfg: ModelConfig) -> int:
+  """Parameters a token does not use: the routed experts outside its top-k, in every MoE layer
+  (the record's active count is the total less this)."""
+  moe = cfg.moe
+  moe_layers = sum(s.num_layers for s in layer_stacks(cfg) if s.ffn == 'moe')
+  return moe_layers * (moe.num_experts - moe.top_k) * 3 * cfg.embed_dim * moe.expert_dim
+
+
 class ExpertStats:
   """Accumulates what the MoE layers report step by step."""
 

@@ -1,0 +1,10 @@
+"""MoE study, dense baseline: the 3B Qwen2.5-shaped model (36 layers, hidden 2048; 2.78B with
+the byte tokenizer). Presets: `:smoke`."""
+
+from configs import qwen2p5
+
+
+def get_config(preset=None):
+  c = qwen2p5.get_config(preset, size='3b')
+  c.train.global_batch_size = 8  # fits one 80 GB GPU at seq 4096 with the default remat
+  return c
