@@ -44,6 +44,7 @@ import numpy as np
 
 from efficientjax.attention import cache as kv_cache
 from efficientjax.attention.core import causal_mask, mean_context
+from efficientjax.attention.mha import rope_head_dim_errors
 from efficientjax.attention.positions import POSITIONS
 from efficientjax.errors import ConfigError
 from efficientjax.nn.linear import Linear
@@ -76,7 +77,7 @@ class NSACache:
 
 
 def num_blocks(length: int, block_len: int, stride: int) -> int:
-  """Compressed blocks complete within `length` tokens (block j ends at j·stride + block_len - 1)."""
+  """Compressed blocks complete within `length` tokens (block j ends at j·stride + l - 1)."""
   return max(0, (length - block_len) // stride + 1)
 
 
@@ -140,7 +141,8 @@ def selected_token_mask(selected: jax.Array, q_positions: jax.Array, k_positions
   """selected [batch, kv_heads, q_len, n] block ids, k_positions [k_len] -> [batch, kv_heads,
   q_len, k_len]: the keys of the selected blocks, causally (the query's own block is partial)."""
   chosen = jnp.any(selected[..., None] == jnp.arange(num_slc), axis=-2)  # [b, k, t, num_slc]
-  return chosen[..., k_positions // select_block_len] & (k_positions <= q_positions[:, None, :, None])
+  causal = k_positions <= q_positions[:, None, :, None]
+  return chosen[..., k_positions // select_block_len] & causal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +162,7 @@ def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Grouped masked attention, scores and softmax in float32.
+  """Grouped masked attention, scores and softmax in float32 (or wider).
 
   Args:
     q: [batch, q_len, heads, dim]; head h reads K/V head h // (heads / kv_heads).
@@ -173,7 +175,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   b, t, h, d = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, h // kv, d)
-  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+  score_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays (gradient checks)
+  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=score_dtype) * d ** -0.5
   if bias is not None:
     logits = logits + bias.reshape(b, kv, h // kv, t, -1)
   probs = masked_softmax(logits, mask[:, :, None])
@@ -206,7 +209,8 @@ class NativeSparseAttention(nn.Module):
 
     pos = POSITIONS.get(cfg.position)(cfg)
     q = pos.rotate(q, positions)
-    kvs['k_slc'], kvs['k_win'] = pos.rotate(kvs['k_slc'], positions), pos.rotate(kvs['k_win'], positions)
+    for name in ('k_slc', 'k_win'):  # k_cmp is rotated after compression, block by block
+      kvs[name] = pos.rotate(kvs[name], positions)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     kvs = {n: nn.with_logical_constraint(a, ('batch', 'length', 'kv_heads', 'head_dim'))
            for n, a in kvs.items()}
@@ -217,13 +221,15 @@ class NativeSparseAttention(nn.Module):
       return k_blocks, compress_v(block_tokens(v_raw, starts, l))
 
     batch = x.shape[0]
+
+    def rows(a):  # the same positions for every row
+      return jnp.broadcast_to(a, (batch, a.size))
+
     if cache is None:  # a whole sequence from position 0
-      length = x.shape[1]
-      q_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-      k_positions = jnp.arange(length, dtype=jnp.int32)
-      block_starts = jnp.arange(num_blocks(length, l, d), dtype=jnp.int32) * d
-      k_blocks, v_blocks = compress(kvs['k_cmp'], kvs['v_cmp'],
-                                    jnp.broadcast_to(block_starts, (batch, block_starts.size)))
+      k_positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+      q_positions = rows(k_positions)
+      block_starts = jnp.arange(num_blocks(x.shape[1], l, d), dtype=jnp.int32) * d
+      k_blocks, v_blocks = compress(kvs['k_cmp'], kvs['v_cmp'], rows(block_starts))
     else:
       cache = cache.replace(**{n: kv_cache.write(getattr(cache, n), a, positions)
                                for n, a in kvs.items()})
@@ -242,10 +248,10 @@ class NativeSparseAttention(nn.Module):
     v_blocks = nn.with_logical_constraint(v_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
 
     token_bias = block_bias = None
-    if pos.attention_bias is not None:
+    if pos.attention_bias is not None:  # one table; compressed keys at their blocks' starts
       position_bias = pos.attention_bias(cfg, name='position_bias')
-      token_bias = position_bias(q_positions, jnp.broadcast_to(k_positions, (batch, k_positions.size)))
-      block_bias = position_bias(q_positions, jnp.broadcast_to(block_starts, (batch, block_starts.size)))
+      token_bias = position_bias(q_positions, rows(k_positions))
+      block_bias = position_bias(q_positions, rows(block_starts))
 
     # cmp: the blocks complete at each query's position.
     cmp_mask = (block_starts + l - 1)[None, None, None, :] <= q_positions[:, None, :, None]
@@ -260,12 +266,12 @@ class NativeSparseAttention(nn.Module):
     out_slc, _ = attend(q, kvs['k_slc'], kvs['v_slc'], slc_mask, token_bias)
 
     # win: the last `window` tokens.
-    win_mask = causal_mask(q_positions, jnp.broadcast_to(k_positions, (batch, k_positions.size)),
-                           nsa.window)
+    win_mask = causal_mask(q_positions, rows(k_positions), nsa.window)
     out_win, _ = attend(q, kvs['k_win'], kvs['v_win'], win_mask, token_bias)
 
     out = sum(gates[..., i, None] * o for i, o in enumerate((out_cmp, out_slc, out_win)))
-    out = nn.with_logical_constraint(out.astype(cfg.dtype), ('batch', 'length', 'heads', 'head_dim'))
+    out = nn.with_logical_constraint(out.astype(cfg.dtype),
+                                     ('batch', 'length', 'heads', 'head_dim'))
     out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), in_dims=2, name='o', **proj)(out)
     return out, cache
 
@@ -293,7 +299,7 @@ class NativeSparseAttention(nn.Module):
     with blocks of different lengths, and options it does not implement."""
     del seq_len
     n = m['nsa']
-    errors = []
+    errors = rope_head_dim_errors(m)
     for field in ('block_len', 'stride', 'select_block_len', 'num_selected', 'window'):
       if n[field] < 1:
         errors.append(ConfigError(f'model.nsa.{field}', f'must be at least 1, got {n[field]}'))
@@ -310,7 +316,8 @@ class NativeSparseAttention(nn.Module):
     if sl % d:
       errors.append(ConfigError('model.nsa.select_block_len', f'{sl} is not a multiple of '
                                 f'model.nsa.stride={d}; selection blocks are scored from whole '
-                                f'strides of compressed blocks (Eq. 9), e.g. {max(d, sl // d * d)}'))
+                                f'strides of compressed blocks (Eq. 9), e.g. '
+                                f'{max(d, sl // d * d)}'))
     if n['compression'] == 'mean' and not l == d == sl:
       errors.append(ConfigError('model.nsa.compression', f"'mean' pools non-overlapping blocks "
                                 f'that are also the selection blocks, so it needs block_len = '
