@@ -45,8 +45,8 @@ def layer_config(variant: str, impl: str, quick: bool) -> ModelConfig:
 
 
 def timed(fn, *args, repeats: int) -> dict[str, float]:
-  jax.block_until_ready(fn(*args))  # compile
-  jax.block_until_ready(fn(*args))  # warm-up
+  jax.block_until_ready(fn(*args))  # warm-up (fn is compiled already)
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -69,21 +69,24 @@ def bench_one(variant: str, impl: str, seq_len: int, repeats: int, quick: bool) 
   def loss(p, x):
     return jnp.mean(forward(p, x).astype(jnp.float32) ** 2)
 
-  fwd = jax.jit(forward)
-  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  # Check the two implementations agree before timing anything (XLA is the reference).
+  # Compiled once, ahead of time: the same executables are timed and memory-analysed.
+  fwd = jax.jit(forward).lower(params, x).compile()
+  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  # Check the implementation against XLA's before timing anything.
   if impl != 'xla':
     ref_cfg = dataclasses.replace(cfg, attention_impl='xla')
-    ref = jax.jit(lambda p, x: ATTENTION.get(cfg.attention)(ref_cfg).apply(p, x, positions)[0])
-    err = float(jnp.max(jnp.abs(fwd(params, x).astype(jnp.float32)
-                                - ref(params, x).astype(jnp.float32))))
-    scale = float(jnp.max(jnp.abs(ref(params, x).astype(jnp.float32))))
+    ref_layer = ATTENTION.get(cfg.attention)(ref_cfg)
+    want = jax.jit(lambda p, x: ref_layer.apply(p, x, positions)[0])(params, x)
+    got = fwd(params, x)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
     if not err <= 2e-2 * scale + 1e-3:
       raise AssertionError(f'{impl} differs from xla by {err} (output scale {scale})')
+    del want, got
   row = {'forward': timed(fwd, params, x, repeats=repeats),
          'forward_backward': timed(fwd_bwd, params, x, repeats=repeats)}
-  for name, fn in (('forward', fwd), ('forward_backward', fwd_bwd)):
-    analysis = fn.lower(params, x).compile().memory_analysis()
+  for name, compiled in (('forward', fwd), ('forward_backward', fwd_bwd)):
+    analysis = compiled.memory_analysis()
     row[name]['temp_bytes'] = getattr(analysis, 'temp_size_in_bytes', None)
     row[name]['argument_bytes'] = getattr(analysis, 'argument_size_in_bytes', None)
   flops = ATTENTION.get(cfg.attention).flops_per_token(cfg, seq_len)

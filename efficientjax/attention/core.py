@@ -57,6 +57,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
     raise ValueError(f'v head dim {v_dim} exceeds the q/k head dim {qk_dim}')
   if q_positions is None:
     impl = resolve_implementation(implementation, q.dtype)
+    if bias is not None and impl == 'cudnn':
+      # A bias of another dtype than q's (T5's float32 bias on bf16 activations) runs forward
+      # but gets a wrong gradient from jax's cuDNN path (seen: jax 0.11.2, H100): cast it.
+      bias = bias.astype(q.dtype)
     out = jax.nn.dot_product_attention(
         q, k, v, bias, is_causal=True, scale=scale, implementation=impl,
         local_window_size=None if window is None else (window - 1, 0))

@@ -8,7 +8,8 @@ An encoding can act in three places, each optional:
   `Bias(config)(q_positions, k_positions)` -> [batch, heads, q_len, k_len] (T5's relative
   buckets).
 Every variant calls `rotate` and `attention_bias` and the model calls `embedding`, so a new
-encoding is one class here and works with every attention variant that can take it.
+encoding is one class here and works with every attention variant that can take it. An encoding
+may also have a static `check(model_fields, seq_len)` -> list of `ConfigError`s for its fields.
 
 The entries: `none` (NoPE), `rope` (with YaRN when `model.yarn.factor` > 1), `absolute`
 (sinusoidal, Vaswani et al. 2017), `learned` (a trained table of `max_seq_len` rows) and
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientjax.errors import ConfigError
 from efficientjax.registry import Registry
 
 POSITIONS = Registry('model.position')
@@ -56,6 +58,23 @@ class RoPE(NoPosition):
   The rotated width is x's last dim, so a variant rotating part of a head (MLA's decoupled RoPE
   features) gets YaRN computed for that width, as Hugging Face does for DeepSeek.
   """
+
+  @staticmethod
+  def check(m, seq_len: int) -> list[ConfigError]:
+    del seq_len
+    y = m['yarn']
+    if y['factor'] < 1.0:
+      return [ConfigError('model.yarn.factor', f'must be at least 1 (1: plain RoPE), got '
+                          f'{y["factor"]}; YaRN stretches the original context by this factor')]
+    errors = []
+    if y['factor'] > 1.0 and y['original_max_len'] < 1:
+      errors.append(ConfigError('model.yarn.original_max_len', 'must be the positive context '
+                                f'length the model was trained at, got {y["original_max_len"]}'))
+    if y['factor'] > 1.0 and not y['beta_fast'] > y['beta_slow'] > 0:
+      errors.append(ConfigError('model.yarn.beta_fast', f'YaRN needs beta_fast > beta_slow > 0 '
+                                f'(rotations bounding the ramp), got {y["beta_fast"]} and '
+                                f'{y["beta_slow"]}; the paper uses 32 and 1'))
+    return errors
 
   def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     cfg = self.config
@@ -203,6 +222,15 @@ class LearnedPosition(NoPosition):
   """Learned absolute positions added to the token embeddings (GPT-2); `max_seq_len` rows."""
   embedding: ClassVar[type[nn.Module] | None] = LearnedEmbedding
 
+  @staticmethod
+  def check(m, seq_len: int) -> list[ConfigError]:
+    rows = m['max_seq_len']
+    if rows is not None and rows < seq_len:
+      return [ConfigError('model.max_seq_len', f'the learned position table has {rows} rows but '
+                          f'data.seq_len={seq_len}; positions past the table embed as NaN. Raise '
+                          'it (or unset it to follow data.seq_len)')]
+    return []
+
 
 # ---------------------------------------------------------------------------------------------
 # T5's relative-position bias.
@@ -260,3 +288,16 @@ class RelativeBias(nn.Module):
 class RelativePosition(NoPosition):
   """T5's bucketed relative-position bias on the attention logits; nothing on q, k or x."""
   attention_bias: ClassVar[type[nn.Module] | None] = RelativeBias
+
+  @staticmethod
+  def check(m, seq_len: int) -> list[ConfigError]:
+    del seq_len
+    buckets, distance = m['relative']['num_buckets'], m['relative']['max_distance']
+    if buckets < 2:
+      return [ConfigError('model.relative.num_buckets', f'needs at least 2 buckets (half exact, '
+                          f'half logarithmic), got {buckets}; T5 uses 32')]
+    if distance <= buckets // 2:
+      return [ConfigError('model.relative.max_distance', f'must exceed num_buckets // 2 = '
+                          f'{buckets // 2} (the exactly bucketed distances), got {distance}; '
+                          'T5 uses 128 with 32 buckets')]
+    return []

@@ -1,7 +1,9 @@
-"""DeepSeek-V2 (`DeepseekV2ForCausalLM`) checkpoints with dense MLPs: our `mla` + `rope` + `dense`.
+"""DeepSeek-V2 (`DeepseekV2ForCausalLM`) checkpoints: our `mla` + `rope` + `moe` (or `dense`).
 
 The blocks are Llama's (pre-norm RMSNorm, SwiGLU, no biases) with multi-head latent attention
-(efficientjax.attention.mla), whose tensors map one to one onto ours but for one layout detail:
+(efficientjax.attention.mla) and, from layer first_k_dense_replace on, DeepSeekMoE (our `moe`
+FFN; the first layers keep a dense MLP of intermediate_size, `moe.first_dense_layers`). The
+tensors map one to one onto ours but for one layout detail:
 
 RoPE pairs. DeepSeek's code, and transformers' port of it, rotates consecutive features
 (2i, 2i + 1) as one complex number (`view_as_complex`); our RoPE pairs feature i with
@@ -13,8 +15,28 @@ q_b_proj, and the last qk_rope_head_dim of kv_a_proj_with_mqa (the shared key) -
 by P at load time (and by P's inverse at export), and the logits are identical. Nothing else
 reads those features: the cached k_rope is in our order, produced and consumed by us.
 
-Refused, before any weight is read: MoE layers (a later issue), biases, non-silu activations,
-RoPE scalings other than YaRN, and grouped K/V heads (MLA has one set per query head).
+MoE layers. n_routed_experts experts of width moe_intermediate_size, num_experts_per_tok per
+token, the softmax router (scoring_func 'softmax'); topk_method 'greedy' or
+'group_limited_greedy' (n_group groups, a group scored by its best expert, topk_group kept:
+our num_groups / topk_groups); each chosen probability times routed_scaling_factor, not
+renormalised; n_shared_experts always-on experts, one SwiGLU of n_shared_experts ·
+moe_intermediate_size (ours: `mlp/shared`). Experts load from one tensor each
+(`mlp.experts.{j}.gate_proj.weight`, what save_pretrained writes and export writes) or from
+transformers' fused `mlp.experts.gate_up_proj` [E, 2f, d] / `down_proj` [E, d, f].
+
+Balancing losses (training only): DeepSeek's own config.json carries aux_loss_alpha and seq_aux;
+with seq_aux its per-layer loss is exactly our sequence-wise one (moe.seq_aux_loss_coef =
+alpha), without it the expert-level E·Σᵢ fᵢ·Pᵢ (moe.aux_loss_coef = alpha), both summed over
+layers as DeepSeek's code does. A config without them (transformers' own, which trains no
+balancing loss for V2) leaves the run's coefficients alone.
+
+Refused, before any weight is read: biases, non-silu activations, RoPE scalings other than YaRN,
+grouped K/V heads (MLA has one set per query head), and of MoE: moe_layer_freq != 1 (DeepSeek's
+code would interleave dense layers, transformers' would not), scoring_func other than softmax
+(V3's sigmoid is another architecture), topk_method other than the two above, and
+norm_topk_prob=true: transformers' DeepseekV2TopkRouter ignores it (it always scales and never
+renormalises) while DeepSeek's code renormalises and then does not scale, so the checkpoint has
+no single meaning (every released V2 / V2-Lite / V2.5 config sets it false).
 """
 
 import math
@@ -23,17 +45,22 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from efficientjax.errors import ConfigError
-from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
-                                            refuse_if, register, require, save_checkpoint)
+from efficientjax.hf.safetensors_io import (Family, OneOf, Params, Redundant, TensorRule,
+                                            load_checkpoint, refuse_if, register, require,
+                                            save_checkpoint)
 from efficientjax.model import ModelConfig
 
 # transformers' DeepseekV2Config defaults (5.x), for keys a config.json leaves out: the model
 # transformers would build from it is the one we must match.
 _HF_DEFAULTS = dict(rms_norm_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                     qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=0,
-                    n_routed_experts=64, rope_theta=10000.0)
+                    n_routed_experts=64, rope_theta=10000.0, n_shared_experts=2,
+                    moe_intermediate_size=1407, routed_scaling_factor=1.0, topk_method='greedy',
+                    norm_topk_prob=False)
+_TOPK_METHODS = ('greedy', 'group_limited_greedy')
 _DEFAULT_MAX_POSITIONS = 2048
 
 
@@ -79,17 +106,60 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   return fields
 
 
+def _moe_fields(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """Our `moe` fields for a checkpoint with MoE layers (module docstring)."""
+  experts = int(_get(hf, 'n_routed_experts'))
+  freq = hf.get('moe_layer_freq', 1)
+  refuse_if(freq != 1, f'moe_layer_freq={freq} is not supported: every layer from '
+            'first_k_dense_replace on must be MoE (DeepSeek\'s code would make only every '
+            f'{freq}th one MoE, transformers\' every one)')
+  scoring = hf.get('scoring_func', 'softmax')
+  refuse_if(scoring != 'softmax', f'scoring_func={scoring!r} is not DeepSeek-V2\'s softmax '
+            'router (sigmoid scoring is DeepSeek-V3, a different architecture)')
+  method = _get(hf, 'topk_method')
+  refuse_if(method not in _TOPK_METHODS, f'topk_method={method!r} is not supported; '
+            f'DeepSeek-V2 routes with {" or ".join(map(repr, _TOPK_METHODS))}')
+  refuse_if(bool(_get(hf, 'norm_topk_prob')),
+            'norm_topk_prob=true is not supported: transformers ignores it for DeepSeek-V2 (it '
+            'scales the top-k probabilities by routed_scaling_factor and never renormalises) '
+            'while DeepSeek\'s own code renormalises and then does not scale, so the '
+            'checkpoint has no single meaning; every released DeepSeek-V2 sets it false')
+  top_k = int(require(hf, 'num_experts_per_tok'))
+  refuse_if(not 1 <= top_k <= experts,
+            f'num_experts_per_tok={top_k} must be between 1 and n_routed_experts={experts}')
+  groups = topk_groups = 1
+  if method == 'group_limited_greedy':
+    groups, topk_groups = int(require(hf, 'n_group')), int(require(hf, 'topk_group'))
+    refuse_if(groups < 1 or experts % groups != 0,
+              f'n_group={groups} does not divide n_routed_experts={experts} into equal groups')
+    refuse_if(not 1 <= topk_groups <= groups,
+              f'topk_group={topk_groups} must be between 1 and n_group={groups}')
+    # transformers zeroes the other groups' probabilities and takes the top-k of all experts;
+    # with fewer kept experts than top_k that would pick zero-weight experts we do not model.
+    refuse_if(topk_groups * (experts // groups) < top_k,
+              f'topk_group={topk_groups} groups of {experts // groups} experts hold fewer than '
+              f'num_experts_per_tok={top_k}')
+  # DeepSeek's code reads None as no shared experts; 0 builds an empty MLP in transformers.
+  shared = int(_get(hf, 'n_shared_experts') or 0)
+  moe = dict(num_experts=experts, top_k=top_k, expert_dim=int(_get(hf, 'moe_intermediate_size')),
+             num_shared_experts=shared,
+             first_dense_layers=int(_get(hf, 'first_k_dense_replace')),
+             router='softmax', norm_topk_prob=False,
+             routed_scaling_factor=float(_get(hf, 'routed_scaling_factor')),
+             num_groups=groups, topk_groups=topk_groups, aux_free=False)
+  if hf.get('aux_loss_alpha') is not None:
+    alpha = float(hf['aux_loss_alpha'])
+    seq = bool(hf.get('seq_aux', True))  # DeepSeek's configuration default
+    moe.update(aux_loss_coef=0.0 if seq else alpha, seq_aux_loss_coef=alpha if seq else 0.0)
+  return moe
+
+
 def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """`config.json` -> our `model` fields, refusing what the model cannot compute."""
   num_layers = int(require(hf, 'num_hidden_layers'))
   experts = _get(hf, 'n_routed_experts')
-  first_dense = _get(hf, 'first_k_dense_replace')
-  refuse_if(bool(experts) and first_dense < num_layers,
-            f'MoE checkpoints are not supported yet: layers {first_dense}..{num_layers - 1} of '
-            f'this DeepSeek-V2 route to n_routed_experts={experts} experts '
-            f'(first_k_dense_replace={first_dense} < num_hidden_layers={num_layers}); only '
-            'checkpoints whose every layer has a dense MLP load for now '
-            '(first_k_dense_replace >= num_hidden_layers)')
+  # transformers makes layers >= first_k_dense_replace MoE; none when that is past the last.
+  moe_layers = bool(experts) and _get(hf, 'first_k_dense_replace') < num_layers
   act = hf.get('hidden_act', 'silu')
   refuse_if(act not in ('silu', 'swish'),
             f'hidden_act={act!r} is not supported: our dense FFN is SwiGLU (silu); use a '
@@ -111,6 +181,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   rope = int(_get(hf, 'qk_rope_head_dim'))
   refuse_if(rope % 2 != 0, f'qk_rope_head_dim={rope} is odd; RoPE rotates pairs of features')
   q_lora_rank = _get(hf, 'q_lora_rank')
+  ffn = dict(ffn='moe', moe=_moe_fields(hf, num_layers)) if moe_layers else dict(ffn='dense')
   return dict(
       vocab_size=int(require(hf, 'vocab_size')),
       embed_dim=int(require(hf, 'hidden_size')),
@@ -125,7 +196,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       attention='mla',
       position='rope',
-      ffn='dense',
+      **ffn,
       mla=dict(q_lora_rank=int(q_lora_rank or 0),
                kv_lora_rank=int(_get(hf, 'kv_lora_rank')),
                qk_nope_head_dim=int(_get(hf, 'qk_nope_head_dim')),
@@ -135,11 +206,51 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
+def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
+  """`config.json`'s MoE keys: every layer dense, or our `moe` as DeepSeek-V2 routes."""
+  if cfg.ffn == 'dense':
+    # MoE layers start at first_k_dense_replace, here past the last layer.
+    return dict(first_k_dense_replace=cfg.num_layers, n_routed_experts=0)
+  moe = cfg.moe
+  for field, value, want, why in (
+      ('router', moe.router, 'softmax', 'DeepSeek-V2 routes by softmax (sigmoid is V3)'),
+      ('norm_topk_prob', moe.norm_topk_prob, False,
+       "transformers' DeepseekV2TopkRouter never renormalises the top-k probabilities"),
+      ('aux_free', moe.aux_free, False,
+       'the auxiliary-loss-free bias changes which experts are chosen, and V2 has no such bias')):
+    if value != want:
+      raise ConfigError(f'model.moe.{field}', f'{value!r} has no DeepseekV2ForCausalLM '
+                        f'equivalent ({why}); a DeepSeek-V2 export needs model.moe.{field}='
+                        f'{want!r}')
+  groups = moe.num_groups > 1
+  out = dict(
+      first_k_dense_replace=moe.first_dense_layers,
+      n_routed_experts=moe.num_experts,
+      num_experts_per_tok=moe.top_k,
+      moe_intermediate_size=moe.expert_dim,
+      n_shared_experts=moe.num_shared_experts,
+      routed_scaling_factor=moe.routed_scaling_factor,
+      topk_method='group_limited_greedy' if groups else 'greedy',
+      n_group=moe.num_groups if groups else None,
+      topk_group=moe.topk_groups if groups else None,
+      norm_topk_prob=False,
+      # DeepSeek's own code reads these; transformers keeps them.
+      moe_layer_freq=1,
+      scoring_func='softmax',
+  )
+  # DeepSeek's aux_loss_alpha is one coefficient, on the sequence-wise loss or the batch one.
+  if not (moe.aux_loss_coef and moe.seq_aux_loss_coef):
+    out.update(aux_loss_alpha=moe.aux_loss_coef or moe.seq_aux_loss_coef,
+               seq_aux=not moe.aux_loss_coef)
+  return out
+
+
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
-  """Our config -> `config.json` keys of a dense-MLP `DeepseekV2Config`, refusing what it cannot
+  """Our config -> `config.json` keys of a `DeepseekV2Config`, refusing what it cannot
   express."""
   for field, value, want in (('attention', cfg.attention, 'mla'),
-                             ('position', cfg.position, 'rope'), ('ffn', cfg.ffn, 'dense'),
+                             ('position', cfg.position, 'rope'),
+                             ('ffn', cfg.ffn, 'moe' if cfg.ffn == 'moe' else 'dense'),
                              ('qkv_bias', cfg.qkv_bias, False), ('qk_norm', cfg.qk_norm, False),
                              ('sliding_window', cfg.sliding_window, None)):
     if value != want:
@@ -180,10 +291,8 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
       tie_word_embeddings=cfg.tie_embeddings,
       initializer_range=cfg.init_std,
       max_position_embeddings=max_positions,
-      # Every layer dense: MoE layers start at first_k_dense_replace, here past the last layer.
-      first_k_dense_replace=cfg.num_layers,
-      n_routed_experts=0,
       use_cache=True,
+      **_moe_config(cfg),
   )
 
 
@@ -194,7 +303,7 @@ def rope_order(prefix: int, rope: int) -> tuple[int, ...]:
           tuple(range(prefix + 1, prefix + rope, 2)))
 
 
-def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
+def tensor_rules(cfg: ModelConfig) -> list[TensorRule | OneOf | Redundant]:
   m = cfg.mla
   layer = 'model.layers.{layer}.'
   attn = layer + 'self_attn.'
@@ -208,11 +317,13 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
       TensorRule(attn + 'kv_b_proj.weight', ('attn', 'kv_b', 'kernel'), linear_in_dims=1),
       TensorRule(attn + 'o_proj.weight', ('attn', 'o', 'kernel'), linear_in_dims=2),
       TensorRule(layer + 'post_attention_layernorm.weight', ('mlp_norm', 'scale')),
-      TensorRule(layer + 'mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), linear_in_dims=1),
-      TensorRule(layer + 'mlp.up_proj.weight', ('mlp', 'up', 'kernel'), linear_in_dims=1),
-      TensorRule(layer + 'mlp.down_proj.weight', ('mlp', 'down', 'kernel'), linear_in_dims=1),
       TensorRule('model.norm.weight', ('final_norm', 'scale')),
   ]
+  mlp = layer + 'mlp.'
+  rules += [TensorRule(mlp + f'{name}_proj.weight', ('mlp', name, 'kernel'), linear_in_dims=1,
+                       ffn='dense') for name in ('gate', 'up', 'down')]
+  if cfg.ffn == 'moe':
+    rules += _moe_rules(cfg)
   if m.q_lora_rank:
     rules += [
         TensorRule(attn + 'q_a_proj.weight', ('attn', 'q_a', 'kernel'), linear_in_dims=1),
@@ -230,6 +341,32 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
   return rules
 
 
+def _moe_rules(cfg: ModelConfig) -> list[TensorRule | OneOf | Redundant]:
+  """The MoE layers' tensors: router, routed experts (either layout), shared experts."""
+  mlp = 'model.layers.{layer}.mlp.'
+  moe = lambda name, param, **kw: TensorRule(mlp + name, param, linear_in_dims=1, ffn='moe', **kw)
+  names = ('gate', 'up', 'down')
+  rules: list[TensorRule | OneOf | Redundant] = [
+      moe('gate.weight', ('mlp', 'router')),
+      OneOf((
+          tuple(moe(f'experts.{{expert}}.{name}_proj.weight', ('mlp', name)) for name in names),
+          (moe('experts.gate_up_proj', ('mlp', 'gate'), batch_dims=1, part=(0, 2)),
+           moe('experts.gate_up_proj', ('mlp', 'up'), batch_dims=1, part=(1, 2)),
+           moe('experts.down_proj', ('mlp', 'down'), batch_dims=1)),
+      )),
+  ]
+  if cfg.moe.num_shared_experts:
+    rules += [moe(f'shared_experts.{name}_proj.weight', ('mlp', 'shared', name, 'kernel'))
+              for name in names]
+  else:
+    # transformers builds an MLP of width 0 for n_shared_experts=0 and saves its empty weights.
+    rules += [Redundant(mlp + f'shared_experts.{name}_proj.weight',
+                        lambda cfg, read, name=name: np.zeros(
+                            (cfg.embed_dim, 0) if name == 'down' else (0, cfg.embed_dim)))
+              for name in names]
+  return rules
+
+
 DEEPSEEK_V2 = register(Family(
     name='DeepSeek-V2',
     model_types=('deepseek_v2',),
@@ -242,16 +379,18 @@ DEEPSEEK_V2 = register(Family(
 
 def load_deepseek_v2(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bool = True
                      ) -> tuple[dict[str, Any], Params]:
-  """Reads a dense-MLP `DeepseekV2ForCausalLM` checkpoint directory (config.json +
-  *.safetensors) as (model_fields, params), like `load_llama`; `model_fields['mla']` (and
-  `['yarn']` for YaRN checkpoints) are dicts of the nested config. Raises `ConfigError` for a
-  checkpoint the model cannot express (MoE layers included), before reading any weight."""
+  """Reads a `DeepseekV2ForCausalLM` checkpoint directory (config.json + *.safetensors) as
+  (model_fields, params), like `load_llama`; `model_fields['mla']` (`['moe']` with MoE layers,
+  `['yarn']` for YaRN checkpoints) are dicts of the nested config. Scanned, the dense first
+  layers are under `dense_blocks`. Raises `ConfigError` for a checkpoint the model cannot
+  express, before reading any weight."""
   return load_checkpoint(path, DEEPSEEK_V2, param_dtype=param_dtype, scan_layers=scan_layers)
 
 
 def save_deepseek_v2(path: str | Path, params: Mapping[str, Any],
                      model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
                      extra_config: Mapping[str, Any] | None = None) -> Path:
-  """Writes an `mla` model as a `DeepseekV2ForCausalLM` checkpoint that transformers'
-  `from_pretrained` loads (every layer a dense MLP); arguments as `save_llama`."""
+  """Writes an `mla` model (`dense` or softmax-routed `moe` FFN) as a `DeepseekV2ForCausalLM`
+  checkpoint that transformers' `from_pretrained` loads, experts one tensor each as
+  save_pretrained writes them; arguments as `save_llama`."""
   return save_checkpoint(path, params, model, DEEPSEEK_V2, dtype=dtype, extra_config=extra_config)

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientjax.attention import kv_head_variant
+from efficientjax.attention.positions import rope_frequencies
 from efficientjax.errors import ConfigError
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
-                                            refuse_if, register, require, rope_theta,
+                                            refuse_if, register, require, rope_config, rope_theta,
                                             save_checkpoint)
 from efficientjax.model import ModelConfig
 
@@ -72,21 +73,33 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
-def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
-  """Our config -> `config.json` keys of a `LlamaConfig`, refusing what Llama cannot express."""
+# What a LlamaForCausalLM computes besides a K/V-head-family attention; `refuse_inexpressible`.
+LLAMA_FIELDS = {'position': 'rope', 'ffn': 'dense', 'qkv_bias': False, 'qk_norm': False,
+                'sliding_window': None, 'yarn.factor': 1.0}
+
+
+def refuse_inexpressible(cfg: ModelConfig, architecture: str, fields: Mapping[str, Any],
+                         hints: Mapping[str, str] | None = None) -> None:
+  """Raises a `ConfigError` for the first thing `architecture` cannot express: an attention
+  outside the K/V-head family (mha/gqa/mqa), or a field of `cfg` ('yarn.factor' for a nested
+  one) that differs from its value in `fields`. `hints` add a sentence per field."""
+  family = architecture.removesuffix('ForCausalLM')
   # Any name of the K/V-head family: the head counts are what the export writes.
-  attention = cfg.attention if cfg.attention in ('mha', 'gqa', 'mqa') else 'mha'
-  for field, value, want in (('attention', cfg.attention, attention),
-                             ('position', cfg.position, 'rope'), ('ffn', cfg.ffn, 'dense')):
+  wants = {'attention': cfg.attention if cfg.attention in ('mha', 'gqa', 'mqa') else 'mha',
+           **fields}
+  for field, want in wants.items():
+    value = cfg
+    for part in field.split('.'):
+      value = getattr(value, part)
     if value != want:
-      raise ConfigError(f'model.{field}', f'{value!r} has no LlamaForCausalLM equivalent; a Llama '
-                        f'export needs model.{field}={want!r}')
-  for field, value, off in (('qkv_bias', cfg.qkv_bias, False), ('qk_norm', cfg.qk_norm, False),
-                            ('sliding_window', cfg.sliding_window, None),
-                            ('yarn.factor', cfg.yarn.factor, 1.0)):
-    if value != off:
-      raise ConfigError(f'model.{field}', f'{value!r} has no LlamaForCausalLM equivalent; a Llama '
-                        f'export needs model.{field}={off!r} (Qwen2 has q/k/v biases)')
+      hint = (hints or {}).get(field, '')
+      raise ConfigError(f'model.{field}', f'{value!r} has no {architecture} equivalent; a '
+                        f'{family} export needs model.{field}={want!r}{hint}')
+
+
+def decoder_config(cfg: ModelConfig) -> dict[str, Any]:
+  """The `config.json` keys Llama-style decoders (Llama, Qwen2) share, RoPE's included
+  (rope_theta / rope_parameters / rope_scaling)."""
   return dict(
       vocab_size=cfg.vocab_size,
       hidden_size=cfg.embed_dim,
@@ -97,26 +110,31 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
       head_dim=cfg.head_dim,
       hidden_act='silu',
       rms_norm_eps=cfg.norm_eps,
-      # Both spellings: transformers 5.x reads rope_parameters, 4.x rope_theta / rope_scaling.
-      rope_theta=cfg.rope_theta,
-      rope_scaling=None,
-      rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-      attention_bias=False,
-      mlp_bias=False,
       attention_dropout=0.0,
       tie_word_embeddings=cfg.tie_embeddings,
       initializer_range=cfg.init_std,
+      use_cache=True,
+      **rope_config(cfg),
+  )
+
+
+def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
+  """Our config -> `config.json` keys of a `LlamaConfig`, refusing what Llama cannot express."""
+  refuse_inexpressible(cfg, 'LlamaForCausalLM', LLAMA_FIELDS,
+                       hints={'qkv_bias': ' (Qwen2 has q/k/v biases: export with save_qwen2)'})
+  return dict(
+      **decoder_config(cfg),
+      attention_bias=False,
+      mlp_bias=False,
       # RoPE has no length limit; transformers only uses this to size caches and warn.
       max_position_embeddings=_DEFAULT_MAX_POSITIONS,
       pretraining_tp=1,
-      use_cache=True,
   )
 
 
 def _inv_freq(cfg: ModelConfig, read) -> np.ndarray:
   del read
-  half = cfg.head_dim // 2
-  return 1.0 / (cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half))
+  return rope_frequencies(cfg)[0]
 
 
 def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
@@ -133,8 +151,8 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
       TensorRule(layer + 'mlp.up_proj.weight', ('mlp', 'up', 'kernel'), linear_in_dims=1),
       TensorRule(layer + 'mlp.down_proj.weight', ('mlp', 'down', 'kernel'), linear_in_dims=1),
       TensorRule('model.norm.weight', ('final_norm', 'scale')),
-      # Older exports (e.g. Llama 2) saved RoPE's frequencies; a mismatch means scaled RoPE.
-      # rtol covers the buffer being stored in bf16/fp16.
+      # Older exports (e.g. Llama 2) saved RoPE's frequencies (YaRN's under YaRN); a mismatch
+      # means a scaling the config does not state. rtol covers the buffer stored in bf16/fp16.
       Redundant(layer + 'self_attn.rotary_emb.inv_freq', _inv_freq, rtol=1e-2),
   ]
   if cfg.tie_embeddings:

@@ -4,6 +4,12 @@ A family (`llama.py`, ...) is a `Family`: how its `config.json` maps onto our `m
 back, and one rule per checkpoint tensor. The rest — finding the files, checking every tensor's
 name, shape and dtype before any weight is read, converting layouts, (un)scanning the layers and
 writing — lives here, so adding a family is a small file.
+
+Mixture-of-Experts checkpoints store each expert's matrices either one tensor per expert
+(`...experts.{expert}.w1.weight`, what transformers' `save_pretrained` writes) or fused over the
+experts (`...experts.gate_up_proj` [E, 2f, d], what transformers' modules hold); a `TensorRule`
+can stack the former (`{expert}`) or split the latter (`batch_dims`, `part`), and `OneOf` lets
+a family accept both.
 """
 
 import dataclasses
@@ -23,8 +29,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from efficientjax.attention.positions import yarn_attention_factor
 from efficientjax.errors import ConfigError
-from efficientjax.model import ModelConfig, Transformer
+from efficientjax.model import ModelConfig, Transformer, layer_stacks
 from efficientjax.registry import Registry
 
 FIELD = 'model.hf'
@@ -44,7 +51,10 @@ class TensorRule:
   """One checkpoint tensor and the parameter it becomes.
 
   Attributes:
-    hf_name: the tensor's name in the checkpoint; `{layer}` in it marks a per-layer tensor.
+    hf_name: the tensor's name in the checkpoint; `{layer}` in it marks a per-layer tensor, and
+      `{expert}` one tensor per expert: the param's axis 0 indexes the experts and each tensor
+      is one slice of it, converted as the other attributes say (Mixtral's
+      `experts.{expert}.w1.weight` [f, d] -> our gate [E, d, f]).
     param: our param path, relative to the layer's block for per-layer tensors, else to the root.
     linear_in_dims: for a torch `Linear` weight (stored [out, in]), how many leading dims of our
       kernel ([in..., out...]) are inputs; None for tensors stored in our layout already.
@@ -52,11 +62,35 @@ class TensorRule:
       RoPE pairs against our half-split ones): the param's last axis, in our layout, takes the
       checkpoint's features in this order (ours[..., i] = theirs[..., permute[i]]); export
       applies the inverse. None keeps the order.
+    batch_dims: leading axes the tensor and the param share, kept as they are (the experts of a
+      fused [E, out, in] tensor); `linear_in_dims` applies to the axes after them.
+    part: (i, n): the param is the i-th of n equal slices of the tensor's last axis in our
+      layout, for one tensor holding several params (transformers' fused `gate_up_proj`
+      [E, 2f, d] is gate then up along its output features). Export concatenates the n rules
+      that share the `hf_name`, in order of i. None: the param is the whole tensor.
+    ffn: per-layer tensors only: the rule applies to the layers whose feed-forward is this kind
+      (`efficientjax.model.layer_stacks`; DeepSeek's first layers are dense, the rest MoE).
+      None: every layer.
   """
   hf_name: str
   param: tuple[str, ...]
   linear_in_dims: int | None = None
   permute: tuple[int, ...] | None = None
+  batch_dims: int = 0
+  part: tuple[int, int] | None = None
+  ffn: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """The same params stored in one of several layouts (MoE experts one tensor each, or fused).
+
+  Import takes, layer by layer, the first layout whose tensors are all in the checkpoint (or,
+  when none is complete, the most complete one, to name what is missing); tensors of the other
+  layouts then have no place and are refused, so a checkpoint cannot mix two for one param.
+  Export writes the first layout.
+  """
+  layouts: tuple[tuple[TensorRule, ...], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +125,7 @@ class Family:
   architecture: str
   fields_from_hf: Callable[[Mapping[str, Any]], dict[str, Any]]
   hf_from_config: Callable[[ModelConfig], dict[str, Any]]
-  tensor_rules: Callable[[ModelConfig], Sequence[TensorRule | Redundant]]
+  tensor_rules: Callable[[ModelConfig], Sequence[TensorRule | OneOf | Redundant]]
 
 
 # Keyed by `model_type`, so an unknown one fails listing the ones we read.
@@ -158,6 +192,72 @@ def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:
             'supported; our RoPE rotates the whole head_dim')
   theta = params.get('rope_theta', hf.get('rope_theta', default))
   return float(theta)
+
+
+def rope_fields(hf: Mapping[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
+  """RoPE's base and, under YaRN, our `yarn` fields: {'rope_theta', ['yarn': {...}]}.
+
+  Read as transformers 5.x reads config.json: a 4.x `rope_scaling` dict takes precedence over
+  `rope_parameters`, a `rope_theta` inside it over the top-level key; YaRN's optional keys take
+  transformers' values (original context: a top-level `original_max_position_embeddings`, else
+  the dict's, else `max_position_embeddings`; beta_fast/beta_slow: 32/1 when unset or 0;
+  mscale/mscale_all_dim: used only when both are set; truncate: True). Other scalings,
+  per-layer-type RoPE and partial rotation are refused.
+  """
+  spec = dict(hf.get('rope_scaling') or hf.get('rope_parameters') or {})
+  nested = sorted(set(spec) & set(hf.get('layer_types') or ()))
+  refuse_if(bool(nested), f'RoPE parameters per layer type ({", ".join(nested)}) are not '
+            'supported; every layer of our model rotates alike')
+  kind = spec.get('rope_type', spec.get('type', 'default'))
+  refuse_if(kind not in ('default', 'yarn'),
+            f'RoPE scaling {kind!r} is not supported (rope_scaling / rope_parameters = {spec}); '
+            'use a checkpoint with plain RoPE or YaRN')
+  partial = spec.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  refuse_if(partial != 1.0, f'partial_rotary_factor={partial} (RoPE on part of each head) is '
+            'not supported; our RoPE rotates the whole head_dim')
+  fields: dict[str, Any] = {
+      'rope_theta': float(spec.get('rope_theta', hf.get('rope_theta', default_theta)))}
+  if kind != 'yarn':
+    return fields
+  original = (hf.get('original_max_position_embeddings')
+              or spec.get('original_max_position_embeddings')
+              or hf.get('max_position_embeddings'))
+  refuse_if(original is None, 'YaRN needs original_max_position_embeddings (the pretraining '
+            'context) in rope_parameters, or max_position_embeddings')
+  factor = spec.get('factor')
+  # transformers 5.x refuses it too (its compute function would derive it from the lengths).
+  refuse_if(factor is None, 'YaRN without a factor is not supported; set the factor in '
+            'rope_parameters')
+  refuse_if(factor < 1.0, f'YaRN factor={factor} is below 1; YaRN extends a context, it does '
+            'not shrink it')
+  both = bool(spec.get('mscale') and spec.get('mscale_all_dim'))
+  yarn = dict(factor=float(factor), original_max_len=int(original),
+              beta_fast=float(spec.get('beta_fast') or 32.0),
+              beta_slow=float(spec.get('beta_slow') or 1.0),
+              mscale=float(spec['mscale']) if both else 1.0,
+              mscale_all_dim=float(spec['mscale_all_dim']) if both else 0.0,
+              truncate=bool(spec.get('truncate', True)))
+  given = spec.get('attention_factor')
+  derived = yarn_attention_factor(yarn['factor'], yarn['mscale'], yarn['mscale_all_dim'])
+  refuse_if(given is not None and not math.isclose(given, derived, rel_tol=1e-9),
+            f'YaRN attention_factor={given} differs from the {derived} that factor, mscale and '
+            'mscale_all_dim give; an explicit attention_factor is not supported')
+  fields['yarn'] = yarn
+  return fields
+
+
+def rope_config(cfg: ModelConfig) -> dict[str, Any]:
+  """config.json's RoPE keys for `cfg` (plain or YaRN), in both spellings: transformers 5.x reads
+  `rope_parameters`, 4.x `rope_theta` and `rope_scaling`."""
+  rope: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  yarn = cfg.yarn
+  if yarn.factor > 1.0:
+    rope = {'rope_type': 'yarn', 'rope_theta': cfg.rope_theta, 'factor': yarn.factor,
+            'original_max_position_embeddings': yarn.original_max_len,
+            'beta_fast': yarn.beta_fast, 'beta_slow': yarn.beta_slow, 'mscale': yarn.mscale,
+            'mscale_all_dim': yarn.mscale_all_dim, 'truncate': yarn.truncate}
+  scaling = None if yarn.factor <= 1.0 else dict(rope)
+  return dict(rope_theta=cfg.rope_theta, rope_scaling=scaling, rope_parameters=rope)
 
 
 def hf_dtype_name(dtype: Any) -> str:
@@ -229,31 +329,95 @@ def _expected_params(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeSt
   return {tuple(k.key for k in path): leaf for path, leaf in flat}
 
 
-def _expand(rules: Sequence[TensorRule | Redundant], cfg: ModelConfig
-            ) -> tuple[dict[str, tuple[tuple[str, ...], TensorRule]], dict[str, Redundant]]:
-  """Rules with `{layer}` expanded: {hf name: (param path, rule)} and {hf name: redundant}."""
-  params, redundant = {}, {}
-  for rule in rules:
-    layers = range(cfg.num_layers) if '{layer}' in rule.hf_name else [None]
-    for i in layers:
-      name = rule.hf_name.format(layer=i) if i is not None else rule.hf_name
-      if isinstance(rule, Redundant):
-        redundant[name] = rule
-      else:
-        path = rule.param if i is None else (f'block_{i}',) + rule.param
-        params[name] = (path, rule)
-  return params, redundant
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+  """One param, or one expert's slice of it (`{expert}` rules), filled from a checkpoint tensor."""
+  param: tuple[str, ...]  # per-layer layout
+  rule: TensorRule
+  expert: int | None = None  # the index on the param's axis 0
+
+  def shape(self, expected: Mapping[tuple[str, ...], Any]) -> tuple[int, ...]:
+    """The piece's shape: the param's, less the expert axis."""
+    shape = tuple(expected[self.param].shape)
+    return shape[1:] if self.expert is not None else shape
+
+  def tensor_shape(self, expected: Mapping[tuple[str, ...], Any]) -> tuple[int, ...]:
+    """The whole tensor's shape in our layout (all its parts)."""
+    shape = self.shape(expected)
+    return shape[:-1] + (shape[-1] * self.rule.part[1],) if self.rule.part else shape
+
+
+def _layer_name(name: str, layer: int | None) -> str:
+  return name if layer is None else name.replace('{layer}', str(layer))
+
+
+def _expand(rules: Sequence[TensorRule | OneOf | Redundant], cfg: ModelConfig,
+            expected: Mapping[tuple[str, ...], Any], present: set[str] | None = None
+            ) -> tuple[dict[str, list[_Piece]], dict[str, Redundant]]:
+  """Rules with `{layer}` and `{expert}` expanded: {hf name: the pieces it fills} and
+  {hf name: redundant}. `present`, the checkpoint's tensor names, picks each `OneOf`'s layout
+  (None: the first, what export writes)."""
+  ffn_of = {i: s.ffn for s in layer_stacks(cfg)
+            for i in range(s.first_layer, s.first_layer + s.num_layers)}
+
+  def expand(rule: TensorRule, layer: int | None, out: dict[str, list[_Piece]]) -> None:
+    if '{layer}' not in rule.hf_name:
+      layer = None
+    if rule.ffn is not None and (layer is None or ffn_of[layer] != rule.ffn):
+      return
+    name = _layer_name(rule.hf_name, layer)
+    path = rule.param if layer is None else (f'block_{layer}',) + rule.param
+    if '{expert}' not in name:
+      out.setdefault(name, []).append(_Piece(path, rule))
+      return
+    # A path the model lacks gets one piece, for _check_pieces to report.
+    experts = expected[path].shape[0] if path in expected else 1
+    for j in range(experts):
+      out.setdefault(name.replace('{expert}', str(j)), []).append(_Piece(path, rule, j))
+
+  mapped: dict[str, list[_Piece]] = {}
+  redundant: dict[str, Redundant] = {}
+  for entry in rules:
+    if isinstance(entry, Redundant):
+      layers = range(cfg.num_layers) if '{layer}' in entry.hf_name else [None]
+      redundant.update({_layer_name(entry.hf_name, i): entry for i in layers})
+      continue
+    layouts = entry.layouts if isinstance(entry, OneOf) else ((entry,),)
+    per_layer = any('{layer}' in rule.hf_name for layout in layouts for rule in layout)
+    for layer in range(cfg.num_layers) if per_layer else [None]:
+      options = []
+      for layout in layouts:
+        out: dict[str, list[_Piece]] = {}
+        for rule in layout:
+          expand(rule, layer, out)
+        options.append(out)
+      chosen = options[0]
+      if present is not None and len(options) > 1:
+        complete = [o for o in options if set(o) <= present]
+        chosen = complete[0] if complete else max(options, key=lambda o: len(set(o) & present))
+      for name, pieces in chosen.items():
+        mapped.setdefault(name, []).extend(pieces)
+  return mapped, redundant
 
 
 def _hf_shape(rule: TensorRule, shape: Sequence[int]) -> tuple[int, ...]:
+  """The checkpoint shape of a tensor whose shape in our layout is `shape`."""
   if rule.linear_in_dims is None:
     return tuple(shape)
-  n = rule.linear_in_dims
-  return (math.prod(shape[n:]), math.prod(shape[:n]))
+  b, n = rule.batch_dims, rule.linear_in_dims
+  lead, shape = tuple(shape[:b]), shape[b:]
+  return lead + (math.prod(shape[n:]),) + ((math.prod(shape[:n]),) if n else ())
 
 
-def _to_ours(tensor: np.ndarray, rule: TensorRule, shape: Sequence[int]) -> np.ndarray:
-  array = tensor.reshape(shape) if rule.linear_in_dims is None else tensor.T.reshape(shape)
+def _to_ours(tensor: np.ndarray, piece: _Piece, expected: Mapping[tuple[str, ...], Any]
+             ) -> np.ndarray:
+  rule, shape = piece.rule, piece.shape(expected)
+  if rule.linear_in_dims is not None and tensor.ndim == rule.batch_dims + 2:
+    tensor = np.swapaxes(tensor, -1, -2)  # torch's [out, in] -> [in, out]
+  array = tensor.reshape(piece.tensor_shape(expected))
+  if rule.part is not None:
+    i, width = rule.part[0], shape[-1]
+    array = array[..., i * width:(i + 1) * width]
   if rule.permute is not None:
     if sorted(rule.permute) != list(range(shape[-1])):
       raise ValueError(f'{rule.hf_name}: permute is not a permutation of {shape[-1]} features')
@@ -261,24 +425,57 @@ def _to_ours(tensor: np.ndarray, rule: TensorRule, shape: Sequence[int]) -> np.n
   return array
 
 
-def _to_hf(array: np.ndarray, rule: TensorRule) -> np.ndarray:
-  if rule.permute is not None:
-    array = array[..., list(np.argsort(rule.permute))]
+def _to_hf(pieces: Sequence[_Piece], flat: Mapping[tuple[str, ...], np.ndarray],
+           dtype: Any = None) -> np.ndarray:
+  """One checkpoint tensor from the params its pieces hold (parts concatenated in order)."""
+  arrays = []
+  for piece in sorted(pieces, key=lambda p: p.rule.part or (0, 1)):
+    array = flat[piece.param] if piece.expert is None else flat[piece.param][piece.expert]
+    if dtype is not None:
+      array = array.astype(jnp.dtype(dtype))
+    if piece.rule.permute is not None:
+      array = array[..., list(np.argsort(piece.rule.permute))]
+    arrays.append(array)
+  array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
+  rule = pieces[0].rule
   if rule.linear_in_dims is None:
     return array
-  n = rule.linear_in_dims
-  return array.reshape(math.prod(array.shape[:n]), -1).T
+  b, n = rule.batch_dims, rule.linear_in_dims
+  lead = array.shape[:b]
+  if n == 0:
+    return array.reshape(lead + (-1,))
+  return np.swapaxes(array.reshape(lead + (math.prod(array.shape[b:b + n]), -1)), -1, -2)
 
 
-def _check_family_covers_model(family: Family, mapped: Mapping[str, tuple[tuple[str, ...], Any]],
-                               expected: Mapping[tuple[str, ...], Any]) -> None:
+def _check_pieces(family: Family, mapped: Mapping[str, Sequence[_Piece]],
+                  expected: Mapping[tuple[str, ...], Any]) -> None:
+  """Every param filled exactly once, every shared tensor split into whole parts."""
   # A mismatch here is a bug in the family file (or a model change), not the user's to fix.
-  paths = {path for path, _ in mapped.values()}
+  bug = lambda msg: ValueError(f'{family.name} tensor rules do not match the model: {msg}')
+  filled: dict[tuple[tuple[str, ...], int | None], str] = {}
+  for name, pieces in mapped.items():
+    parts = sorted(p.rule.part or (0, 1) for p in pieces)
+    if parts != [(i, len(pieces)) for i in range(len(pieces))]:
+      raise bug(f'tensor {name!r} is claimed by rules that are not its parts 0..n-1 '
+                f'({parts})')
+    if len({(p.rule.linear_in_dims, p.rule.batch_dims) for p in pieces}) > 1:
+      raise bug(f'the parts of tensor {name!r} disagree on its layout')
+    for piece in pieces:
+      key = (piece.param, piece.expert)
+      if key in filled:
+        raise bug(f'param {"/".join(piece.param)} (expert {piece.expert}) is filled by both '
+                  f'{filled[key]!r} and {name!r}')
+      filled[key] = name
+  paths = {path for path, _ in filled}
   unmapped = sorted('/'.join(p) for p in set(expected) - paths)
   unknown = sorted('/'.join(p) for p in paths - set(expected))
   if unmapped or unknown:
-    raise ValueError(f'{family.name} tensor rules do not match the model: params without a '
-                     f'checkpoint tensor {unmapped}, rules for params the model lacks {unknown}')
+    raise bug(f'params without a checkpoint tensor {unmapped}, rules for params the model '
+              f'lacks {unknown}')
+  whole = sorted('/'.join(path) for path, expert in filled
+                 if expert is not None and (path, None) in filled)
+  if whole:
+    raise bug(f'params {whole} are filled both whole and per expert')
 
 
 def _first(names: Sequence[str], n: int = 5) -> str:
@@ -296,7 +493,9 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
     path: the directory with `config.json` and `*.safetensors` (single or sharded).
     family: the architecture to expect; None picks it by `model_type`.
     param_dtype: dtype of the returned params (weights are cast once, on the host).
-    scan_layers: the scanned `blocks` layout (axis 0 = layer) or the per-layer `block_i` one.
+    scan_layers: the scanned layout (axis 0 = layer within each of the model's
+      `layer_stacks`: `blocks`, and `dense_blocks` for DeepSeek's dense first layers) or the
+      per-layer `block_i` one.
 
   Returns:
     (model_fields, params): fields for the run config's `model` section, and the params tree
@@ -320,11 +519,11 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
   cfg = ModelConfig.from_config({**fields, 'param_dtype': param_dtype, 'scan_layers': False})
 
   expected = _expected_params(cfg)
-  mapped, redundant = _expand(family.tensor_rules(cfg), cfg)
-  _check_family_covers_model(family, mapped, expected)
 
   # Names, shapes and dtypes, all before any weight is read.
   infos = _read_headers(checkpoint_files(path))
+  mapped, redundant = _expand(family.tensor_rules(cfg), cfg, expected, present=set(infos))
+  _check_pieces(family, mapped, expected)
   missing = set(mapped) - set(infos)
   refuse_if(bool(missing), f'checkpoint lacks tensor(s) {_first(missing)} that a {family.name} '
             'with this config.json needs; the checkpoint is incomplete or its config does not '
@@ -333,8 +532,8 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
   refuse_if(bool(unused), f'checkpoint tensor(s) {_first(unused)} have no place in the model; '
             f'the checkpoint has weights a {family.name} does not (a different architecture, '
             'biases, adapters?)')
-  for name, (param, rule) in mapped.items():
-    want = _hf_shape(rule, expected[param].shape)
+  for name, pieces in mapped.items():
+    want = _hf_shape(pieces[0].rule, pieces[0].tensor_shape(expected))
     info = infos[name]
     refuse_if(info.shape != want, f'tensor {name!r} has shape {list(info.shape)}, expected '
               f'{list(want)} from config.json')
@@ -351,9 +550,16 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
   for file, names in by_file.items():
     with safetensors.safe_open(file, framework='numpy') as f:
       for name in names:
-        param, rule = mapped[name]
-        # Cast in numpy (ml_dtypes) so a bf16 -> f32 upcast is exact and no device sees f64.
-        flat[param] = _to_ours(f.get_tensor(name), rule, expected[param].shape).astype(dtype)
+        tensor = f.get_tensor(name)
+        for piece in mapped[name]:
+          # Cast in numpy (ml_dtypes) so a bf16 -> f32 upcast is exact and no device sees f64.
+          array = _to_ours(tensor, piece, expected).astype(dtype)
+          if piece.expert is None:
+            flat[piece.param] = array
+          else:
+            if piece.param not in flat:
+              flat[piece.param] = np.empty(expected[piece.param].shape, dtype)
+            flat[piece.param][piece.expert] = array
 
   def read(name: str) -> np.ndarray:
     with safetensors.safe_open(infos[name].file, framework='numpy') as f:
@@ -370,20 +576,26 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
     refuse_if(not ok, f'tensor {name!r} does not match what config.json implies (it should '
               'repeat other weights or follow from the config); config and weights disagree')
 
-  params = _nest(flat, cfg.num_layers, scan_layers)
+  params = _nest(flat, cfg, scan_layers)
   return fields, jax.tree.map(jnp.asarray, params)
 
 
-def _nest(flat: Mapping[tuple[str, ...], np.ndarray], num_layers: int, scan_layers: bool) -> Params:
-  """Flat {path: array} in the per-layer layout -> nested params, stacking layers if scanned."""
+def _nest(flat: Mapping[tuple[str, ...], np.ndarray], cfg: ModelConfig, scan_layers: bool
+          ) -> Params:
+  """Flat {path: array} in the per-layer layout -> nested params; scanned, layer i goes to its
+  stack's params (`blocks`, or `dense_blocks` for DeepSeek's dense first layers) at i less the
+  stack's first layer."""
+  stack_of = {i: s for s in layer_stacks(cfg)
+              for i in range(s.first_layer, s.first_layer + s.num_layers)}
   params: Params = {}
   stacked: dict[tuple[str, ...], np.ndarray] = {}
   for path, array in flat.items():
     if scan_layers and path[0].startswith('block_'):
-      i, sub = int(path[0].removeprefix('block_')), ('blocks',) + path[1:]
+      stack = stack_of[int(path[0].removeprefix('block_'))]
+      sub = (stack.name,) + path[1:]
       if sub not in stacked:
-        stacked[sub] = np.empty((num_layers,) + array.shape, array.dtype)
-      stacked[sub][i] = array
+        stacked[sub] = np.empty((stack.num_layers,) + array.shape, array.dtype)
+      stacked[sub][int(path[0].removeprefix('block_')) - stack.first_layer] = array
     else:
       stacked[path] = array
   for path, array in stacked.items():
@@ -398,22 +610,25 @@ def _nest(flat: Mapping[tuple[str, ...], np.ndarray], num_layers: int, scan_laye
 # Writing.
 
 
-def _flatten_params(params: Mapping[str, Any], num_layers: int
+def _flatten_params(params: Mapping[str, Any], cfg: ModelConfig
                     ) -> dict[tuple[str, ...], np.ndarray]:
   """Params in either layout -> {path: host array} in the per-layer layout."""
   params = nn.unbox(dict(params))
-  if set(params) == {'params'}:  # the whole variables dict from `init`
+  if 'params' in params:  # the whole variables dict from `init`
+    # Its other collections (MoE losses, stats, the routing bias) are not weights.
     params = params['params']
+  stacks = {s.name: s for s in layer_stacks(cfg)}
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = tuple(k.key for k in path)
     array = np.asarray(leaf)
-    if keys[0] == 'blocks':
-      if array.shape[:1] != (num_layers,):
+    stack = stacks.get(keys[0])
+    if stack is not None:
+      if array.shape[:1] != (stack.num_layers,):
         raise ValueError(f'param {"/".join(keys)} has shape {array.shape}; scanned params need '
-                         f'the {num_layers} layers on axis 0')
-      for i in range(num_layers):
-        flat[(f'block_{i}',) + keys[1:]] = array[i]
+                         f'the {stack.num_layers} layers of {stack.name} on axis 0')
+      for j in range(stack.num_layers):
+        flat[(f'block_{stack.first_layer + j}',) + keys[1:]] = array[j]
     else:
       flat[keys] = array
   return flat
@@ -438,7 +653,7 @@ def save_checkpoint(path: str | Path, params: Mapping[str, Any],
   cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_config(model)
   hf = family.hf_from_config(cfg)  # refuses what the architecture cannot express
   expected = _expected_params(cfg)
-  flat = _flatten_params(params, cfg.num_layers)
+  flat = _flatten_params(params, cfg)
   extra = sorted('/'.join(p) for p in set(flat) - set(expected))
   missing = sorted('/'.join(p) for p in set(expected) - set(flat))
   if extra or missing:
@@ -449,11 +664,10 @@ def save_checkpoint(path: str | Path, params: Mapping[str, Any],
       raise ValueError(f'param {"/".join(p)} has shape {flat[p].shape}, expected {want.shape} '
                        'from the model config')
 
-  mapped, _ = _expand(family.tensor_rules(cfg), cfg)
-  tensors = {}
-  for name, (param, rule) in mapped.items():
-    array = flat[param] if dtype is None else flat[param].astype(jnp.dtype(dtype))
-    tensors[name] = np.ascontiguousarray(_to_hf(array, rule))
+  mapped, _ = _expand(family.tensor_rules(cfg), cfg, expected)
+  _check_pieces(family, mapped, expected)
+  tensors = {name: np.ascontiguousarray(_to_hf(pieces, flat, dtype))
+             for name, pieces in mapped.items()}
   stored = {a.dtype for a in tensors.values()}
   # transformers reads `dtype` (5.x) or `torch_dtype` (4.x) as the checkpoint's dtype.
   dtype_name = hf_dtype_name(max(stored, key=lambda d: d.itemsize))

@@ -16,12 +16,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from configs import quickstart
 from efficientjax.attention import POSITIONS
 from efficientjax.attention.positions import (LearnedEmbedding, RelativeBias,
                                               relative_position_bucket, sinusoids,
                                               yarn_parameters)
-from efficientjax.model import ModelConfig, RelativeConfig, Transformer, YarnConfig, init_cache
+from efficientjax.model import (ModelConfig, RelativeConfig, Transformer, YarnConfig, init_cache,
+                               scan_params, unscan_params)
 from efficientjax.parallel.mesh import LOGICAL_AXIS_RULES
+from experiments import validate
 
 # ---------------------------------------------------------------------------------------------
 # YaRN against transformers' ROPE_INIT_FUNCTIONS['yarn'].
@@ -158,6 +161,30 @@ def test_relative_bias_gathers_per_head():
   np.testing.assert_array_equal(bias, table[buckets].transpose(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize('overrides, field, phrase', [
+    ({'model.position': 'learned', 'model.max_seq_len': 8}, 'model.max_seq_len',
+     'has 8 rows but data.seq_len='),
+    ({'model.yarn.factor': 0.5}, 'model.yarn.factor', 'must be at least 1'),
+    ({'model.yarn.factor': 4.0, 'model.yarn.beta_fast': 1.0}, 'model.yarn.beta_fast',
+     'beta_fast > beta_slow'),
+    ({'model.position': 'relative', 'model.relative.max_distance': 16},
+     'model.relative.max_distance', 'must exceed num_buckets // 2 = 16'),
+    ({'model.position': 'relative', 'model.relative.num_buckets': 1},
+     'model.relative.num_buckets', 'at least 2 buckets'),
+])
+def test_config_checks(overrides, field, phrase):
+  """The encodings' own checks run in the run config's validation, naming field and fix."""
+  c = quickstart.get_config('smoke').to_dict()
+  for path, value in overrides.items():
+    *parents, key = path.split('.')
+    node = c
+    for part in parents:
+      node = node[part]
+    node[key] = value
+  errors = validate.check(c, num_devices=1, process_count=1, backend='cpu')
+  assert [e.field for e in errors] == [field] and phrase in errors[0].message
+
+
 def test_new_logical_axes_have_rules():
   names = {name for name, _ in LOGICAL_AXIS_RULES}
   assert {'positions', 'position_buckets', 'kv_length'} <= names
@@ -166,9 +193,10 @@ def test_new_logical_axes_have_rules():
 # ---------------------------------------------------------------------------------------------
 # Each encoding through the Transformer, against a plain-jnp model written from the equations.
 
-VOCAB, LENGTH, PROMPT = 61, 12, 5
+# The learned table holds LENGTH rows; caches hold CACHE_LEN slots, room to decode past it.
+VOCAB, LENGTH, PROMPT, CACHE_LEN = 61, 12, 5, 16
 BASE = ModelConfig(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=4,
-                   head_dim=8, mlp_dim=48, rope_theta=100.0, max_seq_len=16, init_std=0.2)
+                   head_dim=8, mlp_dim=48, rope_theta=100.0, max_seq_len=LENGTH)
 YARN = dict(factor=4.0, original_max_position_embeddings=4, beta_fast=8.0, beta_slow=1.0)
 ENCODINGS = {
     'none': dict(position='none'),
@@ -185,12 +213,24 @@ def test_every_encoding_is_tested():
 
 
 @functools.cache
-def _setup(name: str):
+def _setup(name: str, scan_layers: bool = True):
+  """(cfg, model, params, tokens, jitted apply) with the same weights in either layout."""
   cfg = dataclasses.replace(BASE, **ENCODINGS[name])
   model = Transformer(cfg)
-  tokens = jax.random.randint(jax.random.key(1), (2, LENGTH), 0, VOCAB)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)['params'])
-  return cfg, model, params, tokens
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, CACHE_LEN)), jnp.int32)
+  # Random values on init's shapes (compiling the real init costs seconds on CPU and tests
+  # nothing here); norm scales around 1.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(rng.normal('scale' in jax.tree_util.keystr(path), 0.2, x.shape),
+                                  jnp.float32), nn.unbox(shapes))
+  if not scan_layers:
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+    model = Transformer(cfg)
+    params = unscan_params(params, cfg.num_layers)
+  # One compile per config, shared by the tests (eager apply costs seconds on 2 CPU cores).
+  return cfg, model, params, tokens[:, :LENGTH], jax.jit(model.apply)
 
 
 def _reference_logits(cfg: ModelConfig, params, tokens):
@@ -255,45 +295,63 @@ def _reference_logits(cfg: ModelConfig, params, tokens):
 
 
 def _loss(logits):
-  return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + 1e-2 * jnp.mean(logits ** 2)
+  return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + 1e-2 * jnp.mean(logits ** 2), logits
 
 
-@pytest.mark.parametrize('name', sorted(ENCODINGS))
+# `rope` and `none` are the Llama model of tests/test_model.py (with and without its rotation).
+@pytest.mark.parametrize('name', ['absolute', 'yarn'])
+def test_forward_matches_reference(name):
+  cfg, _, params, tokens, apply = _setup(name)
+  want = jax.jit(_reference_logits, static_argnums=0)(cfg, params, tokens)
+  np.testing.assert_allclose(apply({'params': params}, tokens), want, atol=1e-5, rtol=1e-5)
+
+
+# The encodings with parameters, also backward. Unscanned: it compiles faster, and the scanned
+# layout is the same computation (tests/test_model.py; the decode tests below run both).
+@pytest.mark.parametrize('name', ['learned', 'relative'])
 def test_forward_and_backward_match_reference(name):
-  cfg, model, params, tokens = _setup(name)
-  ours = jax.jit(jax.value_and_grad(lambda p: _loss(model.apply({'params': p}, tokens))))
-  ref = jax.jit(jax.value_and_grad(lambda p: _loss(_reference_logits(cfg, p, tokens))))
-  np.testing.assert_allclose(jax.jit(model.apply)({'params': params}, tokens),
-                             _reference_logits(cfg, params, tokens), atol=1e-5, rtol=1e-5)
-  (v0, g0), (v1, g1) = ours(params), ref(params)
+  cfg, model, params, tokens, _ = _setup(name, scan_layers=False)
+  ours = jax.jit(jax.value_and_grad(lambda p: _loss(model.apply({'params': p}, tokens)),
+                                    has_aux=True))
+  ref = jax.jit(jax.value_and_grad(
+      lambda p: _loss(_reference_logits(cfg, scan_params(p, cfg.num_layers), tokens)),
+      has_aux=True))
+  (v0, logits0), g0 = ours(params)
+  (v1, logits1), g1 = ref(params)
+  np.testing.assert_allclose(logits0, logits1, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(v0, v1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g0, g1)
-  # The encoding's own parameters learn: a gradient reaches them.
+  # A gradient reaches the encoding's own parameters.
   if name == 'learned':
-    assert (np.abs(g0['position']['embedding'][:LENGTH]).max(-1) > 0).all()
-    assert not np.any(g0['position']['embedding'][LENGTH:])  # rows never used
-  if name == 'relative':
-    assert np.abs(g0['blocks']['attn']['position_bias']['embedding']).max() > 0
+    assert (np.abs(g0['position']['embedding']).max(-1) > 0).all()
+  else:
+    for i in range(cfg.num_layers):
+      assert np.abs(g0[f'block_{i}']['attn']['position_bias']['embedding']).max() > 0
 
 
 @pytest.mark.parametrize('name', sorted(ENCODINGS))
 def test_causal(name):
-  _, model, params, tokens = _setup(name)
+  _, _, params, tokens, apply = _setup(name)
   cut = 7
   changed = tokens.at[:, cut:].set((tokens[:, cut:] + 5) % VOCAB)
-  apply = jax.jit(model.apply)
   before, after = apply({'params': params}, tokens), apply({'params': params}, changed)
   np.testing.assert_allclose(before[:, :cut], after[:, :cut], atol=1e-6, rtol=1e-6)
   assert np.abs(before[:, cut:] - after[:, cut:]).max() > 1e-3
 
 
-def _decode(model, params, tokens, prompt_len, max_len):
+@functools.cache
+def _step(cfg: ModelConfig):
+  model = Transformer(cfg)
+  return jax.jit(lambda p, t, pos, c: model.apply({'params': p}, t, pos, c,
+                                                  method=Transformer.decode_step))
+
+
+def _decode(cfg, params, tokens, prompt_len):
   """Prefill prompt_len tokens into a zeroed cache, then decode the rest one at a time."""
   batch, length = tokens.shape
-  step = jax.jit(lambda p, t, pos, c: model.apply({'params': p}, t, pos, c,
-                                                  method=Transformer.decode_step))
+  step = _step(cfg)
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-  cache = init_cache(model.config, batch, max_len)
+  cache = init_cache(cfg, batch, CACHE_LEN)
   logits, cache = step(params, tokens[:, :prompt_len], positions[:, :prompt_len], cache)
   out = [logits]
   for i in range(prompt_len, length):
@@ -302,28 +360,21 @@ def _decode(model, params, tokens, prompt_len, max_len):
   return jnp.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize('scan_layers', [True, False], ids=['scanned', 'unscanned'])
-@pytest.mark.parametrize('name', sorted(ENCODINGS))
+# Per-layer bias tables are the one encoding state that scanning stacks; the unscanned layout
+# runs it too.
+@pytest.mark.parametrize('name, scan_layers', [(name, True) for name in sorted(ENCODINGS)] +
+                         [('relative', False)])
 def test_prefill_then_decode_equals_forward(name, scan_layers):
-  cfg, _, params, tokens = _setup(name)
-  if not scan_layers:
-    cfg = dataclasses.replace(cfg, scan_layers=False)
-    blocks = params['blocks']
-    params = {k: v for k, v in params.items() if k != 'blocks'}
-    params |= {f'block_{i}': jax.tree.map(lambda a, i=i: a[i], blocks)
-               for i in range(cfg.num_layers)}
-  model = Transformer(cfg)
-  want = jax.jit(model.apply)({'params': params}, tokens)
-  got = _decode(model, params, tokens, PROMPT, max_len=cfg.max_seq_len)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  cfg, _, params, tokens, apply = _setup(name, scan_layers)
+  got = _decode(cfg, params, tokens, PROMPT)
+  np.testing.assert_allclose(got, apply({'params': params}, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_learned_positions_decode_past_the_table_is_nan():
   """A learned table has max_seq_len rows; decoding beyond it poisons the logits instead of
   reusing the last row."""
-  cfg, model, params, tokens = _setup('learned')
-  short = Transformer(dataclasses.replace(cfg, max_seq_len=LENGTH - 2))
-  params = dict(params, position={'embedding': params['position']['embedding'][:LENGTH - 2]})
-  logits = _decode(short, params, tokens, PROMPT, max_len=LENGTH)
-  assert np.isfinite(logits[:, :LENGTH - 2]).all()
-  assert np.isnan(logits[:, LENGTH - 2:]).all()
+  cfg, _, params, _, _ = _setup('learned')
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, CACHE_LEN)), jnp.int32)
+  logits = _decode(cfg, params, tokens, PROMPT)
+  assert np.isfinite(logits[:, :LENGTH]).all()
+  assert np.isnan(logits[:, LENGTH:]).all()

@@ -1,4 +1,5 @@
-"""DeepSeek-V2 (dense MLPs) interchange against transformers' own DeepseekV2ForCausalLM."""
+"""DeepSeek-V2 (dense MLPs) interchange against transformers' own DeepseekV2ForCausalLM
+(MoE layers: test_deepseek_v2_moe.py)."""
 
 import dataclasses
 import functools
@@ -246,8 +247,7 @@ def test_export_of_our_own_model(tmp_path, tokens, q_lora_rank):
 def test_export_refusals(q_lora_checkpoint, tmp_path):
   _, path = q_lora_checkpoint
   fields, params = load_deepseek_v2(path)
-  for field, value in (('attention', 'mha'), ('position', 'none'), ('ffn', 'moe'),
-                       ('sliding_window', 8)):
+  for field, value in (('attention', 'mha'), ('position', 'none'), ('sliding_window', 8)):
     with pytest.raises(ConfigError, match='no DeepseekV2ForCausalLM equivalent') as e:
       save_deepseek_v2(tmp_path, params, fields | {field: value})
     assert e.value.field == f'model.{field}'
@@ -271,11 +271,12 @@ def _copy_with(src: Path, dst: Path, config: dict | None = None, drop_config: tu
 
 
 @pytest.mark.parametrize('change, drop, phrase', [
+    # MoE layers (tests/hf/test_deepseek_v2_moe.py) need their top-k, which this config lacks.
     (dict(first_k_dense_replace=1, n_routed_experts=4), (),
-     'MoE checkpoints are not supported yet: layers 1..1'),
+     "config.json has no 'num_experts_per_tok'"),
     # transformers' defaults (first_k_dense_replace 0, n_routed_experts 64) make every layer MoE.
     ({}, ('first_k_dense_replace', 'n_routed_experts'),
-     'MoE checkpoints are not supported yet: layers 0..1'),
+     "config.json has no 'num_experts_per_tok'"),
     (dict(hidden_act='gelu'), (), "hidden_act='gelu' is not supported"),
     (dict(attention_bias=True), (), 'attention_bias=true is not supported'),
     (dict(mlp_bias=True), (), 'mlp_bias=true is not supported'),
