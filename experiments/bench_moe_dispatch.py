@@ -1,7 +1,9 @@
 """Training-step time and memory of an MoE model under each dispatch strategy and each grouped
 matmul of the `dropless` strategy: the same config trained a few steps per variant, each row
-read from the run's own metrics (step p50/p90 after warm-up, tokens/s, peak device bytes or
-host RSS, dropped-token fraction, loss). Rows that fail (out of memory, an implementation
+read from the run's own metrics (step p50/p90 after warm-up, tokens/s, XLA's memory estimate
+of the compiled step, dropped-token fraction, loss). The device's peak-bytes counter is kept
+too, but it is process-wide and never reset, so after the first row it is the maximum so far:
+compare rows by `compiler_estimate_bytes` (or run one variant per process). Rows that fail (out of memory, an implementation
 missing, e.g. tokamax not installed) record the error and the rest go on.
 
   python -m experiments.bench_moe_dispatch --config=configs/moe_16b.py:1gpu --out=FILE.json
@@ -60,6 +62,8 @@ def main(argv):
     base['train']['steps'] = _STEPS.value
   base['train']['checkpoint_every'] = 0
   rows = []
+  result = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+            'jax': jax.__version__, 'config': base, 'rows': rows}
   for variant in _VARIANTS.value:
     row = {'variant': variant}
     try:
@@ -71,12 +75,10 @@ def main(argv):
       traceback.print_exc()
       print(f'{variant}: {row["error"]}', flush=True)
     rows.append(row)
-  result = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
-            'jax': jax.__version__, 'config': base, 'rows': rows}
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
+    if _OUT.value:  # after every row: a run cut short keeps what it measured
+      os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+      with open(_OUT.value, 'w') as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -42,6 +42,12 @@ TILINGS = [
     dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
     dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    # More candidates for the small-group shapes (DeepSeek-V2-Lite's ~256 rows per expert).
+    dict(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
+    dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    dict(block_m=64, block_n=256, block_k=32, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
 ]
 
 
@@ -99,7 +105,9 @@ def main(argv):
     if unknown:
       raise app.UsageError(f'unknown --shapes {sorted(unknown)}; valid: {[s[0] for s in SHAPES]}')
     shapes = [s for s in shapes if s[0] in _SHAPES.value]
-  tilings = [TILINGS[int(i)] for i in _TILINGS.value] if _TILINGS.value else TILINGS
+  # (index into TILINGS, tiling): rows are named by the index, whichever subset runs.
+  chosen = [int(i) for i in _TILINGS.value] if _TILINGS.value else range(len(TILINGS))
+  tilings = [(i, TILINGS[i]) for i in chosen]
   interpret = jax.default_backend() != 'gpu'
   try:
     import tokamax  # pylint: disable=g-import-not-at-top
@@ -129,7 +137,7 @@ def main(argv):
       }
       if tokamax is not None:
         variants['tokamax_ragged_dot'] = lambda a, b: tokamax.ragged_dot(a, b, sizes)
-      for i, tiling in enumerate(tilings if not interpret else tilings[:1]):
+      for i, tiling in (tilings if not interpret else tilings[:1]):
         tiles = dict(tiling, block_m=16, block_n=16, block_k=16) if interpret else tiling
         variants[f'ours_triton_{i}'] = (lambda a, b, t=tiles: gmm(
             a, b, sizes, implementation='triton', tiling=t, interpret=interpret))

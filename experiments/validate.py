@@ -197,12 +197,12 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
     errors.append(ConfigError('train.grad_accum_steps', f'{accum} does not divide '
                               f'train.global_batch_size={batch} into equal micro-batches'))
   else:
-    shards = sizes['data'] * sizes['fsdp']
+    shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
     if (batch // accum) % shards:
       errors.append(ConfigError('train.global_batch_size', f'a micro-batch of {batch // accum} '
                                 f'sequences does not split over the {shards} data-parallel '
-                                f'devices (mesh.data x mesh.fsdp); use a multiple of '
-                                f'{shards * accum}'))
+                                f'devices (mesh.data x mesh.fsdp x mesh.expert); use a '
+                                f'multiple of {shards * accum}'))
   if batch % process_count:
     errors.append(ConfigError('train.global_batch_size', f'{batch} does not split over '
                               f'{process_count} processes; use a multiple of {process_count}'))

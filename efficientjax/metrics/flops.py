@@ -8,7 +8,7 @@ Compiler: XLA's cost analysis of the same step. Two artefacts make XLA's own num
 real step misleading, so the count is taken on a twin of the step lowered with unrolled layers
 and XLA attention (same math, same shapes):
 - a `while` loop's body is counted once, not once per iteration (our layers are an nn.scan);
-- custom calls (cuDNN attention, Pallas kernels) count zero.
+- custom calls (cuDNN attention, Pallas kernels such as the MoE grouped matmul) count zero.
 XLA computes attention densely, so its count matches `attention_as_executed` (both halves),
 not the causal-halved model count; elementwise work (norms, softmax, the optimizer) is the
 small remainder. docs/metrics.md gives the per-term comparison.
@@ -55,7 +55,10 @@ def compiler_flops(cfg: ModelConfig, build) -> tuple[float | None, str | None]:
   any backend's optimisation (the same arithmetic everywhere), and GPU/TPU plugins do not
   implement cost analysis of a lowered module (`Lowered.cost_analysis()` returns None there).
   """
-  twin = dataclasses.replace(cfg, scan_layers=False, attention_impl='xla', remat='none')
+  # Kernels become plain XLA in the twin: custom calls count zero, and Pallas GPU kernels cannot
+  # be lowered for the CPU where the twin is lowered.
+  twin = dataclasses.replace(cfg, scan_layers=False, attention_impl='xla', remat='none',
+                             moe=dataclasses.replace(cfg.moe, grouped_matmul='ragged_dot'))
   step_fn, args = build(twin)
   try:
     where = jax.default_device(jax.devices('cpu')[0])
