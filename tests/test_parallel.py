@@ -24,10 +24,11 @@ def test_make_mesh_uses_auto_axes_in_config_order():
 
 
 @pytest.mark.parametrize('names, spec', [
-    (('batch', 'length', 'embed'), P(('data', 'fsdp'), None, None)),  # activations: batch only
+    (('batch', 'length', 'embed'), P(('data', 'fsdp', 'expert'), None, None)),  # batch only
     (('embed', 'mlp'), P('fsdp', 'tensor')),                          # weights: ZeRO-3 + Megatron
     (('layers', 'embed', 'heads', 'head_dim'), P(None, 'fsdp', 'tensor', None)),
-    (('batch', 'length', 'vocab'), P(('data', 'fsdp'), None, 'tensor')),
+    (('batch', 'length', 'vocab'), P(('data', 'fsdp', 'expert'), None, 'tensor')),
+    (('expert', 'embed', 'mlp'), P('expert', 'fsdp', 'tensor')),     # expert weights
     (('norm',), P(None)),
 ])
 def test_logical_rules(names, spec):

@@ -1,5 +1,5 @@
 """Expert parallelism for the `dropless` dispatch: experts sharded over the mesh axis `expert`,
-tokens over the batch axes, one all-to-all each way (GShard §3.2; DeepSpeed-MoE; MegaBlocks §5).
+tokens over the batch axes, one all-to-all each way (as in GShard, DeepSpeed-MoE, MegaBlocks).
 
 The routing is computed before, under GSPMD, on the global tokens. Then per device, inside
 `jax.shard_map`, with ep = the size of `expert` and E_loc = E / ep local experts (expert e lives
@@ -28,10 +28,11 @@ receive buffer holds ep·cap rows: the worst case, every token of the expert gro
 device. That bound, not the actual load, sets the activation memory of the expert matmuls.
 
 Other mesh axes: the token axes are the logical 'batch' axes (plus `expert`, if the rules leave
-it out, so no two expert-axis devices hold the same tokens). When `tensor` > 1 divides the
-expert width f, each device keeps f / tensor columns of gate and up and rows of down
-(Megatron-style) and the down projection is psum'd over `tensor` in float32; the `embed` dim
-of the weights (fsdp) is gathered by the in_specs, as FSDP does for every weight.
+it out, so no two expert-axis devices hold the same tokens). When the `tensor` axis (size
+tp > 1) divides the expert width f, each device keeps f / tp columns of gate and up and rows of
+down (Megatron-style) and the down projection is psum'd over `tensor` in float32; otherwise the
+weights are gathered over it. The weights' `embed` dim (fsdp) is gathered by the in_specs, as
+FSDP does for every weight.
 """
 
 import functools

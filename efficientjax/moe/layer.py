@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientjax.errors import ConfigError
-from efficientjax.moe import balance
+from efficientjax.moe import balance, expert_parallel
 from efficientjax.moe.dispatch import DISPATCH, GROUPED_MATMULS
 from efficientjax.moe.router import ROUTERS, route
 from efficientjax.moe.router import check as check_router
@@ -100,7 +100,14 @@ class MoE(nn.Module):
                'up': expert('up', ('expert', 'embed', 'mlp'), (num_experts, embed, f)),
                'down': expert('down', ('expert', 'mlp', 'embed'), (num_experts, f, embed))}
     weights = {k: w.astype(cfg.dtype) for k, w in weights.items()}
-    y, dispatch_stats = DISPATCH.get(moe.dispatch)(tokens, weights, routing, moe, dtype=cfg.dtype)
+    if moe.dispatch == 'dropless' and expert_parallel.expert_axis_size() > 1:
+      # Sharded experts need explicit per-device code (all-to-alls); dense and capacity are
+      # einsums that GSPMD shards from their logical constraints.
+      y, dispatch_stats = expert_parallel.dropless_expert_parallel(tokens, weights, routing, moe,
+                                                                   dtype=cfg.dtype)
+    else:
+      y, dispatch_stats = DISPATCH.get(moe.dispatch)(tokens, weights, routing, moe,
+                                                     dtype=cfg.dtype)
     y = y.reshape(batch, length, embed)
     if moe.num_shared_experts:
       # Shared experts see every token, so they are one dense SwiGLU of their summed width.

@@ -14,11 +14,13 @@ from efficientjax.errors import ConfigError
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 
 # Logical name -> mesh axes. Flax assigns each mesh axis at most once per array, left to
-# right, so an activation [batch, length, embed] shards batch over (data, fsdp) and leaves
-# embed whole, while a weight [embed, mlp] shards embed over fsdp (ZeRO-3 style) and mlp
-# over tensor (Megatron style).
+# right, so an activation [batch, length, embed] shards batch over (data, fsdp, expert) and
+# leaves embed whole, while a weight [embed, mlp] shards embed over fsdp (ZeRO-3 style) and mlp
+# over tensor (Megatron style). The batch is split over `expert` too: outside the experts those
+# devices are data-parallel, and the expert-parallel dispatch (efficientjax.moe.expert_parallel)
+# exchanges each device's own tokens, so none may hold another's copy.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', ('data', 'fsdp', 'expert')),
     ('vocab', 'tensor'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
@@ -73,7 +75,7 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch-major arrays: the leading dim over (data, fsdp), the rest replicated."""
+  """Batch-major arrays: the leading dim over (data, fsdp, expert), the rest replicated."""
   spec = nn.logical_to_mesh_axes(('batch',) + ('length',) * (ndim - 1), LOGICAL_AXIS_RULES)
   return NamedSharding(mesh, spec)
 
