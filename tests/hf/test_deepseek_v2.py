@@ -2,12 +2,8 @@
 (MoE layers: test_deepseek_v2_moe.py)."""
 
 import dataclasses
-import functools
 import json
-import shutil
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +13,10 @@ import transformers
 from efficientjax.errors import ConfigError
 from efficientjax.hf import load_checkpoint, load_deepseek_v2, save_deepseek_v2
 from efficientjax.hf.deepseek_v2 import rope_order
-from efficientjax.model import MLAConfig, ModelConfig, Transformer, init_cache
+from efficientjax.model import MLAConfig, ModelConfig
+from tests.hf.common import (assert_same_params, copy_with, hf_logits, leaves,
+                             prefill_then_decode, random_tokens, random_variables, read_config,
+                             save_pretrained, transformer_logits)
 
 VOCAB, EMBED, HEADS, MLP, LAYERS = 128, 64, 4, 96, 2
 KV_LORA, NOPE, ROPE, V = 16, 12, 8, 10
@@ -55,51 +54,31 @@ def hf_model(seed: int = 0, **overrides) -> transformers.DeepseekV2ForCausalLM:
   return model
 
 
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens)).logits.float().numpy()
-
-
 def model_config(fields: dict, **changes) -> ModelConfig:
   return dataclasses.replace(ModelConfig.from_config(fields), **changes)
 
 
-@functools.cache
-def jitted_apply(cfg: ModelConfig):
-  return jax.jit(Transformer(cfg).apply)
-
-
 def our_logits(fields: dict, params: dict, tokens: np.ndarray, **changes) -> np.ndarray:
-  cfg = model_config(fields, **changes)
-  return np.asarray(jitted_apply(cfg)({'params': params}, jnp.asarray(tokens)))
-
-
-def leaves(params: dict) -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat}
+  return transformer_logits(model_config(fields, **changes), {'params': params}, tokens)
 
 
 @pytest.fixture(scope='module')
 def tokens() -> np.ndarray:
   # Longer than YaRN's original context (16), so the interpolated frequencies matter.
-  return np.random.default_rng(1).integers(0, VOCAB, (2, 40), dtype=np.int64)
+  return random_tokens(VOCAB, 40)
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
   """(case name, torch model, directory written by save_pretrained)."""
   model = hf_model(**CASES[request.param])
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path, safe_serialization=True)
-  return request.param, model, path
+  return request.param, model, save_pretrained(model, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope='module')
 def q_lora_checkpoint(tmp_path_factory):
   model = hf_model(**CASES['q_lora_tied'])
-  path = tmp_path_factory.mktemp('q_lora')
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp('q_lora'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,18 +119,7 @@ def test_prefill_and_absorbed_decode_match_transformers(q_lora_checkpoint, token
   weights gives transformers' logits: prefill 30 tokens, then one at a time."""
   model, path = q_lora_checkpoint
   fields, params = load_deepseek_v2(path)
-  cfg = model_config(fields)
-  step = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(
-      {'params': p}, t, pos, c, method=Transformer.decode_step))
-  batch, length = tokens.shape
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-  cache = init_cache(cfg, batch, length)
-  logits, cache = step(params, tokens[:, :30], positions[:, :30], cache)
-  out = [logits]
-  for i in range(30, length):
-    logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
-    out.append(logits)
-  got = np.concatenate(out, axis=1)
+  got = prefill_then_decode(model_config(fields), params, tokens, prefill=30)
   assert np.abs(got - hf_logits(model, tokens)).max() < 1e-4
 
 
@@ -177,9 +145,9 @@ def test_parity_is_sensitive_to_rope_layout_and_yarn_scale(checkpoint, tokens):
 def test_transformers4_config_spelling(tmp_path):
   """transformers < 5 and DeepSeek's own code write rope_theta and rope_scaling {type: yarn}."""
   model = hf_model(**CASES['q_lora_yarn'])
-  model.save_pretrained(tmp_path, safe_serialization=True)
+  save_pretrained(model, tmp_path)
   fields5, _ = load_deepseek_v2(tmp_path)
-  config = json.loads((tmp_path / 'config.json').read_text())
+  config = read_config(tmp_path)
   rope = config.pop('rope_parameters')
   config['rope_theta'] = rope.pop('rope_theta')
   config['rope_scaling'] = {'type': rope.pop('rope_type'), **rope}
@@ -203,7 +171,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
   _, model, path = checkpoint
   fields, params = load_deepseek_v2(path)
   out = save_deepseek_v2(tmp_path / 'export', params, model_config(fields))
-  config = json.loads((out / 'config.json').read_text())
+  config = read_config(out)
   assert config['architectures'] == ['DeepseekV2ForCausalLM']
   assert config['model_type'] == 'deepseek_v2'
   assert config['first_k_dense_replace'] == LAYERS  # every layer dense
@@ -217,10 +185,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
   # load -> save -> load is bit-exact.
   fields2, params2 = load_deepseek_v2(out)
   assert fields2 == fields
-  a, b = leaves(params), leaves(params2)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  assert_same_params(params, params2)
 
 
 @pytest.mark.parametrize('q_lora_rank', [0, 20])
@@ -232,15 +197,11 @@ def test_export_of_our_own_model(tmp_path, tokens, q_lora_rank):
                     norm_eps=1e-6, attention='mla',
                     mla=MLAConfig(q_lora_rank=q_lora_rank, kv_lora_rank=KV_LORA,
                                   qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V))
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  rng = np.random.default_rng(2)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0, INIT_STD,
-                                 s.shape).astype(np.float32), shapes)
+  variables = random_variables(cfg, INIT_STD)
   out = save_deepseek_v2(tmp_path, variables, cfg, dtype=jnp.float32)
   exported = transformers.DeepseekV2ForCausalLM.from_pretrained(out).eval()
   assert exported.config.q_lora_rank == (q_lora_rank or None)
-  got = np.asarray(jitted_apply(cfg)(variables, jnp.asarray(tokens)))
+  got = transformer_logits(cfg, variables, tokens)
   assert np.abs(got - hf_logits(exported, tokens)).max() < 1e-4
 
 
@@ -256,18 +217,6 @@ def test_export_refusals(q_lora_checkpoint, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Refusals on import, all before any weight is read.
-
-
-def _copy_with(src: Path, dst: Path, config: dict | None = None, drop_config: tuple = ()) -> Path:
-  """A copy of a checkpoint with config.json changed and the weights unreadable."""
-  shutil.copytree(src, dst, dirs_exist_ok=True)
-  hf = json.loads((dst / 'config.json').read_text())
-  hf.update(config or {})
-  for key in drop_config:
-    hf.pop(key)
-  (dst / 'config.json').write_text(json.dumps(hf))
-  (dst / 'model.safetensors').write_bytes(b'not a safetensors file')
-  return dst
 
 
 @pytest.mark.parametrize('change, drop, phrase', [
@@ -290,7 +239,8 @@ def _copy_with(src: Path, dst: Path, config: dict | None = None, drop_config: tu
     (dict(model_type='llama'), (), "model_type 'llama', not a DeepSeek-V2 checkpoint"),
 ], ids=lambda x: '-'.join(map(str, x)) if isinstance(x, (dict, tuple)) and x else None)
 def test_config_refusals(q_lora_checkpoint, tmp_path, change, drop, phrase):
-  path = _copy_with(q_lora_checkpoint[1], tmp_path, config=change, drop_config=drop)
+  path = copy_with(q_lora_checkpoint[1], tmp_path, config=change, drop_config=drop,
+                   corrupt_weights=True)
   with pytest.raises(ConfigError, match=phrase.replace('(', r'\(').replace('.', r'\.')) as e:
     load_deepseek_v2(path)
   assert e.value.field == 'model.hf'

@@ -1,24 +1,21 @@
 """DeepSeek-V2 with MoE layers (MLA + DeepSeekMoE) against transformers' DeepseekV2ForCausalLM:
 a dense first layer, routed experts (greedy and group-limited), shared experts, scaling."""
 
-import dataclasses
-import functools
-import json
 import shutil
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors
 import safetensors.torch
 import torch
 import transformers
 
 from efficientjax.errors import ConfigError
 from efficientjax.hf import load_deepseek_v2, save_deepseek_v2
-from efficientjax.model import MLAConfig, ModelConfig, MoEConfig, Transformer
+from efficientjax.model import MLAConfig, ModelConfig, MoEConfig
+from tests.hf.common import (assert_same_params, copy_with, hf_logits, moe_model_config,
+                             random_tokens, random_variables, read_config, save_pretrained,
+                             tensor_names, transformer_logits)
 
 VOCAB, EMBED, HEADS, MLP, EXPERT, LAYERS, EXPERTS = 128, 64, 4, 96, 32, 3, 8
 KV_LORA, NOPE, ROPE, V = 16, 12, 8, 10
@@ -54,79 +51,38 @@ def hf_model(seed: int = 0, **overrides) -> transformers.DeepseekV2ForCausalLM:
   return model
 
 
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens)).logits.float().numpy()
-
-
-def model_config(fields: dict, dispatch: str = 'dropless', **changes) -> ModelConfig:
-  cfg = ModelConfig.from_config(fields)
-  moe = dataclasses.replace(cfg.moe, dispatch=dispatch, grouped_matmul='ragged_dot')
-  return dataclasses.replace(cfg, moe=moe, **changes)
-
-
-@functools.cache
-def jitted_apply(cfg: ModelConfig):
-  return jax.jit(Transformer(cfg).apply)
-
-
 def our_logits(fields: dict, params: dict, tokens: np.ndarray, dispatch: str = 'dropless',
                **changes) -> np.ndarray:
-  cfg = model_config(fields, dispatch, **changes)
-  return np.asarray(jitted_apply(cfg)({'params': params}, jnp.asarray(tokens)))
+  cfg = moe_model_config(fields, dispatch, **changes)
+  return transformer_logits(cfg, {'params': params}, tokens)
 
 
 def with_moe(fields: dict, **changes) -> dict:
   return fields | {'moe': fields['moe'] | changes}
 
 
-def leaves(params: dict) -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat}
-
-
-def tensor_names(path: Path) -> set[str]:
-  with safetensors.safe_open(path / 'model.safetensors', framework='numpy') as f:
-    return set(f.keys())
-
-
-def edit_config(src: Path, dst: Path, keep_weights: bool = True, **changes) -> Path:
-  shutil.copytree(src, dst, dirs_exist_ok=True)
-  config = json.loads((dst / 'config.json').read_text())
-  (dst / 'config.json').write_text(json.dumps(config | changes))
-  if not keep_weights:
-    (dst / 'model.safetensors').write_bytes(b'not a safetensors file')
-  return dst
-
-
 @pytest.fixture(scope='module')
 def tokens() -> np.ndarray:
-  return np.random.default_rng(1).integers(0, VOCAB, (2, 24), dtype=np.int64)
+  return random_tokens(VOCAB, 24)
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
   """(case name, torch model, directory written by save_pretrained)."""
   model = hf_model(**CASES[request.param])
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path, safe_serialization=True)
-  return request.param, model, path
+  return request.param, model, save_pretrained(model, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope='module')
 def grouped_checkpoint(tmp_path_factory):
   model = hf_model(**CASES['group_limited_top3'])
-  path = tmp_path_factory.mktemp('grouped')
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp('grouped'))
 
 
 @pytest.fixture(scope='module')
 def greedy_checkpoint(tmp_path_factory):
   model = hf_model(**CASES['greedy_top2'])
-  path = tmp_path_factory.mktemp('greedy')
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp('greedy'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,17 +142,14 @@ def test_fused_expert_layout(greedy_checkpoint, tmp_path, tokens):
   np.testing.assert_array_equal(
       hf_logits(transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path).eval(), tokens),
       hf_logits(model, tokens))
-  a, b = leaves(load_deepseek_v2(tmp_path)[1]), leaves(load_deepseek_v2(path)[1])
-  assert a.keys() == b.keys()
-  for k in a:
-    assert np.array_equal(a[k], b[k]), k
+  assert_same_params(load_deepseek_v2(tmp_path)[1], load_deepseek_v2(path)[1])
 
 
 def test_no_shared_experts(tmp_path, tokens):
   """n_shared_experts=0: transformers builds (and saves) an empty MLP; we have none."""
   model = transformers.DeepseekV2ForCausalLM(hf_config(
       n_shared_experts=0, num_experts_per_tok=2, q_lora_rank=None)).eval()
-  model.save_pretrained(tmp_path, safe_serialization=True)
+  save_pretrained(model, tmp_path)
   fields, params = load_deepseek_v2(tmp_path)
   assert fields['moe']['num_shared_experts'] == 0 and 'shared' not in params['blocks']['mlp']
   assert np.abs(our_logits(fields, params, tokens) - hf_logits(model, tokens)).max() < 1e-4
@@ -205,7 +158,8 @@ def test_no_shared_experts(tmp_path, tokens):
 @pytest.mark.parametrize('seq_aux', [True, False])
 def test_balancing_loss_keys(greedy_checkpoint, tmp_path, seq_aux):
   """DeepSeek's config.json spells its balance loss aux_loss_alpha (+ seq_aux)."""
-  path = edit_config(greedy_checkpoint[1], tmp_path, aux_loss_alpha=0.003, seq_aux=seq_aux)
+  path = copy_with(greedy_checkpoint[1], tmp_path,
+                   config=dict(aux_loss_alpha=0.003, seq_aux=seq_aux))
   moe = load_deepseek_v2(path)[0]['moe']
   assert (moe['aux_loss_coef'], moe['seq_aux_loss_coef']) == ((0, 0.003) if seq_aux else
                                                               (0.003, 0))
@@ -218,8 +172,8 @@ def test_balancing_loss_keys(greedy_checkpoint, tmp_path, seq_aux):
 def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
   _, model, path = checkpoint
   fields, params = load_deepseek_v2(path)
-  out = save_deepseek_v2(tmp_path / 'export', params, model_config(fields))
-  config = json.loads((out / 'config.json').read_text())
+  out = save_deepseek_v2(tmp_path / 'export', params, moe_model_config(fields))
+  config = read_config(out)
   hf = model.config
   for key in ('first_k_dense_replace', 'n_routed_experts', 'num_experts_per_tok',
               'moe_intermediate_size', 'n_shared_experts', 'routed_scaling_factor',
@@ -234,10 +188,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
   # load -> save -> load is bit-exact; the run's balancing coefficient travels as aux_loss_alpha.
   fields2, params2 = load_deepseek_v2(out)
   assert fields2 == with_moe(fields, aux_loss_coef=0.01, seq_aux_loss_coef=0.0)
-  a, b = leaves(params), leaves(params2)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  assert_same_params(params, params2)
 
 
 def test_export_of_our_own_model(tmp_path, tokens):
@@ -252,17 +203,13 @@ def test_export_of_our_own_model(tmp_path, tokens):
                                   first_dense_layers=2, norm_topk_prob=False,
                                   routed_scaling_factor=1.7, num_groups=3, topk_groups=2,
                                   dispatch='dense'))
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  assert set(shapes['params']) >= {'dense_blocks', 'blocks'}
-  rng = np.random.default_rng(2)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0, INIT_STD,
-                                 s.shape).astype(np.float32), shapes)
+  variables = random_variables(cfg, INIT_STD)
+  assert set(variables['params']) >= {'dense_blocks', 'blocks'}
   out = save_deepseek_v2(tmp_path, variables, cfg)
   exported = transformers.DeepseekV2ForCausalLM.from_pretrained(out).eval()
   assert [type(layer.mlp).__name__ for layer in exported.model.layers] == (
       ['DeepseekV2MLP'] * 2 + ['DeepseekV2Moe'] * 2)
-  got = np.asarray(jitted_apply(cfg)(variables, jnp.asarray(tokens)))
+  got = transformer_logits(cfg, variables, tokens)
   assert np.abs(got - hf_logits(exported, tokens)).max() < 1e-4
 
 
@@ -296,7 +243,7 @@ def test_export_refusals(greedy_checkpoint, tmp_path, field, value):
      'topk_group=1 groups of 1 experts hold fewer than num_experts_per_tok=2'),
 ], ids=lambda x: '-'.join(map(str, x.values())) if isinstance(x, dict) else None)
 def test_config_refusals(greedy_checkpoint, tmp_path, change, phrase):
-  path = edit_config(greedy_checkpoint[1], tmp_path, keep_weights=False, **change)
+  path = copy_with(greedy_checkpoint[1], tmp_path, config=change, corrupt_weights=True)
   with pytest.raises(ConfigError, match=phrase) as e:
     load_deepseek_v2(path)
   assert e.value.field == 'model.hf'

@@ -1,9 +1,6 @@
 """Llama interchange against transformers' own LlamaForCausalLM: logits, bits and refusals."""
 
-import functools
 import importlib.util
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
@@ -19,7 +15,9 @@ import transformers
 from efficientjax.attention import kv_head_variant
 from efficientjax.errors import ConfigError
 from efficientjax.hf import load_checkpoint, load_llama, save_llama
-from efficientjax.model import ModelConfig, Transformer
+from efficientjax.model import ModelConfig
+from tests.hf.common import (assert_same_params, copy_with, hf_logits, leaves, random_tokens,
+                             random_variables, read_config, save_pretrained, transformer_logits)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB, EMBED, HEADS, MLP = 128, 64, 4, 96
@@ -47,48 +45,28 @@ def hf_model(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
   return transformers.LlamaForCausalLM(hf_config(**overrides)).eval()
 
 
-def hf_logits(model: transformers.LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens)).logits.float().numpy()
-
-
-@functools.cache
-def jitted_apply(cfg: ModelConfig):
-  # One compile per config, shared by the tests (eager apply costs seconds on 2 CPU cores).
-  return jax.jit(Transformer(cfg).apply)
-
-
 def our_logits(fields: dict, params: dict, tokens: np.ndarray, scan_layers: bool = True,
                dtype=jnp.float32) -> np.ndarray:
   cfg = ModelConfig(**fields, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
-  return np.asarray(jitted_apply(cfg)({'params': params}, jnp.asarray(tokens)))
-
-
-def leaves(params: dict) -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat}
+  return transformer_logits(cfg, {'params': params}, tokens)
 
 
 @pytest.fixture(scope='module')
 def tokens() -> np.ndarray:
-  return np.random.default_rng(1).integers(0, VOCAB, (2, 24), dtype=np.int64)
+  return random_tokens(VOCAB, 24)
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
   """(torch model, directory written by save_pretrained) per case."""
   model = hf_model(**CASES[request.param])
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope='module')
 def gqa_checkpoint(tmp_path_factory):
   model = hf_model(**CASES['gqa_untied'])
-  path = tmp_path_factory.mktemp('gqa')
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp('gqa'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,19 +118,15 @@ def test_sharded_checkpoint(gqa_checkpoint, tmp_path, tokens):
 def test_transformers4_config_spelling(gqa_checkpoint, tmp_path):
   """transformers < 5 writes rope_theta / rope_scaling at the top level and may omit head_dim."""
   _, path = gqa_checkpoint
-  shutil.copytree(path, tmp_path, dirs_exist_ok=True)
-  config = json.loads((tmp_path / 'config.json').read_text())
-  config.pop('rope_parameters')
-  config.pop('head_dim')
-  config.update(rope_theta=5000.0, rope_scaling=None)
-  (tmp_path / 'config.json').write_text(json.dumps(config))
+  copy_with(path, tmp_path, config=dict(rope_theta=5000.0, rope_scaling=None),
+            drop_config=('rope_parameters', 'head_dim'))
   fields, _ = load_llama(tmp_path)
   assert fields['rope_theta'] == 5000.0 and fields['head_dim'] == EMBED // HEADS
 
 
 def test_bf16_checkpoint(tmp_path, tokens):
   model = hf_model(**CASES['gqa_untied']).to(torch.bfloat16)
-  model.save_pretrained(tmp_path, safe_serialization=True)
+  save_pretrained(model, tmp_path)
   state = {k: v.float().numpy() for k, v in model.state_dict().items()}
   fields, params = load_llama(tmp_path, param_dtype=jnp.float32, scan_layers=False)
   E, H, KV, D = EMBED, HEADS, 2, fields['head_dim']
@@ -177,7 +151,7 @@ def test_bf16_checkpoint(tmp_path, tokens):
   fields, params16 = load_llama(tmp_path, param_dtype=jnp.bfloat16)
   assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params16))
   out = save_llama(tmp_path / 'export', params16, fields | {'param_dtype': 'bfloat16'})
-  assert json.loads((out / 'config.json').read_text())['dtype'] == 'bfloat16'
+  assert read_config(out)['dtype'] == 'bfloat16'
   written = safetensors.torch.load_file(out / 'model.safetensors')
   original = model.state_dict()
   assert set(written) == set(original)
@@ -200,7 +174,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path, scan_layers)
   fields, params = load_llama(path, scan_layers=scan_layers)
   cfg = ModelConfig(**fields, scan_layers=scan_layers)
   out = save_llama(tmp_path / 'export', params, cfg)
-  config = json.loads((out / 'config.json').read_text())
+  config = read_config(out)
   assert config['architectures'] == ['LlamaForCausalLM'] and config['model_type'] == 'llama'
 
   exported = transformers.LlamaForCausalLM.from_pretrained(out).eval()
@@ -211,28 +185,19 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path, scan_layers)
   # load -> save -> load is bit-exact, in the same layout and dtype.
   fields2, params2 = load_llama(out, scan_layers=scan_layers)
   assert fields2 == fields
-  a, b = leaves(params), leaves(params2)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  assert_same_params(params, params2)
 
 
 def test_export_of_our_own_model(tmp_path, tokens):
   """A model of ours (MQA, boxed `init` variables) exports and runs in transformers."""
   cfg = ModelConfig(vocab_size=VOCAB, embed_dim=EMBED, num_layers=2, num_heads=HEADS,
                     num_kv_heads=1, head_dim=16, mlp_dim=MLP, rope_theta=123.0, norm_eps=1e-6)
-  # Random values on the shapes `init` gives (boxes included): compiling the real random init
-  # takes seconds on CPU and tests nothing more here.
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  rng = np.random.default_rng(2)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0, INIT_STD,
-                                 s.shape).astype(np.float32), shapes)
+  variables = random_variables(cfg, INIT_STD)
   out = save_llama(tmp_path, variables, cfg, dtype=jnp.float32)
   exported = transformers.LlamaForCausalLM.from_pretrained(out).eval()
   assert exported.config.num_key_value_heads == 1
   ref = hf_logits(exported, tokens)
-  got = np.asarray(jitted_apply(cfg)(variables, jnp.asarray(tokens)))
+  got = transformer_logits(cfg, variables, tokens)
   assert np.abs(got - ref).max() < 1e-4
 
 
@@ -240,7 +205,7 @@ def test_export_casts_to_dtype(gqa_checkpoint, tmp_path):
   _, path = gqa_checkpoint
   fields, params = load_llama(path)
   out = save_llama(tmp_path, params, fields, dtype=jnp.bfloat16)
-  assert json.loads((out / 'config.json').read_text())['dtype'] == 'bfloat16'
+  assert read_config(out)['dtype'] == 'bfloat16'
   _, params16 = load_llama(out, param_dtype=jnp.bfloat16)
   want = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b),
@@ -267,28 +232,6 @@ def test_export_refusals(gqa_checkpoint, tmp_path):
 # Refusals on import.
 
 
-def _copy_with(src: Path, dst: Path, config: dict | None = None, drop_config: tuple = (),
-               tensors: dict | None = None, drop_tensors: tuple = (),
-               corrupt_weights: bool = False) -> Path:
-  """A copy of a checkpoint with config.json keys / tensors changed."""
-  shutil.copytree(src, dst, dirs_exist_ok=True)
-  hf = json.loads((dst / 'config.json').read_text())
-  hf.update(config or {})
-  for key in drop_config:
-    hf.pop(key)
-  (dst / 'config.json').write_text(json.dumps(hf))
-  if tensors or drop_tensors:
-    state = safetensors.numpy.load_file(dst / 'model.safetensors')
-    state.update(tensors or {})
-    for name in drop_tensors:
-      state.pop(name)
-    safetensors.numpy.save_file(state, dst / 'model.safetensors', metadata={'format': 'pt'})
-  if corrupt_weights:
-    # Config refusals must come before any weight is read: unreadable weights prove it.
-    (dst / 'model.safetensors').write_bytes(b'not a safetensors file')
-  return dst
-
-
 @pytest.mark.parametrize('change, phrase', [
     (dict(hidden_act='gelu'), "hidden_act='gelu' is not supported"),
     (dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}), "RoPE scaling 'linear'"),
@@ -306,7 +249,7 @@ def _copy_with(src: Path, dst: Path, config: dict | None = None, drop_config: tu
     (dict(vocab_size=None), "config.json has no 'vocab_size'"),
 ], ids=lambda x: '-'.join(map(str, x)) if isinstance(x, dict) else None)
 def test_config_refusals(gqa_checkpoint, tmp_path, change, phrase):
-  path = _copy_with(gqa_checkpoint[1], tmp_path, config=change, corrupt_weights=True)
+  path = copy_with(gqa_checkpoint[1], tmp_path, config=change, corrupt_weights=True)
   with pytest.raises(ConfigError, match=phrase.replace('[', r'\[').replace('(', r'\(')) as e:
     load_llama(path)
   assert e.value.field == 'model.hf'
@@ -317,7 +260,7 @@ def test_generic_loader_dispatches_on_model_type(gqa_checkpoint, tmp_path):
   fields, params = load_checkpoint(path)
   llama_fields, llama_params = load_llama(path)
   assert fields == llama_fields and leaves(params).keys() == leaves(llama_params).keys()
-  other = _copy_with(path, tmp_path, config={'model_type': 'gpt2'}, corrupt_weights=True)
+  other = copy_with(path, tmp_path, config={'model_type': 'gpt2'}, corrupt_weights=True)
   with pytest.raises(ConfigError, match="unknown value 'gpt2'; valid values: .*llama") as e:
     load_checkpoint(other)
   assert e.value.field == 'model.hf'
@@ -329,17 +272,17 @@ def test_file_refusals(gqa_checkpoint, tmp_path):
     load_llama(tmp_path / 'nowhere')
   assert e.value.field == 'model.hf'
 
-  no_config = _copy_with(path, tmp_path / 'no_config')
+  no_config = copy_with(path, tmp_path / 'no_config')
   (no_config / 'config.json').unlink()
   with pytest.raises(ConfigError, match='config.json.* is missing'):
     load_llama(no_config)
 
-  no_weights = _copy_with(path, tmp_path / 'no_weights')
+  no_weights = copy_with(path, tmp_path / 'no_weights')
   (no_weights / 'model.safetensors').rename(no_weights / 'pytorch_model.bin')
   with pytest.raises(ConfigError, match=r'no \*.safetensors weights.*found only pytorch_model.bin'):
     load_llama(no_weights)
 
-  corrupt = _copy_with(path, tmp_path / 'corrupt', corrupt_weights=True)
+  corrupt = copy_with(path, tmp_path / 'corrupt', corrupt_weights=True)
   with pytest.raises(ConfigError, match='is not a readable safetensors file'):
     load_llama(corrupt)
 
@@ -365,7 +308,7 @@ def test_tensor_refusals(gqa_checkpoint, tmp_path):
   ]
   for i, (change, phrase) in enumerate(cases):
     with pytest.raises(ConfigError, match=phrase) as e:
-      load_llama(_copy_with(path, tmp_path / str(i), **change))
+      load_llama(copy_with(path, tmp_path / str(i), **change))
     assert e.value.field == 'model.hf'
 
 
@@ -373,22 +316,21 @@ def test_redundant_tensors(tmp_path, tokens):
   """A tied head's stored copy and old exports' rotary inv_freq load when consistent, and are
   refused when they disagree with the config (scaled RoPE, an untied head)."""
   model = hf_model(**CASES['mha_tied'])
-  src = tmp_path / 'src'
-  model.save_pretrained(src, safe_serialization=True)
+  src = save_pretrained(model, tmp_path / 'src')
   embed = model.model.embed_tokens.weight.detach().numpy()
   d = model.config.head_dim
   inv_freq = (1.0 / 5000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
   buffers = {f'model.layers.{i}.self_attn.rotary_emb.inv_freq': inv_freq for i in range(2)}
 
-  fields, params = load_llama(_copy_with(src, tmp_path / 'ok',
-                                         tensors={'lm_head.weight': embed, **buffers}))
+  fields, params = load_llama(copy_with(src, tmp_path / 'ok',
+                                        tensors={'lm_head.weight': embed, **buffers}))
   assert np.abs(our_logits(fields, params, tokens) - hf_logits(model, tokens)).max() < 1e-4
 
   with pytest.raises(ConfigError, match="'lm_head.weight' does not match"):
-    load_llama(_copy_with(src, tmp_path / 'head', tensors={'lm_head.weight': embed + 1}))
+    load_llama(copy_with(src, tmp_path / 'head', tensors={'lm_head.weight': embed + 1}))
   scaled = {k: v / 8 for k, v in buffers.items()}
   with pytest.raises(ConfigError, match='rotary_emb.inv_freq\' does not match'):
-    load_llama(_copy_with(src, tmp_path / 'rope', tensors=scaled))
+    load_llama(copy_with(src, tmp_path / 'rope', tensors=scaled))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,7 @@
 """Mixtral interchange against transformers' own MixtralForCausalLM: routing, experts, layouts."""
 
-import dataclasses
-import functools
-import json
 import shutil
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
@@ -17,7 +11,10 @@ import transformers
 
 from efficientjax.errors import ConfigError
 from efficientjax.hf import load_checkpoint, load_mixtral, save_mixtral
-from efficientjax.model import ModelConfig, MoEConfig, Transformer, init_cache
+from efficientjax.model import ModelConfig, MoEConfig
+from tests.hf.common import (assert_same_params, copy_with, hf_logits, leaves, moe_model_config,
+                             prefill_then_decode, random_tokens, random_variables, read_config,
+                             save_pretrained, tensor_names, transformer_logits)
 
 VOCAB, EMBED, HEADS, EXPERT, LAYERS, EXPERTS = 128, 64, 4, 48, 2, 4
 # std 0.1 rather than 0.02: sharper router probabilities and larger expert outputs, so a wrong
@@ -46,59 +43,28 @@ def hf_model(seed: int = 0, **overrides) -> transformers.MixtralForCausalLM:
   return transformers.MixtralForCausalLM(hf_config(**overrides)).eval()
 
 
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens)).logits.float().numpy()
-
-
-def model_config(fields: dict, dispatch: str = 'dropless', **changes) -> ModelConfig:
-  cfg = ModelConfig.from_config(fields)
-  # ragged_dot: the grouped matmul every backend runs (the Pallas kernels are tested elsewhere).
-  moe = dataclasses.replace(cfg.moe, dispatch=dispatch, grouped_matmul='ragged_dot')
-  return dataclasses.replace(cfg, moe=moe, **changes)
-
-
-@functools.cache
-def jitted_apply(cfg: ModelConfig):
-  return jax.jit(Transformer(cfg).apply)
-
-
 def our_logits(fields: dict, params: dict, tokens: np.ndarray, dispatch: str = 'dropless',
                **changes) -> np.ndarray:
-  cfg = model_config(fields, dispatch, **changes)
-  return np.asarray(jitted_apply(cfg)({'params': params}, jnp.asarray(tokens)))
-
-
-def leaves(params: dict) -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat}
-
-
-def tensor_names(path: Path) -> set[str]:
-  with safetensors.safe_open(path / 'model.safetensors', framework='numpy') as f:
-    return set(f.keys())
+  cfg = moe_model_config(fields, dispatch, **changes)
+  return transformer_logits(cfg, {'params': params}, tokens)
 
 
 @pytest.fixture(scope='module')
 def tokens() -> np.ndarray:
-  return np.random.default_rng(1).integers(0, VOCAB, (2, 24), dtype=np.int64)
+  return random_tokens(VOCAB, 24)
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
   """(case name, torch model, directory written by save_pretrained)."""
   model = hf_model(**CASES[request.param])
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path, safe_serialization=True)
-  return request.param, model, path
+  return request.param, model, save_pretrained(model, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope='module')
 def top2_checkpoint(tmp_path_factory):
   model = hf_model(**CASES['gqa_top2_untied'])
-  path = tmp_path_factory.mktemp('top2')
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp('top2'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,10 +139,7 @@ def test_fused_expert_layout(top2_checkpoint, tmp_path, tokens):
       hf_logits(model, tokens))
   _, fused = load_mixtral(tmp_path)
   _, per_expert = load_mixtral(path)
-  a, b = leaves(fused), leaves(per_expert)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert np.array_equal(a[k], b[k]), k
+  assert_same_params(fused, per_expert)
 
 
 def test_mixed_or_incomplete_expert_layouts_refused(top2_checkpoint, tmp_path):
@@ -202,17 +165,8 @@ def test_prefill_and_decode_match_transformers(checkpoint, tokens):
   window case, past the window)."""
   _, model, path = checkpoint
   fields, params = load_mixtral(path)
-  cfg = model_config(fields)
-  step = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(
-      {'params': p}, t, pos, c, method=Transformer.decode_step))
-  batch, length = tokens.shape
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-  logits, cache = step(params, tokens[:, :16], positions[:, :16], init_cache(cfg, batch, length))
-  out = [logits]
-  for i in range(16, length):
-    logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
-    out.append(logits)
-  assert np.abs(np.concatenate(out, axis=1) - hf_logits(model, tokens)).max() < 1e-4
+  got = prefill_then_decode(moe_model_config(fields), params, tokens, prefill=16)
+  assert np.abs(got - hf_logits(model, tokens)).max() < 1e-4
 
 
 def test_generic_loader_dispatches_on_model_type(top2_checkpoint):
@@ -228,8 +182,8 @@ def test_generic_loader_dispatches_on_model_type(top2_checkpoint):
 def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
   _, model, path = checkpoint
   fields, params = load_mixtral(path)
-  out = save_mixtral(tmp_path / 'export', params, model_config(fields))
-  config = json.loads((out / 'config.json').read_text())
+  out = save_mixtral(tmp_path / 'export', params, moe_model_config(fields))
+  config = read_config(out)
   assert config['architectures'] == ['MixtralForCausalLM'] and config['model_type'] == 'mixtral'
   assert config['router_aux_loss_coef'] == pytest.approx(0.02)
   # The names save_pretrained writes (tied heads leave out lm_head.weight in both).
@@ -242,10 +196,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
   # load -> save -> load is bit-exact, config included.
   fields2, params2 = load_mixtral(out)
   assert fields2 == fields
-  a, b = leaves(params), leaves(params2)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  assert_same_params(params, params2)
 
 
 def test_export_of_our_own_model(tmp_path, tokens):
@@ -256,15 +207,11 @@ def test_export_of_our_own_model(tmp_path, tokens):
                     num_kv_heads=1, head_dim=16, mlp_dim=96, rope_theta=321.0, norm_eps=1e-6,
                     attention='mqa', ffn='moe',
                     moe=MoEConfig(num_experts=3, top_k=2, expert_dim=40, dispatch='dense'))
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  rng = np.random.default_rng(2)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0, INIT_STD,
-                                 s.shape).astype(np.float32), shapes)
+  variables = random_variables(cfg, INIT_STD)
   out = save_mixtral(tmp_path, variables, cfg)
   exported = transformers.MixtralForCausalLM.from_pretrained(out).eval()
   assert (exported.config.num_local_experts, exported.config.intermediate_size) == (3, 40)
-  got = np.asarray(jitted_apply(cfg)(variables, jnp.asarray(tokens)))
+  got = transformer_logits(cfg, variables, tokens)
   assert np.abs(got - hf_logits(exported, tokens)).max() < 1e-4
 
 
@@ -299,18 +246,13 @@ def test_export_refusals(top2_checkpoint, tmp_path, field, value):
     (dict(model_type='llama'), "model_type 'llama', not a Mixtral checkpoint"),
 ], ids=lambda x: '-'.join(map(str, x)) if isinstance(x, dict) else None)
 def test_config_refusals(top2_checkpoint, tmp_path, change, phrase):
-  shutil.copytree(top2_checkpoint[1], tmp_path, dirs_exist_ok=True)
-  config = json.loads((tmp_path / 'config.json').read_text())
-  (tmp_path / 'config.json').write_text(json.dumps(config | change))
-  (tmp_path / 'model.safetensors').write_bytes(b'not a safetensors file')
+  path = copy_with(top2_checkpoint[1], tmp_path, config=change, corrupt_weights=True)
   with pytest.raises(ConfigError, match=phrase) as e:
-    load_mixtral(tmp_path)
+    load_mixtral(path)
   assert e.value.field == 'model.hf'
 
 
 def test_router_jitter_noise_is_training_only(top2_checkpoint, tmp_path):
   """Accepted and dropped: transformers applies it only in training mode."""
-  shutil.copytree(top2_checkpoint[1], tmp_path, dirs_exist_ok=True)
-  config = json.loads((tmp_path / 'config.json').read_text())
-  (tmp_path / 'config.json').write_text(json.dumps(config | {'router_jitter_noise': 0.1}))
-  assert load_mixtral(tmp_path)[0] == load_mixtral(top2_checkpoint[1])[0]
+  path = copy_with(top2_checkpoint[1], tmp_path, config={'router_jitter_noise': 0.1})
+  assert load_mixtral(path)[0] == load_mixtral(top2_checkpoint[1])[0]

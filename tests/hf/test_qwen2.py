@@ -1,8 +1,6 @@
 """Qwen2 interchange against transformers' own Qwen2ForCausalLM: logits, export and refusals."""
 
 import dataclasses
-import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +13,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from efficientjax.attention.positions import rope_frequencies
 from efficientjax.errors import ConfigError
 from efficientjax.hf import load_checkpoint, load_qwen2, save_llama, save_qwen2
-from efficientjax.model import ModelConfig, Transformer, YarnConfig
-from tests.hf.test_llama import _copy_with, hf_logits, leaves
+from efficientjax.model import ModelConfig, YarnConfig
+from tests.hf.common import (assert_same_params, copy_with, hf_logits, random_tokens,
+                             random_variables, read_config, save_pretrained, transformer_logits)
 
 VOCAB, EMBED, HEADS, KV_HEADS, MLP, LENGTH = 128, 64, 4, 2, 96, 24
 # std 0.1 (not 0.02), as in test_llama: attention far from uniform, so layout errors show.
@@ -53,37 +52,28 @@ def hf_model(seed: int = 0, **overrides) -> transformers.Qwen2ForCausalLM:
   return model
 
 
-@functools.cache
-def jitted_apply(cfg: ModelConfig):
-  return jax.jit(Transformer(cfg).apply)
-
-
 def our_logits(fields: dict, params: dict, tokens: np.ndarray, scan_layers: bool = True
                ) -> np.ndarray:
   cfg = ModelConfig.from_config({**fields, 'scan_layers': scan_layers})
-  return np.asarray(jitted_apply(cfg)({'params': params}, jnp.asarray(tokens)))
+  return transformer_logits(cfg, {'params': params}, tokens)
 
 
 @pytest.fixture(scope='module')
 def tokens() -> np.ndarray:
-  return np.random.default_rng(1).integers(0, VOCAB, (2, LENGTH), dtype=np.int64)
+  return random_tokens(VOCAB, LENGTH)
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
   """(case name, torch model, directory written by save_pretrained)."""
   model = hf_model(**CASES[request.param])
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path, safe_serialization=True)
-  return request.param, model, path
+  return request.param, model, save_pretrained(model, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope='module')
 def gqa_checkpoint(tmp_path_factory):
   model = hf_model(**CASES['gqa_untied'])
-  path = tmp_path_factory.mktemp('gqa')
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
+  return model, save_pretrained(model, tmp_path_factory.mktemp('gqa'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +133,7 @@ def test_yarn_config_spellings(gqa_checkpoint, tmp_path, spelling):
   """transformers < 5 writes rope_theta + rope_scaling {type: yarn}; DeepSeek's temperature
   needs both mscale and mscale_all_dim. transformers builds the same frequencies and factor."""
   _, path = gqa_checkpoint
-  config = json.loads((path / 'config.json').read_text())
+  config = read_config(path)
   config.pop('rope_parameters')
   config['max_position_embeddings'] = 32
   if spelling == 'transformers4':
@@ -153,7 +143,11 @@ def test_yarn_config_spellings(gqa_checkpoint, tmp_path, spelling):
   else:
     config.update(rope_parameters={**YARN, 'mscale': 0.8, 'mscale_all_dim': 0.6, 'beta_slow': 0})
     want = YarnConfig(factor=4.0, original_max_len=8, mscale=0.8, mscale_all_dim=0.6)
-  fields, _ = load_qwen2(_copy_with(path, tmp_path, config=config))
+  # copy_with updates config.json: the transformers-4 spelling must not keep the original's
+  # rope_parameters beside its rope_scaling.
+  drop = ('rope_parameters',) if spelling == 'transformers4' else ()
+  fields, _ = load_qwen2(copy_with(path, tmp_path, config=config, drop_config=drop))
+  assert 'rope_parameters' not in read_config(tmp_path) or spelling != 'transformers4'
   assert fields['rope_theta'] == 5000.0 and fields['yarn'] == dataclasses.asdict(want)
   hf = transformers.Qwen2Config.from_pretrained(tmp_path)
   inv_freq, factor = ROPE_INIT_FUNCTIONS['yarn'](hf)
@@ -178,7 +172,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path, scan_layers)
   fields, params = load_qwen2(path, scan_layers=scan_layers)
   cfg = ModelConfig.from_config({**fields, 'scan_layers': scan_layers})
   out = save_qwen2(tmp_path / 'export', params, cfg)
-  config = json.loads((out / 'config.json').read_text())
+  config = read_config(out)
   assert config['architectures'] == ['Qwen2ForCausalLM'] and config['model_type'] == 'qwen2'
 
   exported = transformers.Qwen2ForCausalLM.from_pretrained(out).eval()
@@ -191,10 +185,7 @@ def test_export_loads_in_transformers(checkpoint, tokens, tmp_path, scan_layers)
   # load -> save -> load is bit-exact, in the same layout and dtype.
   fields2, params2 = load_qwen2(out, scan_layers=scan_layers)
   assert fields2 == fields
-  a, b = leaves(params), leaves(params2)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  assert_same_params(params, params2)
 
 
 def test_export_of_our_own_model(tmp_path, tokens):
@@ -205,19 +196,15 @@ def test_export_of_our_own_model(tmp_path, tokens):
                     attention='mqa', qkv_bias=True, sliding_window=7,
                     yarn=YarnConfig(factor=2.5, original_max_len=10, beta_fast=8.0,
                                     mscale=0.9, mscale_all_dim=0.5, truncate=False))
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  rng = np.random.default_rng(2)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0,
-                                 0.5 if 'bias' in jax.tree_util.keystr(path) else INIT_STD,
-                                 s.shape).astype(np.float32), shapes)
+  # Biases as large as hf_model's, so that exporting them wrongly shows.
+  variables = random_variables(cfg, INIT_STD, bias_std=0.5)
   out = save_qwen2(tmp_path, variables, cfg, dtype=jnp.float32)
   exported = transformers.Qwen2ForCausalLM.from_pretrained(out).eval()
   assert exported.config.num_key_value_heads == 1
   assert exported.config.layer_types == ['sliding_attention'] * 2
   assert exported.config.rope_parameters['rope_type'] == 'yarn'
   ref = hf_logits(exported, tokens)
-  got = np.asarray(jitted_apply(cfg)(variables, jnp.asarray(tokens)))
+  got = transformer_logits(cfg, variables, tokens)
   assert np.abs(got - ref).max() < 1e-4
 
 
@@ -267,7 +254,7 @@ def test_export_refusals(gqa_checkpoint, tmp_path):
     (dict(architectures=['Qwen2ForSequenceClassification']), 'do not include Qwen2ForCausalLM'),
 ], ids=lambda x: '-'.join(map(str, x)) if isinstance(x, dict) else None)
 def test_config_refusals(gqa_checkpoint, tmp_path, change, phrase):
-  path = _copy_with(gqa_checkpoint[1], tmp_path, config=change, corrupt_weights=True)
+  path = copy_with(gqa_checkpoint[1], tmp_path, config=change, corrupt_weights=True)
   with pytest.raises(ConfigError, match=phrase) as e:
     load_qwen2(path)
   assert e.value.field == 'model.hf'
@@ -277,10 +264,10 @@ def test_tensor_refusals(gqa_checkpoint, tmp_path):
   _, path = gqa_checkpoint
   bias = 'model.layers.1.self_attn.v_proj.bias'
   with pytest.raises(ConfigError, match=f'lacks tensor.* {bias}'):
-    load_qwen2(_copy_with(path, tmp_path / 'missing', drop_tensors=(bias,)))
+    load_qwen2(copy_with(path, tmp_path / 'missing', drop_tensors=(bias,)))
   with pytest.raises(ConfigError, match=rf"'{bias}' has shape \[16\], expected \[32\]"):
-    load_qwen2(_copy_with(path, tmp_path / 'shape', tensors={bias: np.zeros(16, np.float32)}))
+    load_qwen2(copy_with(path, tmp_path / 'shape', tensors={bias: np.zeros(16, np.float32)}))
   o_bias = 'model.layers.0.self_attn.o_proj.bias'  # Qwen2's o_proj has none
   with pytest.raises(ConfigError, match=f'{o_bias} have no place in the model'):
-    load_qwen2(_copy_with(path, tmp_path / 'o', tensors={o_bias: np.zeros(EMBED, np.float32)}))
+    load_qwen2(copy_with(path, tmp_path / 'o', tensors={o_bias: np.zeros(EMBED, np.float32)}))
 
