@@ -256,8 +256,8 @@ def test_softmax_scale_with_deepseek_yarn():
 
 
 def _check(**changes):
-  m = dict(attention='mla', num_heads=4, num_kv_heads=None, position='rope',
-           mla=dict(q_lora_rank=0, **SHAPE))
+  m = dict(attention='mla', num_heads=4, num_kv_heads=None, position='rope', qkv_bias=False,
+           qk_norm=False, mla=dict(q_lora_rank=0, **SHAPE))
   for key, value in changes.items():
     if key in m['mla']:
       m['mla'] = {**m['mla'], key: value}
@@ -274,6 +274,8 @@ def test_check():
       'model.mla.v_head_dim': dict(v_head_dim=11),
       'model.mla.q_lora_rank': dict(q_lora_rank=-1),
       'model.num_kv_heads': dict(num_kv_heads=2),
+      'model.qkv_bias': dict(qkv_bias=True),
+      'model.qk_norm': dict(qk_norm=True),
   }
   for field, change in cases.items():
     errors = _check(**change)
