@@ -11,6 +11,10 @@ with the layers, so each gets a leading layer axis):
   the train state.
 The losses and stats are only written when the caller asks for them (`mutable=[...]`), so
 inference and evaluation pay nothing.
+
+Routing is per token, so `dense` and `dropless` give a token the same output whatever else is in
+the batch (prefill + decode equals the full forward pass); `capacity` does not: which
+assignments it drops depends on the other tokens of the call.
 """
 
 import dataclasses
