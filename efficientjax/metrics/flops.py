@@ -19,7 +19,8 @@ import dataclasses
 import jax
 
 from efficientjax.attention import ATTENTION
-from efficientjax.model import ModelConfig
+from efficientjax.model import ModelConfig, layer_stacks
+from efficientjax.nn import FFN
 
 
 def analytic_flops_per_step(cfg: ModelConfig, *, seq_len: int, batch: int) -> dict[str, float]:
@@ -31,10 +32,12 @@ def analytic_flops_per_step(cfg: ModelConfig, *, seq_len: int, batch: int) -> di
   """
   tokens = batch * seq_len
   attn = ATTENTION.get(cfg.attention).flops_per_token(cfg, seq_len)
-  ffn = 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim  # gate, up, down (dense SwiGLU)
+  # The FFN kind counts its own (an MoE layer: the router and the experts a token uses), per
+  # stack of layers: DeepSeek-style models keep their first layers dense.
+  ffn = sum(s.num_layers * FFN.get(s.ffn).flops_per_token(cfg) for s in layer_stacks(cfg))
   head = 2.0 * cfg.embed_dim * cfg.vocab_size  # the output projection (tied or not, a matmul)
   per_token = lambda per_layer, extra=0.0: 3 * tokens * (cfg.num_layers * per_layer + extra)
-  matmul = per_token(attn['projections'] + ffn, head)
+  matmul = per_token(attn['projections'], head + ffn)
   attention = per_token(attn['attention'])
   return {
       'matmul': float(matmul),

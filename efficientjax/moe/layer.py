@@ -41,6 +41,15 @@ class MoE(nn.Module):
   config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
 
   @staticmethod
+  def flops_per_token(cfg) -> float:
+    """Forward model FLOPs per token: the router, the top-k routed experts and the shared ones
+    (what a token needs; the `dense` strategy executes all experts, `capacity` its padding)."""
+    moe = cfg.moe
+    expert = 2.0 * 3 * cfg.embed_dim * moe.expert_dim
+    return (2.0 * cfg.embed_dim * moe.num_experts
+            + expert * (moe.top_k + moe.num_shared_experts))
+
+  @staticmethod
   def check(m, seq_len: int) -> list[ConfigError]:
     """The `model.moe` fields, before anything is built (m: the config's model section)."""
     del seq_len

@@ -14,6 +14,11 @@ class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), as in Llama."""
   config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
 
+  @staticmethod
+  def flops_per_token(cfg) -> float:
+    """Forward FLOPs per token: gate, up and down."""
+    return 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config

@@ -168,3 +168,18 @@ def test_update_bias_is_per_layer():
   load = jnp.array([[10, 0, 0, 2], [3, 3, 3, 3]])
   np.testing.assert_allclose(balance.update_bias(bias, load, 0.1),
                              [[-0.1, 0.1, 0.1, 0.1], [0, 0, 0, 0]])
+
+
+def test_analytic_flops_count_the_experts_a_token_uses():
+  from efficientjax.metrics.flops import analytic_flops_per_step
+  cfg = dataclasses.replace(TINY, vocab_size=64)
+  dense = dataclasses.replace(cfg, ffn='dense')
+  e, f, moe = cfg.embed_dim, cfg.moe.expert_dim, cfg.moe
+  # Per token, forward: layer 0 is dense (mlp_dim); layers 1-2 route to top_k experts of width
+  # f, add the shared one, and compute router logits.
+  moe_layer = 2 * e * moe.num_experts + 2 * 3 * e * f * (moe.top_k + moe.num_shared_experts)
+  dense_layer = 2 * 3 * e * cfg.mlp_dim
+  tokens = 2 * 16
+  got = (analytic_flops_per_step(cfg, seq_len=16, batch=2)['matmul']
+         - analytic_flops_per_step(dense, seq_len=16, batch=2)['matmul'])
+  assert got == 3 * tokens * 2 * (moe_layer - dense_layer)
