@@ -1,8 +1,13 @@
 """Small configs and models shared by the tests."""
 
+import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from configs import quickstart
+from efficientjax.model import ModelConfig, Transformer, init_cache
 
 
 def smoke_config(**overrides: Any) -> dict[str, Any]:
@@ -17,3 +22,28 @@ def smoke_config(**overrides: Any) -> dict[str, Any]:
       raise KeyError(path)
     node[key] = value
   return c
+
+
+@functools.cache
+def decode_step(cfg: ModelConfig):
+  """`Transformer.decode_step` of `cfg`, jitted once per config."""
+  model = Transformer(cfg)
+  return jax.jit(lambda p, t, pos, c: model.apply({'params': p}, t, pos, c,
+                                                  method=Transformer.decode_step))
+
+
+def prefill_then_decode(cfg: ModelConfig, params: Any, tokens: jax.Array, prefill: int,
+                        max_len: int | None = None) -> jax.Array:
+  """Logits [batch, length, vocab] of one prefill of tokens[:, :prefill] into a zeroed cache of
+  `max_len` slots (default: the sequence's length), then decode steps of one token each: what
+  the full forward pass over `tokens` must equal."""
+  batch, length = tokens.shape
+  step = decode_step(cfg)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+  cache = init_cache(cfg, batch, max_len or length)
+  logits, cache = step(params, tokens[:, :prefill], positions[:, :prefill], cache)
+  out = [logits]
+  for i in range(prefill, length):
+    logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
+    out.append(logits)
+  return jnp.concatenate(out, axis=1)

@@ -177,7 +177,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices(),
                       energy_meter=meter)
     window = MeasurementWindow(meter, sampler)
-    expert_stats = ExpertStats(model_cfg) if model_cfg.ffn == 'moe' else None
+    expert_stats = None  # created at the first step whose layers report expert statistics
     for step in range(start_step + 1, last + 1):
       trace.before(step, state)
       if step == first_measured:
@@ -205,7 +205,8 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       losses[step] = loss
       line = {'step': step, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
               'learning_rate': float(metrics['learning_rate']), 'step_ms': dt * 1e3}
-      if expert_stats is not None:
+      if 'moe_stats' in metrics:
+        expert_stats = expert_stats or ExpertStats(model_cfg)
         line.update(expert_stats.add(jax.device_get(metrics['moe_stats'])),
                     aux_loss=float(metrics['aux_loss']))
       with open(log_path, 'a') as f:

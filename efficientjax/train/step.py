@@ -54,8 +54,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
   The loss optimised is the cross-entropy plus any auxiliary losses the layers report (MoE
   balancing); `metrics['loss']` is the cross-entropy alone, comparable across models.
   """
-  moe = model.config.moe if model.config.ffn == 'moe' else None
-
   def loss_fn(params, model_state, micro):
     losses, reported = forward(model, params, model_state, micro)
     ce = losses.mean()
@@ -87,11 +85,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
           lambda p, x: x if getattr(p[-1], 'key', None) == 'load' else x / grad_accum_steps, stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    model_state = state.model_state
-    if moe is not None and moe.aux_free:
-      model_state = update_routing_bias(model_state, stats, moe.bias_update_rate)
+    # What the layers keep and report decides what the step does with it: a routing bias in the
+    # model state is updated from the loads, reported stats go into the metrics.
+    model_state = update_routing_bias(state.model_state, stats, model.config.moe.bias_update_rate)
     metrics = {'loss': ce, 'grad_norm': optax.tree.norm(grads)}
-    if moe is not None:
+    if stats:
       metrics['aux_loss'] = aux
       metrics['moe_stats'] = stats
     if schedule is not None:

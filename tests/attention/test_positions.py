@@ -21,10 +21,11 @@ from efficientjax.attention import POSITIONS
 from efficientjax.attention.positions import (LearnedEmbedding, RelativeBias,
                                               relative_position_bucket, sinusoids,
                                               yarn_parameters)
-from efficientjax.model import (ModelConfig, RelativeConfig, Transformer, YarnConfig, init_cache,
-                               scan_params, unscan_params)
+from efficientjax.model import (ModelConfig, RelativeConfig, Transformer, YarnConfig, scan_params,
+                               unscan_params)
 from efficientjax.parallel.mesh import LOGICAL_AXIS_RULES
 from experiments import validate
+from tests.helpers import prefill_then_decode
 
 # ---------------------------------------------------------------------------------------------
 # YaRN against transformers' ROPE_INIT_FUNCTIONS['yarn'].
@@ -339,34 +340,13 @@ def test_causal(name):
   assert np.abs(before[:, cut:] - after[:, cut:]).max() > 1e-3
 
 
-@functools.cache
-def _step(cfg: ModelConfig):
-  model = Transformer(cfg)
-  return jax.jit(lambda p, t, pos, c: model.apply({'params': p}, t, pos, c,
-                                                  method=Transformer.decode_step))
-
-
-def _decode(cfg, params, tokens, prompt_len):
-  """Prefill prompt_len tokens into a zeroed cache, then decode the rest one at a time."""
-  batch, length = tokens.shape
-  step = _step(cfg)
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-  cache = init_cache(cfg, batch, CACHE_LEN)
-  logits, cache = step(params, tokens[:, :prompt_len], positions[:, :prompt_len], cache)
-  out = [logits]
-  for i in range(prompt_len, length):
-    logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
-    out.append(logits)
-  return jnp.concatenate(out, axis=1)
-
-
 # Per-layer bias tables are the one encoding state that scanning stacks; the unscanned layout
 # runs it too.
 @pytest.mark.parametrize('name, scan_layers', [(name, True) for name in sorted(ENCODINGS)] +
                          [('relative', False)])
 def test_prefill_then_decode_equals_forward(name, scan_layers):
   cfg, _, params, tokens, apply = _setup(name, scan_layers)
-  got = _decode(cfg, params, tokens, PROMPT)
+  got = prefill_then_decode(cfg, params, tokens, PROMPT, CACHE_LEN)
   np.testing.assert_allclose(got, apply({'params': params}, tokens), atol=1e-5, rtol=1e-5)
 
 
@@ -375,6 +355,6 @@ def test_learned_positions_decode_past_the_table_is_nan():
   reusing the last row."""
   cfg, _, params, _, _ = _setup('learned')
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, CACHE_LEN)), jnp.int32)
-  logits = _decode(cfg, params, tokens, PROMPT)
+  logits = prefill_then_decode(cfg, params, tokens, PROMPT, CACHE_LEN)
   assert np.isfinite(logits[:, :LENGTH]).all()
   assert np.isnan(logits[:, LENGTH:]).all()

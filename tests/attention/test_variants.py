@@ -15,6 +15,7 @@ from efficientjax.attention import ATTENTION
 from efficientjax.attention import cache as kv_cache
 from efficientjax.model import Transformer, init_cache
 from tests.attention.variants import BASE, TINY
+from tests.helpers import prefill_then_decode
 
 LENGTH = 24
 
@@ -28,21 +29,6 @@ def _init(cfg, seed=0, batch=2, length=LENGTH):
 
 def _forward(model, params, tokens):
   return jax.jit(model.apply)({'params': params}, tokens)
-
-
-def _decode(model, params, tokens, prompt_len, max_len=None):
-  """Prefill the first prompt_len tokens, then feed the rest one at a time; all logits."""
-  batch, length = tokens.shape
-  cache = init_cache(model.config, batch, max_len or length)
-  step = jax.jit(lambda p, t, pos, c: model.apply({'params': p}, t, pos, c,
-                                                   method=Transformer.decode_step))
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-  logits, cache = step(params, tokens[:, :prompt_len], positions[:, :prompt_len], cache)
-  out = [logits]
-  for i in range(prompt_len, length):
-    logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
-    out.append(logits)
-  return jnp.concatenate(out, axis=1), cache
 
 
 def test_every_registered_variant_has_a_tiny_config():
@@ -69,7 +55,7 @@ def test_prefill_then_decode_equals_forward(name, scan_layers):
   # A one-token prompt (all decoding), and one that ends mid-block (NSA's blocks here are 2-4
   # tokens) in a cache longer than the sequence (unwritten slots must stay invisible).
   for prompt_len, max_len in ((1, None), (7, LENGTH + 5)):
-    got, _ = _decode(model, params, tokens, prompt_len, max_len)
+    got = prefill_then_decode(cfg, params, tokens, prompt_len, max_len)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5,
                                err_msg=f'{name}: prompt {prompt_len}')
 
@@ -150,7 +136,8 @@ def test_core_against_plain_attention(window):
 
 
 def test_sliding_window_and_qk_norm_and_biases_through_the_model():
-  """The options of the K/V-head family, each against the plain per-head computation."""
+  """The options of the K/V-head family against the plain per-head computation, forward and
+  backward."""
   cfg = dataclasses.replace(TINY['gqa'], sliding_window=5, qk_norm=True, qkv_bias=True,
                             num_layers=1)
   model, params, tokens = _init(cfg, seed=8)
@@ -174,13 +161,19 @@ def test_sliding_window_and_qk_norm_and_biases_through_the_model():
 
   x = params['embed']['embedding'][tokens]
   h = rms(x, p['attn_norm']['scale'])
-  proj = lambda n: jnp.einsum('bte,ehd->bthd', h, a[n]['kernel']) + a[n]['bias']
-  q = rope(rms(proj('q'), a['q_norm']['scale']))
-  k = rope(rms(proj('k'), a['k_norm']['scale']))
   group = cfg.num_heads // cfg.num_kv_heads
-  o = _attention_reference(q, jnp.repeat(k, group, 2), jnp.repeat(proj('v'), group, 2), 5)
-  want = jnp.einsum('bthd,hde->bte', o, a['o']['kernel'])
 
-  got, _ = jax.jit(lambda p, x: ATTENTION.get('gqa')(cfg).apply(
-      {'params': p}, x, jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)))(a, h)
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  def reference(a, h):
+    proj = lambda n: jnp.einsum('bte,ehd->bthd', h, a[n]['kernel']) + a[n]['bias']
+    q = rope(rms(proj('q'), a['q_norm']['scale']))
+    k = rope(rms(proj('k'), a['k_norm']['scale']))
+    o = _attention_reference(q, jnp.repeat(k, group, 2), jnp.repeat(proj('v'), group, 2), 5)
+    return jnp.einsum('bthd,hde->bte', o, a['o']['kernel'])
+
+  positions = jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
+  module = lambda a, h: ATTENTION.get('gqa')(cfg).apply({'params': a}, h, positions)[0]
+  np.testing.assert_allclose(jax.jit(module)(a, h), reference(a, h), atol=2e-5, rtol=2e-5)
+  # Backward: gradients of every parameter (biases and norm gains included) and of the input.
+  loss = lambda f: jax.jit(jax.grad(lambda a, h: jnp.sum(jnp.sin(f(a, h))), argnums=(0, 1)))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-4),
+               loss(module)(a, h), loss(reference)(a, h))

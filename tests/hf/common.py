@@ -18,7 +18,8 @@ import safetensors.numpy
 import torch
 import transformers
 
-from efficientjax.model import ModelConfig, Transformer, init_cache
+from efficientjax.model import ModelConfig, Transformer
+from tests.helpers import prefill_then_decode  # noqa: F401 (re-exported for the family tests)
 
 # ---------------------------------------------------------------------------------------------
 # Both sides' logits.
@@ -52,23 +53,6 @@ def moe_model_config(fields: dict, dispatch: str = 'dropless', **changes) -> Mod
   # ragged_dot: the grouped matmul every backend runs (the Pallas kernels are tested elsewhere).
   moe = dataclasses.replace(cfg.moe, dispatch=dispatch, grouped_matmul='ragged_dot')
   return dataclasses.replace(cfg, moe=moe, **changes)
-
-
-def prefill_then_decode(cfg: ModelConfig, params: dict, tokens: np.ndarray, prefill: int
-                        ) -> np.ndarray:
-  """Logits [batch, length, vocab] of one prefill of tokens[:, :prefill] into a zeroed cache,
-  then decode_step one token at a time."""
-  step = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(
-      {'params': p}, t, pos, c, method=Transformer.decode_step))
-  batch, length = tokens.shape
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-  cache = init_cache(cfg, batch, length)
-  logits, cache = step(params, tokens[:, :prefill], positions[:, :prefill], cache)
-  out = [logits]
-  for i in range(prefill, length):
-    logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
-    out.append(logits)
-  return np.concatenate(out, axis=1)
 
 
 def random_variables(cfg: ModelConfig, std: float, bias_std: float | None = None) -> dict:

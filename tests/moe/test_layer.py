@@ -12,13 +12,13 @@ import optax
 import pytest
 
 from efficientjax import parallel
-from efficientjax.model import (ModelConfig, MoEConfig, Transformer, init_cache, scan_params,
-                                unscan_params)
+from efficientjax.model import ModelConfig, MoEConfig, Transformer, scan_params, unscan_params
 from efficientjax.moe import balance
 from efficientjax.moe.report import ExpertStats
 from efficientjax.train.checkpoint import Checkpointer
 from efficientjax.train.state import init_state, state_shardings
 from efficientjax.train.step import forward, make_train_step
+from tests.helpers import prefill_then_decode
 
 TINY = ModelConfig(vocab_size=53, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2,
                    head_dim=8, mlp_dim=48, attention='gqa', ffn='moe',
@@ -101,16 +101,8 @@ def test_prefill_then_decode_equals_forward():
   cfg = _with(TINY, dispatch='dropless')  # per-token routing: no batch-dependent drops
   model, params, tokens = _init(cfg, seed=4)
   want = jax.jit(model.apply)({'params': params}, tokens)
-  cache = init_cache(cfg, 2, 12)
-  step = jax.jit(lambda t, p, c: model.apply({'params': params}, t, p, c,
-                                             method=Transformer.decode_step))
-  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-  out, cache = step(tokens[:, :5], pos[:, :5], cache)
-  outs = [out]
-  for i in range(5, 12):
-    out, cache = step(tokens[:, i:i + 1], pos[:, i:i + 1], cache)
-    outs.append(out)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(prefill_then_decode(cfg, params, tokens, 5), want,
+                             atol=2e-5, rtol=2e-5)
 
 
 def _aux_free_run(cfg, steps, skew):
