@@ -6,9 +6,8 @@ DeepSeek-V2's attention (arXiv 2405.04434 §2.1: 128-wide heads, query latent 15
 total 6.92B. Its KV cache is 576 values per token per layer (36.9 KB/token in bf16 over 32
 layers), against 8,192 for the MHA it replaces.
 
-Memory: fp32 parameters with AdamW hold 16 bytes per parameter (111 GB), so a run needs
-several GPUs on the default FSDP mesh (e.g. 4 H100s; `--config.mesh.fsdp=-1` is the default)
-and full remat at seq 4096. Presets: `:smoke` (CPU, seconds).
+Memory: fp32 parameters with AdamW hold 16 bytes per parameter (111 GB), more than one 80 GB
+GPU: a run needs several on the default FSDP mesh (not yet run at this size). Presets: `:smoke` (CPU, seconds).
 """
 
 from configs import base

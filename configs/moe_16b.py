@@ -49,8 +49,9 @@ def get_config(preset=None):
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
   if preset == '1gpu':
-    # 4 layers (1 dense + 3 MoE, 1.9B parameters: 30 GB of fp32 state with AdamW) and 2 x 4096
-    # tokens per step: what one 80 GB GPU holds with every dispatch strategy, `dense` included.
+    # 4 layers (1 dense + 3 MoE, 1.84B parameters: 29 GB of fp32 state with AdamW) and 2 x 4096
+    # tokens per step: one H100 ran every dispatch strategy at this size, `dense` included
+    # (experiments/results/h100/README.md).
     m.num_layers = 4
     m.vocab_size = None  # the byte tokenizer's: the head is not what is compared
     c.train.global_batch_size = 2

@@ -2,7 +2,8 @@
 
 The flags must be set before jax is first imported; tests that want one device build their
 mesh on `jax.devices()[:1]`. The suite's time is mostly XLA compiling hundreds of tiny
-programs: LLVM's optimisation level 0 compiles them ~30% faster, and at these shapes the
+programs: at LLVM's optimisation level 0 a compile-bound part of the suite takes half the
+time (187 s -> 89 s, experiments/results/cpu/test_compile_level.txt), and at these shapes the
 programs run in milliseconds either way (tests compare within tolerances, or runs of the same
 process with each other; the CLI tests run their subprocesses with the default flags).
 """

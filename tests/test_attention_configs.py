@@ -64,3 +64,37 @@ def test_smoke_preset_runs_through_the_cli(variant, tmp_path):
   assert 0 < attn['params'] < record['model']['params']
   q = record['quality']
   assert q['eval_loss'] < q['initial_eval_loss']  # it learns, a little, in 6 steps
+
+
+def test_the_alternatives_the_config_files_mention():
+  """The counts the config docstrings give for the choices they did not make."""
+  gqa = _params(_config('gqa'))
+  mla = _config('mla')
+  mla['model']['mla']['q_lora_rank'] = 0  # attention_mla.py: without query compression, +6.1%
+  assert _params(mla) / gqa - 1 == pytest.approx(0.061, abs=5e-4)
+  nsa = _config('nsa')
+  nsa['model']['num_kv_heads'] = 2  # attention_nsa.py: with GQA's 2 groups, +5.8%
+  assert _params(nsa) / gqa - 1 == pytest.approx(0.058, abs=5e-4)
+
+
+@pytest.mark.parametrize('size, byte_vocab, qwen_vocab', [
+    ('0.5b', 0.358e9, 0.494e9), ('1.5b', 1.311e9, 1.544e9), ('3b', 2.776e9, 3.086e9)])
+def test_qwen_shapes_as_documented(size, byte_vocab, qwen_vocab):
+  from configs import qwen2p5
+  c = qwen2p5.get_config(None, size).to_dict()
+  assert _params(c) == pytest.approx(byte_vocab, rel=1e-3)
+  c['model']['vocab_size'] = 151936  # Qwen2.5's tokenizer
+  assert _params(c) == pytest.approx(qwen_vocab, rel=1e-3)
+
+
+def test_mla_7b_as_documented():
+  from configs import mla_7b
+  c = mla_7b.get_config().to_dict()
+  cfg = ModelConfig.from_config(c['model'], tokenizer_vocab_size=BYTE_VOCAB)
+  tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+  params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)['params']
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert size(params) == pytest.approx(6.92e9, rel=1e-3)
+  layers = params['blocks']
+  assert size(layers['attn']) / 32 == pytest.approx(39.1e6, rel=2e-3)  # per layer
+  assert size(layers['mlp']) / 32 == pytest.approx(151.0e6, rel=2e-3)
