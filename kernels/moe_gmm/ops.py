@@ -1,24 +1,97 @@
 """The public grouped matmuls: `gmm` and `tgmm`, differentiable, with an `implementation` choice.
 
 implementation:
-  None      the best verified one for the backend: 'triton' on NVIDIA GPUs (on an H100 it is
-            correct, forward and gradients, at the Mixtral and DeepSeek-V2-Lite shapes with even
-            and skewed groups, and 4-10x faster than ragged_dot: experiments/results/h100/
-            README.md), 'xla' elsewhere;
-  'xla'     `jax.lax.ragged_dot` (any backend; JAX differentiates it);
-  'triton'  the Pallas-Triton kernels (NVIDIA GPU, or anywhere with interpret=True);
+  None        the best verified one for the backend: 'triton' on NVIDIA GPUs (on an H100 it
+              is correct, forward and gradients, at the Mixtral and DeepSeek-V2-Lite shapes with
+              even and skewed groups, and 4-10x faster than ragged_dot: experiments/results/
+              h100/README.md), 'xla' elsewhere. With tiling='autotune' on a GPU, every
+              implementation that can run competes per shape (see below);
+  'xla'       `jax.lax.ragged_dot` (any backend; JAX differentiates it);
+  'triton'    the Pallas-Triton kernels (NVIDIA GPU, or anywhere with interpret=True);
+  'mosaic_gpu' the Pallas Mosaic GPU kernels: TMA + wgmma, persistent (Hopper, sm_90+; bf16 or
+              fp16 operands; anywhere with interpret=True, through jax's GPU interpreter);
   'reference' the plain-jnp specification (slow: one matmul per group; for tests).
+
+tiling:
+  None        the implementation's defaults (triton.DEFAULT_TILING, mosaic_gpu.DEFAULT_TILING /
+              DEFAULT_TGMM_TILING);
+  a dict      overrides of those defaults, for all three products (forward, the input gradient
+              and the weight gradient);
+  'autotune'  each product's tiling (and, with implementation=None, its implementation) is
+              the fastest of a fixed candidate list for its shapes on this device, timed once
+              at trace time on random inputs with even groups and cached in memory and on disk
+              (autotune.py). A candidate is timed only after its output matched an exact
+              per-group product: a fast wrong kernel cannot win.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kernels.moe_gmm import autotune
+from kernels.moe_gmm import mosaic_gpu as mosaic_impl
 from kernels.moe_gmm import reference
 from kernels.moe_gmm import triton as triton_impl
 
-IMPLEMENTATIONS = ('xla', 'triton', 'reference')
+IMPLEMENTATIONS = ('xla', 'triton', 'mosaic_gpu', 'reference')
+_KERNELS = {'triton': triton_impl, 'mosaic_gpu': mosaic_impl}
+# The three products of a training step: forward, input gradient (rhs read transposed), weight
+# gradient. Each is tuned on its own: their shapes and best tiles differ.
+PRODUCTS = ('gmm', 'gmm_transposed', 'tgmm')
+
+# Candidate tilings per (implementation, product); the first of each is the default. The
+# Triton gmm list is experiments/bench_moe_gmm.py's (its rows are named by index in it).
+_TRITON_GMM = [
+    triton_impl.DEFAULT_TILING,
+    dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    dict(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
+    dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    dict(block_m=64, block_n=256, block_k=32, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
+]
+_TRITON_TGMM = [
+    triton_impl.DEFAULT_TILING,
+    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
+    dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3),
+]
+_MOSAIC_GMM = [
+    mosaic_impl.DEFAULT_TILING,
+    dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, band=1),
+    dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, band=32),
+    dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=6, band=8),
+    dict(block_m=64, block_n=256, block_k=64, max_concurrent_steps=4, band=8),
+    dict(block_m=128, block_n=64, block_k=64, max_concurrent_steps=6, band=8),
+    dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=2, band=8),
+]
+_MOSAIC_TGMM = [
+    mosaic_impl.DEFAULT_TGMM_TILING,
+    dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=3, band=8),
+    dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, band=8),
+    dict(block_m=64, block_n=64, block_k=128, max_concurrent_steps=4, band=8),
+]
+CANDIDATES = {
+    ('triton', 'gmm'): _TRITON_GMM, ('triton', 'gmm_transposed'): _TRITON_GMM,
+    ('triton', 'tgmm'): _TRITON_TGMM,
+    ('mosaic_gpu', 'gmm'): _MOSAIC_GMM, ('mosaic_gpu', 'gmm_transposed'): _MOSAIC_GMM,
+    ('mosaic_gpu', 'tgmm'): _MOSAIC_TGMM,
+}
+
+
+def _defaults(impl: str, product: str) -> dict:
+  return dict(CANDIDATES[impl, product][0])
+
+
+def _hopper() -> bool:
+  device = jax.devices()[0]
+  try:
+    return device.platform == 'gpu' and float(device.compute_capability) >= 9.0
+  except (AttributeError, ValueError):  # no compute capability: not an NVIDIA GPU
+    return False
 
 
 def _resolve(implementation: str | None, interpret: bool) -> str:
@@ -31,6 +104,10 @@ def _resolve(implementation: str | None, interpret: bool) -> str:
     raise ValueError(f"moe_gmm: implementation 'triton' needs an NVIDIA GPU (this backend is "
                      f"{jax.default_backend()}); pass interpret=True to run it on the CPU, or "
                      "use 'xla'")
+  if implementation == 'mosaic_gpu' and not interpret and not _hopper():
+    raise ValueError("moe_gmm: implementation 'mosaic_gpu' needs a Hopper-or-newer NVIDIA GPU "
+                     f"(wgmma and TMA; this device is {jax.devices()[0].device_kind}); pass "
+                     "interpret=True to run it on the CPU, or use 'triton' / 'xla'")
   return implementation
 
 
@@ -43,59 +120,116 @@ def _check(lhs, rhs, group_sizes):
                      f'{group_sizes.dtype}{list(group_sizes.shape)}')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _triton_gmm(lhs, rhs, group_sizes, out_dtype, tiling):
-  return triton_impl.gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype, **tiling)
+def _freeze(tiling: dict) -> tuple:
+  return tuple(sorted(tiling.items()))
 
 
-def _triton_gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling):
-  return _triton_gmm(lhs, rhs, group_sizes, out_dtype, tiling), (lhs, rhs, group_sizes)
+class _Plan(tuple):
+  """Per product: (implementation, frozen tiling) or (implementation-or-None, 'autotune').
+
+  A tuple, so custom_vjp can hash it as a non-differentiable argument.
+  """
+
+  def get(self, product):
+    return dict(self)[product]
 
 
-def _triton_gmm_bwd(out_dtype, tiling, residuals, grad):
+def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
+  if isinstance(tiling, str):
+    if tiling != 'autotune':
+      raise ValueError(f"moe_gmm: tiling must be None, a dict or 'autotune', got {tiling!r}")
+    if interpret:
+      raise ValueError("moe_gmm: tiling='autotune' times kernels on the device; it cannot "
+                       'tune interpreted ones (interpret=True)')
+    return _Plan((p, (impl, 'autotune')) for p in PRODUCTS)
+  if tiling is not None and not isinstance(tiling, dict):
+    raise ValueError(f"moe_gmm: tiling must be None, a dict or 'autotune', got {tiling!r}")
+  return _Plan((p, (impl, _freeze({**_defaults(impl, p), **(tiling or {})}))) for p in PRODUCTS)
+
+
+def _run(impl: str, product: str, tiling: dict, a, b, group_sizes, out_dtype, interpret):
+  """One product by one kernel module: gmm, gmm with rhs transposed, or tgmm."""
+  module = _KERNELS[impl]
+  if product == 'tgmm':
+    return module.tgmm(a, b, group_sizes, preferred_element_type=out_dtype, interpret=interpret,
+                       **tiling)
+  return module.gmm(a, b, group_sizes, transpose_rhs=product == 'gmm_transposed',
+                    preferred_element_type=out_dtype, interpret=interpret, **tiling)
+
+
+def _choose(plan: _Plan, product: str, a, b, group_sizes, out_dtype, interpret):
+  impl, tiling = plan.get(product)
+  if tiling != 'autotune':
+    return impl, dict(tiling)
+  return _autotuned(impl, product, a.shape, b.shape, group_sizes.shape[0],
+                    jnp.dtype(a.dtype), jnp.dtype(out_dtype))
+
+
+def _product(plan, product, a, b, group_sizes, out_dtype, interpret):
+  impl, tiling = _choose(plan, product, a, b, group_sizes, out_dtype, interpret)
+  return _run(impl, product, tiling, a, b, group_sizes, out_dtype, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_gmm(lhs, rhs, group_sizes, out_dtype, plan, interpret):
+  return _product(plan, 'gmm', lhs, rhs, group_sizes, out_dtype, interpret)
+
+
+def _kernel_gmm_fwd(lhs, rhs, group_sizes, out_dtype, plan, interpret):
+  return _kernel_gmm(lhs, rhs, group_sizes, out_dtype, plan, interpret), (lhs, rhs, group_sizes)
+
+
+def _kernel_gmm_bwd(out_dtype, plan, interpret, residuals, grad):
   del out_dtype
   lhs, rhs, group_sizes = residuals
   grad = grad.astype(lhs.dtype)
-  # d_lhs = grad @ rhs[group]ᵀ: the same kernel reading rhs transposed, no copy of rhs.
-  d_lhs = triton_impl.gmm(grad, rhs, group_sizes, transpose_rhs=True,
-                          preferred_element_type=lhs.dtype, **tiling)
-  d_rhs = triton_impl.tgmm(lhs, grad, group_sizes, preferred_element_type=rhs.dtype, **tiling)
+  # d_lhs = grad @ rhs[group]ᵀ: the kernel reads rhs transposed, no copy of the weights.
+  d_lhs = _product(plan, 'gmm_transposed', grad, rhs, group_sizes, lhs.dtype, interpret)
+  d_rhs = _product(plan, 'tgmm', lhs, grad, group_sizes, rhs.dtype, interpret)
   return d_lhs, d_rhs, None
 
 
-_triton_gmm.defvjp(_triton_gmm_fwd, _triton_gmm_bwd)
+_kernel_gmm.defvjp(_kernel_gmm_fwd, _kernel_gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         implementation: str | None = None, preferred_element_type=None,
-        tiling: dict | None = None, interpret: bool = False) -> jax.Array:
+        tiling: dict | str | None = None, interpret: bool = False) -> jax.Array:
   """out[r] = lhs[r] @ rhs[group(r)] for rows sorted by group; rows past sum(group_sizes) are 0.
 
   lhs [m, k], rhs [groups, k, n], group_sizes [groups] integers. Accumulates in fp32;
-  returns `preferred_element_type` (default: lhs's dtype). `tiling` overrides
-  triton.DEFAULT_TILING (block_m/n/k, num_warps, num_stages).
+  returns `preferred_element_type` (default: lhs's dtype). `tiling`: see the module docstring.
   """
   _check(lhs, rhs, group_sizes)
-  impl = _resolve(implementation, interpret)
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  if implementation is None and tiling == 'autotune' and jax.default_backend() == 'gpu':
+    impl = None  # the tuner picks the implementation too
+  else:
+    impl = _resolve(implementation, interpret)
   if impl == 'xla':
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
                               preferred_element_type=out_dtype)
   if impl == 'reference':
     return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
-  tiles = {**triton_impl.DEFAULT_TILING, **(tiling or {}), 'interpret': interpret}
-  return _triton_gmm(lhs, rhs, group_sizes, out_dtype, _Frozen(tiles))
+  if impl == 'mosaic_gpu':
+    mosaic_impl.check_dtypes(lhs, rhs)
+  return _kernel_gmm(lhs, rhs, group_sizes, out_dtype, _plan(impl, tiling, interpret), interpret)
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
          implementation: str | None = None, preferred_element_type=None,
-         tiling: dict | None = None, interpret: bool = False) -> jax.Array:
+         tiling: dict | str | None = None, interpret: bool = False) -> jax.Array:
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i], [groups, k, n]: gmm's weight gradient."""
-  impl = _resolve(implementation, interpret)
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-  if impl == 'triton':
-    tiles = {**triton_impl.DEFAULT_TILING, **(tiling or {}), 'interpret': interpret}
-    return triton_impl.tgmm(lhs, grad, group_sizes, preferred_element_type=out_dtype, **tiles)
+  if implementation is None and tiling == 'autotune' and jax.default_backend() == 'gpu':
+    impl = None
+  else:
+    impl = _resolve(implementation, interpret)
+  if impl in _KERNELS or impl is None:
+    if impl == 'mosaic_gpu':
+      mosaic_impl.check_dtypes(lhs, grad)
+    return _product(_plan(impl, tiling, interpret), 'tgmm', lhs, grad, group_sizes, out_dtype,
+                    interpret)
   if impl == 'reference':
     return reference.tgmm(lhs, grad, group_sizes, preferred_element_type=out_dtype)
   # XLA: the weight gradient of ragged_dot, which is exactly this product.
@@ -105,8 +239,63 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
   return vjp(grad)[0].astype(out_dtype)
 
 
-class _Frozen(dict):
-  """A hashable dict: custom_vjp's non-differentiable arguments must hash."""
+# ---- autotuning ---------------------------------------------------------------------------
 
-  def __hash__(self):
-    return hash(tuple(sorted(self.items())))
+def _implementations_for(dtype) -> list[str]:
+  """What may compete under implementation=None: every kernel this device and dtype can run."""
+  impls = ['triton']
+  if _hopper() and dtype in map(jnp.dtype, mosaic_impl.SUPPORTED_DTYPES):
+    impls.append('mosaic_gpu')
+  return impls
+
+
+def _even_problem(product, a_shape, b_shape, groups, dtype):
+  """Concrete random operands of the product's shapes, even groups, and its exact result.
+
+  Groups get m // groups rows each (the rest belong to no group), so the exact result is a
+  batched matmul over a reshape: cheap at any size, unlike the per-group reference's
+  [groups, m, ...] intermediate.
+  """
+  m = a_shape[0]
+  per = m // groups
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal(a_shape, np.float32), dtype)
+  b = jnp.asarray(rng.standard_normal(b_shape, np.float32) / np.sqrt(b_shape[-1]), dtype)
+  sizes = jnp.full((groups,), per, jnp.int32)
+  rows = a[:groups * per].reshape(groups, per, -1)
+  if product == 'tgmm':
+    want = jnp.einsum('gmk,gmn->gkn', rows, b[:groups * per].reshape(groups, per, -1),
+                      preferred_element_type=jnp.float32)
+  else:
+    pattern = 'gmk,gnk->gmn' if product == 'gmm_transposed' else 'gmk,gkn->gmn'
+    want = jnp.einsum(pattern, rows, b, preferred_element_type=jnp.float32)
+    want = jnp.concatenate([want.reshape(groups * per, -1),
+                            jnp.zeros((m - groups * per, want.shape[-1]), jnp.float32)])
+  return a, b, sizes, want
+
+
+def _autotuned(impl, product, a_shape, b_shape, groups, dtype, out_dtype) -> tuple[str, dict]:
+  impls = [impl] if impl is not None else _implementations_for(dtype)
+  candidates = [dict(t, implementation=i) for i in impls for t in CANDIDATES[i, product]]
+  key = (product, tuple(a_shape), tuple(b_shape), groups, str(dtype), str(out_dtype),
+         '+'.join(impls))
+  # Built once per tuning, outside `build`: every candidate runs on the same operands.
+  problem = []
+
+  def build(candidate):
+    if not problem:
+      problem.extend(_even_problem(product, a_shape, b_shape, groups, dtype))
+    a, b, sizes, want = problem
+    tiling = dict(candidate)
+    which = tiling.pop('implementation')
+    run = jax.jit(lambda a, b, s: _run(which, product, tiling, a, b, s, out_dtype, False))
+    got = run(a, b, sizes)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+    scale = float(jnp.max(jnp.abs(want))) + 1e-6
+    if not err <= 2e-2 * scale:  # also catches NaN
+      raise ValueError(f'wrong result: max abs error {err:.3g} against {scale:.3g}')
+    return lambda: run(a, b, sizes)
+
+  best = autotune.tune(product, key, candidates, build)
+  which = best.pop('implementation')
+  return which, best

@@ -15,45 +15,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.moe_gmm import common
+
 DEFAULT_TILING = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
-
-
-def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-  extra = -x.shape[axis] % multiple
-  if not extra:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, extra)
-  return jnp.pad(x, pad)
-
-
-def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
-  """Row [start, end) of each group, plus the virtual group [sum(sizes), m): g + 1 entries."""
-  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-  starts = ends - group_sizes.astype(jnp.int32)
-  return (jnp.concatenate([starts, ends[-1:]]),
-          jnp.concatenate([ends, jnp.array([m], jnp.int32)]))
-
-
-def tile_group_pairs(starts: jax.Array, ends: jax.Array, m: int, block_m: int
-                     ) -> tuple[jax.Array, jax.Array]:
-  """(group, row tile) of every non-empty intersection, padded with group = len(starts).
-
-  The static count tiles_m + groups bounds them: each group adds at most one tile more than
-  the tiles it fully covers.
-  """
-  num = starts.shape[0]
-  sizes = ends - starts
-  first = starts // block_m
-  count = jnp.where(sizes > 0, (ends - 1) // block_m - first + 1, 0)
-  cum = jnp.cumsum(count)
-  pairs = pl.cdiv(m, block_m) + num
-  p = jnp.arange(pairs, dtype=jnp.int32)
-  group = jnp.searchsorted(cum, p, side='right').astype(jnp.int32)
-  safe = jnp.minimum(group, num - 1)
-  tile = first[safe] + p - (cum[safe] - count[safe])
-  return group, jnp.where(group < num, tile, 0).astype(jnp.int32)
 
 
 def _gmm_kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *,
@@ -93,13 +58,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = preferred_element_type or lhs.dtype
-  lhs_p = _pad_to(_pad_to(lhs, 0, block_m), 1, block_k)
-  rhs_p = _pad_to(_pad_to(rhs, 2 if transpose_rhs else 1, block_k),
+  lhs_p = common.pad_to(common.pad_to(lhs, 0, block_m), 1, block_k)
+  rhs_p = common.pad_to(common.pad_to(rhs, 2 if transpose_rhs else 1, block_k),
                   1 if transpose_rhs else 2, block_n)
   m_p, k_p = lhs_p.shape
   n_p = -(-n // block_n) * block_n
-  starts, ends = group_bounds(group_sizes, m_p)
-  group, tile = tile_group_pairs(starts, ends, m_p, block_m)
+  starts, ends = common.group_bounds(group_sizes, m_p)
+  group, tile = common.tile_group_pairs(starts, ends, m_p, block_m)
   kernel = functools.partial(_gmm_kernel, num_groups=num_groups, block_m=block_m,
                              block_n=block_n, block_k=block_k, k_steps=k_p // block_k,
                              transpose_rhs=transpose_rhs)
@@ -143,9 +108,9 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
   n = grad.shape[1]
   num_groups = group_sizes.shape[0]
   out_dtype = preferred_element_type or lhs.dtype
-  lhs_p = _pad_to(_pad_to(lhs, 0, block_m), 1, block_k)
-  grad_p = _pad_to(_pad_to(grad, 0, block_m), 1, block_n)
-  starts, ends = group_bounds(group_sizes, lhs_p.shape[0])
+  lhs_p = common.pad_to(common.pad_to(lhs, 0, block_m), 1, block_k)
+  grad_p = common.pad_to(common.pad_to(grad, 0, block_m), 1, block_n)
+  starts, ends = common.group_bounds(group_sizes, lhs_p.shape[0])
   k_p, n_p = lhs_p.shape[1], grad_p.shape[1]
   kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n)
   out = pl.pallas_call(

@@ -1,18 +1,37 @@
 """kernels/moe_gmm against its reference: forward and both gradients, on fresh random inputs.
 
-On CPU the Triton kernels run through Pallas' interpreter at small tiles; the GPU runs them
-compiled at real shapes in experiments/bench_moe_gmm.py (which checks before it times).
+On CPU the Triton kernels run through Pallas' interpreter at small tiles, and the Mosaic GPU
+kernels through jax's GPU interpreter (which simulates shared memory, TMA, barriers and wgmma);
+the Mosaic GPU kernels are also lowered for CUDA at real shapes and with every autotuning
+candidate, which runs Mosaic's layout inference and its shared-memory budget on this machine.
+The GPU runs them compiled at real shapes in experiments/bench_moe_gmm.py (which checks before
+it times).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.moe_gmm import gmm, reference, tgmm
+from kernels.moe_gmm import gmm, ops, reference, tgmm
+from tests.kernels import mosaic_interpret
 
-TILES = dict(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+TILES = {
+    'triton': dict(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1),
+    # wgmma's smallest row block is 64 (one warpgroup); 64-wide k and n blocks are the
+    # narrowest that keep the production 128-byte swizzle.
+    'mosaic_gpu': dict(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, band=2),
+    'xla': None,
+}
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+@pytest.fixture(autouse=True)
+def _interpretable():
+  with mosaic_interpret.interpretable():
+    yield
 
 
 def _groups(kind: str, m: int, g: int, rng) -> np.ndarray:
@@ -53,14 +72,21 @@ CASES = [  # (m, k, n, groups, group sizes); m, k, n deliberately not multiples 
 ]
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16'])
+# Mosaic GPU takes 16-bit operands only (wgmma's bf16/fp16 path): it refuses float32 (tested
+# below) and is checked in float16 instead.
+IMPL_DTYPES = [('triton', jnp.float32), ('triton', jnp.bfloat16), ('xla', jnp.float32),
+               ('xla', jnp.bfloat16), ('mosaic_gpu', jnp.bfloat16), ('mosaic_gpu', jnp.float16)]
+
+
 @pytest.mark.parametrize('case', CASES, ids=[c[-1] for c in CASES])
-@pytest.mark.parametrize('implementation', ['triton', 'xla'])
+@pytest.mark.parametrize('implementation,dtype', IMPL_DTYPES,
+                         ids=[f'{i}-{jnp.dtype(d).name}' for i, d in IMPL_DTYPES])
 def test_forward_and_gradients_match_reference(case, dtype, implementation):
   m, k, n, g, kind = case
-  lhs, rhs, sizes, rng = _inputs(dtype, m, k, n, g, kind, seed=hash((case, str(dtype))) % 2**31)
+  lhs, rhs, sizes, rng = _inputs(dtype, m, k, n, g, kind,
+                                 seed=hash((case, jnp.dtype(dtype).name)) % 2**31)
   cotangent = jnp.asarray(rng.standard_normal((m, n)), dtype)
-  kw = dict(implementation=implementation, tiling=TILES, interpret=True)
+  kw = dict(implementation=implementation, tiling=TILES[implementation], interpret=True)
 
   out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, **kw), lhs, rhs)
   want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
@@ -79,29 +105,38 @@ def test_forward_and_gradients_match_reference(case, dtype, implementation):
 
 
 def test_tgmm_matches_reference_directly():
-  lhs, _, sizes, rng = _inputs(jnp.float32, 77, 40, 8, 6, 'random_with_zeros', seed=3)
-  grad = jnp.asarray(rng.standard_normal((77, 36)), jnp.float32)
-  want = reference.tgmm(lhs, grad, sizes)
-  for impl in ('triton', 'xla'):
-    got = tgmm(lhs, grad, sizes, implementation=impl, tiling=TILES, interpret=True)
-    _close(got, want, jnp.float32)
+  for impl, dtype in (('triton', jnp.float32), ('xla', jnp.float32),
+                      ('mosaic_gpu', jnp.bfloat16)):
+    lhs, _, sizes, rng = _inputs(dtype, 77, 40, 8, 6, 'random_with_zeros', seed=3)
+    grad = jnp.asarray(rng.standard_normal((77, 36)), dtype)
+    want = reference.tgmm(lhs, grad, sizes)
+    got = tgmm(lhs, grad, sizes, implementation=impl, tiling=TILES[impl], interpret=True)
+    _close(got, want, dtype)
 
 
-def test_fp32_output_from_bf16_inputs():
+@pytest.mark.parametrize('implementation', ['triton', 'mosaic_gpu'])
+def test_fp32_output_from_bf16_inputs(implementation):
   lhs, rhs, sizes, _ = _inputs(jnp.bfloat16, 40, 32, 16, 3, 'skewed', seed=5)
-  got = gmm(lhs, rhs, sizes, implementation='triton', preferred_element_type=jnp.float32,
-            tiling=TILES, interpret=True)
+  got = gmm(lhs, rhs, sizes, implementation=implementation, preferred_element_type=jnp.float32,
+            tiling=TILES[implementation], interpret=True)
   assert got.dtype == jnp.float32
   want = reference.gmm(lhs, rhs, sizes, preferred_element_type=jnp.float32)
   _close(got, want, jnp.float32)  # fp32 accumulation: as tight as fp32
 
 
-def test_tile_straddling_group_boundaries_with_default_tiles():
-  # Groups of 1, 127, 129 rows and an empty one against the production tile size.
-  lhs, rhs, _, _ = _inputs(jnp.float32, 300, 64, 128, 4, 'skewed', seed=7)
+@pytest.mark.parametrize('implementation,dtype', [('triton', jnp.float32),
+                                                  ('mosaic_gpu', jnp.bfloat16)])
+def test_tile_straddling_group_boundaries_with_default_tiles(implementation, dtype):
+  # Groups of 1, 127, 129 rows and an empty one against the production tile sizes; for Mosaic
+  # GPU the stores of 1, 127 (= 64+32+16+8+4+2+1) and 129 - 128 rows take every bit of the
+  # row-count ladder.
+  lhs, rhs, _, rng = _inputs(dtype, 300, 64, 128, 4, 'skewed', seed=7)
   sizes = jnp.array([1, 127, 0, 129], jnp.int32)
-  got = gmm(lhs, rhs, sizes, implementation='triton', interpret=True)
-  _close(got, reference.gmm(lhs, rhs, sizes), jnp.float32)
+  got = gmm(lhs, rhs, sizes, implementation=implementation, interpret=True)
+  _close(got, reference.gmm(lhs, rhs, sizes), dtype)
+  grad = jnp.asarray(rng.standard_normal((300, 128)), dtype)
+  got = tgmm(lhs, grad, sizes, implementation=implementation, interpret=True)
+  _close(got, reference.tgmm(lhs, grad, sizes), dtype)
 
 
 def test_implementation_errors_are_clear():
@@ -115,6 +150,16 @@ def test_implementation_errors_are_clear():
     gmm(lhs, rhs, sizes.astype(jnp.float32))
   with pytest.raises(ValueError, match=r'want lhs \[m, k\]'):
     gmm(lhs, rhs[:, :3], sizes)
+  with pytest.raises(ValueError, match='bfloat16 or float16 operands'):
+    gmm(lhs, rhs, sizes, implementation='mosaic_gpu', interpret=True)
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match='needs a Hopper-or-newer NVIDIA GPU'):
+      gmm(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), sizes,
+          implementation='mosaic_gpu')
+  with pytest.raises(ValueError, match="tiling must be None, a dict or 'autotune'"):
+    gmm(lhs, rhs, sizes, implementation='triton', tiling='fast', interpret=True)
+  with pytest.raises(ValueError, match='cannot tune interpreted'):
+    gmm(lhs, rhs, sizes, implementation='triton', tiling='autotune', interpret=True)
 
 
 def test_triton_lowering_for_cuda_verifies_on_this_machine():
@@ -138,18 +183,112 @@ def test_triton_lowering_for_cuda_verifies_on_this_machine():
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
   sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
   lowering.lower_jaxpr_to_triton_module = capture
+  count = 0
   try:
-    for fn, args in [(lambda a, b, g: tr.gmm(a, b, g), (spec(256, 128), spec(4, 128, 64), sizes)),
-                     (lambda a, b, g: tr.gmm(a, b, g, transpose_rhs=True),
-                      (spec(256, 64), spec(4, 128, 64), sizes)),
-                     (lambda a, d, g: tr.tgmm(a, d, g), (spec(256, 128), spec(256, 64), sizes))]:
-      try:
-        pl.lower_as_mlir(fn, *args, platforms=['cuda'])
-      except ValueError as e:  # export then refuses the custom call; the IR is built by then
-        assert 'custom calls' in str(e)
+    for product in ops.PRODUCTS:  # every autotuning candidate of each product
+      for tiling in ops.CANDIDATES['triton', product]:
+        if product == 'tgmm':
+          fn, args = functools.partial(tr.tgmm, **tiling), (spec(256, 128), spec(256, 64), sizes)
+        else:
+          fn = functools.partial(tr.gmm, transpose_rhs=product == 'gmm_transposed', **tiling)
+          args = ((spec(256, 64), spec(4, 128, 64), sizes) if product == 'gmm_transposed'
+                  else (spec(256, 128), spec(4, 128, 64), sizes))
+        count += 1
+        try:
+          pl.lower_as_mlir(fn, *args, platforms=['cuda'])
+        except ValueError as e:  # export then refuses the custom call; the IR is built by then
+          assert 'custom calls' in str(e)
   finally:
     lowering.lower_jaxpr_to_triton_module = original
-  assert len(captured) == 3
+  assert len(captured) == count
   for result in captured:
     text = str(result.module)
     assert 'scf.for' in text and '"scf.for"' not in text, text[-2000:]
+
+
+# (rows, k, n, groups): the three shapes of experiments/bench_moe_gmm.py.
+REAL_SHAPES = {'mixtral_8x7b': (16384, 4096, 14336, 8), 'deepseek_v2_lite': (16386, 2048, 1408, 64),
+               'deepseek_v3': (32768, 7168, 2048, 256)}
+
+
+def _mosaic_lowerings(rows, k, n, groups, product, tiling):
+  from kernels.moe_gmm import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+  sizes = jax.ShapeDtypeStruct((groups,), jnp.int32)
+  tiling = dict(tiling, num_programs=132)  # the H100's SMs: no GPU here to ask
+  if product == 'gmm':
+    fn, args = functools.partial(mosaic_gpu.gmm, **tiling), (spec(rows, k), spec(groups, k, n))
+  elif product == 'gmm_transposed':
+    fn = functools.partial(mosaic_gpu.gmm, transpose_rhs=True, **tiling)
+    args = (spec(rows, n), spec(groups, k, n))
+  else:
+    fn, args = functools.partial(mosaic_gpu.tgmm, **tiling), (spec(rows, k), spec(rows, n))
+  return jax.jit(fn).trace(*args, sizes).lower(lowering_platforms=('cuda',)).as_text()
+
+
+@pytest.mark.parametrize('shape', list(REAL_SHAPES))
+def test_mosaic_gpu_lowers_for_cuda_at_real_shapes_with_every_candidate(shape):
+  """Lowering a Mosaic GPU kernel for CUDA runs, in Python on this machine, Mosaic's layout
+  inference, its dialect lowering and the 227 KiB shared-memory check of sm_90: a candidate
+  that would not fit or whose register layouts conflict fails here, not on the GPU. Every
+  autotuning candidate at DeepSeek-V2-Lite's shape; the defaults at the others."""
+  rows, k, n, groups = REAL_SHAPES[shape]
+  for product in ops.PRODUCTS:
+    candidates = ops.CANDIDATES['mosaic_gpu', product]
+    for tiling in candidates if shape == 'deepseek_v2_lite' else candidates[:1]:
+      text = _mosaic_lowerings(rows, k, n, groups, product, tiling)
+      assert 'mosaic_gpu' in text, (product, tiling)
+
+
+def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch, tmp_path):
+  """tiling='autotune' end to end on the CPU: the kernels run interpreted and a fake timer
+  stands in for the GPU clock. The fastest candidate is wrong on purpose: it must be refused
+  by the correctness check, and the fastest correct one used, for each of the three products
+  (forward at the gmm trace, both gradients at the backward's)."""
+  from kernels.moe_gmm import autotune  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('EFFICIENTJAX_CACHE_DIR', str(tmp_path))
+  autotune.clear_memory_cache()
+  base = TILES['triton']
+  slow, wrong, fast = (dict(base, block_m=16), dict(base, block_m=32, num_stages=7),
+                       dict(base, block_m=32, num_warps=8))
+  seconds = [(slow, 3.0), (wrong, 1.0), (fast, 2.0)]  # the wrong one is the fastest
+  monkeypatch.setattr(ops, 'CANDIDATES', {('triton', p): [slow, wrong, fast]
+                                          for p in ops.PRODUCTS})
+  monkeypatch.setattr(ops, '_resolve', lambda implementation, interpret: 'triton')
+  used = []  # (product, tiling) of every trace of a kernel
+  real_run = ops._run  # pylint: disable=protected-access
+
+  def run(impl, product, tiling, a, b, sizes, out_dtype, interpret):
+    del interpret
+    used.append((product, tiling))
+    out = real_run(impl, product, tiling, a, b, sizes, out_dtype, True)
+    return out * 1.5 if tiling == wrong else out
+
+  def timer(thunk, repeats):
+    del thunk, repeats
+    _, tiling = used[-1]  # the candidate just built: its jit traced `run` once
+    return next(t for c, t in seconds if c == tiling)
+
+  monkeypatch.setattr(ops, '_run', run)
+  monkeypatch.setattr(autotune, 'seconds_per_call', timer)
+  lhs, rhs, sizes, rng = _inputs(jnp.float32, 64, 32, 48, 4, 'skewed', seed=11)
+  cotangent = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+  out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation='triton', tiling='autotune'),
+                     lhs, rhs)
+  d_lhs, d_rhs = vjp(cotangent)
+  want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
+  _close(out, want, jnp.float32)
+  for got, ref in zip((d_lhs, d_rhs), vjp_ref(cotangent)):
+    _close(got, ref, jnp.float32)
+  # The computation itself (the last trace of each product) used the fast correct tiling.
+  final = {product: tiling for product, tiling in used}
+  assert final == {p: fast for p in ops.PRODUCTS}, final
+  # Keyed by each product's own operand shapes: lhs [64, 32], rhs [4, 32, 48], grad [64, 48].
+  shapes = {'gmm': ((64, 32), (4, 32, 48)), 'gmm_transposed': ((64, 48), (4, 32, 48)),
+            'tgmm': ((64, 32), (64, 48))}
+  for product, (a, b) in shapes.items():
+    report = autotune.last_report(product, (product, a, b, 4, 'float32', 'float32', 'triton'))
+    assert report['best'] == dict(fast, implementation='triton') and report['source'] == 'tuned'
+    (wrong_error,) = report['errors'].values()
+    assert wrong_error.startswith('ValueError: wrong result'), wrong_error
+

@@ -1,0 +1,48 @@
+"""Row and tile bookkeeping shared by the grouped-matmul kernels (Triton and Mosaic GPU).
+
+Rows of `lhs` are sorted by group. A row tile of `block_m` rows that straddles a group boundary
+is processed once per group it touches, each time keeping only its own group's rows (the
+megablox scheme), so no group is padded to the tile size. A virtual last group covers the
+rows past sum(group_sizes), whose outputs are zero.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+def pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, extra)
+  return jnp.pad(x, pad)
+
+
+def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """Row [start, end) of each group, plus the virtual group [sum(sizes), m): g + 1 entries."""
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  starts = ends - group_sizes.astype(jnp.int32)
+  return (jnp.concatenate([starts, ends[-1:]]),
+          jnp.concatenate([ends, jnp.array([m], jnp.int32)]))
+
+
+def tile_group_pairs(starts: jax.Array, ends: jax.Array, m: int, block_m: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(group, row tile) of every non-empty intersection, padded with group = len(starts).
+
+  The static count tiles_m + groups bounds them: each group adds at most one tile more than
+  the tiles it fully covers.
+  """
+  num = starts.shape[0]
+  sizes = ends - starts
+  first = starts // block_m
+  count = jnp.where(sizes > 0, (ends - 1) // block_m - first + 1, 0)
+  cum = jnp.cumsum(count)
+  pairs = pl.cdiv(m, block_m) + num
+  p = jnp.arange(pairs, dtype=jnp.int32)
+  group = jnp.searchsorted(cum, p, side='right').astype(jnp.int32)
+  safe = jnp.minimum(group, num - 1)
+  tile = first[safe] + p - (cum[safe] - count[safe])
+  return group, jnp.where(group < num, tile, 0).astype(jnp.int32)

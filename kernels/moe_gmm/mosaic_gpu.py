@@ -1,0 +1,265 @@
+"""Grouped matmuls in Pallas with the Mosaic GPU backend: the Hopper path (TMA + wgmma).
+
+Both kernels are persistent: one program per SM walks a list of output tiles (`plgpu.nd_loop`
+over the "sm" axis), and each tile runs a software pipeline (`plgpu.emit_pipeline`) that
+streams operand blocks into shared memory by TMA, `max_concurrent_steps` blocks ahead, while
+the warpgroup's asynchronous wgmma accumulates in registers (fp32).
+
+gmm: the output tiles are (tile-group pair, column tile) as in common.py: a row tile that
+straddles a group boundary is computed once per group it touches. The tiles are walked in
+bands of `band` pairs, column-major inside a band, so the SMs busy at one time share a few
+row tiles of `lhs` and a few groups' weights in L2 (the "grouped ordering" of tiled matmuls).
+A tile writes back only its group's rows: TMA stores need a static row count, so the count is
+split into its binary digits and one store issued per set bit (at most log2(block_m) + 1).
+
+tgmm: the output tiles are (group, k tile, n tile) of out[g, k, n]; each pipelines over its
+group's row blocks, zeroing in shared memory the rows of neighbouring groups in the first and
+last block before the wgmma reads them.
+
+Inputs must be 16-bit floats of one dtype (wgmma's bf16/fp16 path); the caller pads nothing:
+m, k and n are padded here to the block sizes when they are not multiples (a copy, so the
+model's shapes should be multiples: MoE row counts are tokens × top-k, usually are).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.moe_gmm import common
+
+DEFAULT_TILING = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, band=8)
+DEFAULT_TGMM_TILING = dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=4, band=8)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+# Programs the CPU interpreter simulates: a few, so persistence (several tiles per program)
+# is exercised without simulating 132 SMs.
+_INTERPRET_PROGRAMS = 3
+
+
+def interpret_params():
+  """The GPU interpreter's parameters: Mosaic GPU kernels run on the CPU, simulating shared
+  memory, TMA and barriers. Private in jax 0.10 (no public export yet)."""
+  from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+  return params.InterpretGPUParams()
+
+
+def check_dtypes(*arrays: jax.Array) -> None:
+  dtypes = {jnp.dtype(a.dtype) for a in arrays}
+  if len(dtypes) != 1 or next(iter(dtypes)) not in map(jnp.dtype, SUPPORTED_DTYPES):
+    raise ValueError(f"moe_gmm: implementation 'mosaic_gpu' takes bfloat16 or float16 operands "
+                     f"of one dtype (wgmma), got {sorted(map(str, dtypes))}; use 'triton' for "
+                     "float32")
+
+
+def _check_blocks(block_m: int, **blocks: int) -> None:
+  # wgmma works on 64-row slabs per warpgroup, and the row masks live in its register layout.
+  if block_m % 64:
+    raise ValueError(f'moe_gmm mosaic_gpu: block_m must be a multiple of 64, got {block_m}')
+  for name, size in blocks.items():
+    if size % 64:  # the narrowest operand block that keeps the 128-byte swizzle for 16-bit
+      raise ValueError(f'moe_gmm mosaic_gpu: {name} must be a multiple of 64, got {size}')
+
+
+def _num_programs(interpret: bool, num_programs: int | None) -> int:
+  if num_programs:
+    return num_programs
+  return _INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count
+
+
+def _swizzled(block_minor: int, dtype) -> tuple:
+  """Shared-memory layout wgmma reads without bank conflicts: 8-row tiles, swizzled."""
+  swizzle = plgpu.find_swizzle(block_minor * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _banded(index: jax.Array, num_rows: int, num_cols: int, band: int):
+  """Tile `index` of a (num_rows × num_cols) walk in bands of `band` rows, column-major inside
+  a band: consecutive indices share a row (L2 reuse of its operands) for `band` steps."""
+  per_band = band * num_cols
+  first_row = (index // per_band) * band
+  rows_here = jnp.minimum(band, num_rows - first_row)  # the last band may be short
+  within = index % per_band
+  return first_row + within % rows_here, within // rows_here
+
+
+def _store_rows(o_smem, o_gmem, first_row, row_in_tile, count, block_m, col_slice):
+  """Copy rows [row_in_tile, row_in_tile + count) of o_smem to rows first_row + ... of o_gmem.
+
+  TMA takes static shapes, the count is dynamic: one store per set bit of `count`.
+  """
+  done = row_in_tile
+  bit = block_m
+  while bit:
+    @pl.when(count & bit != 0)
+    def _(bit=bit, done=done):
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(done, bit)],
+                              o_gmem.at[pl.ds(first_row + done, bit), col_slice])
+    done = done + (count & bit)
+    bit //= 2
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+        preferred_element_type=None, block_m: int = 128, block_n: int = 128, block_k: int = 64,
+        max_concurrent_steps: int = 4, band: int = 8, num_programs: int | None = None,
+        interpret: bool = False) -> jax.Array:
+  """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs)."""
+  check_dtypes(lhs, rhs)
+  _check_blocks(block_m, block_n=block_n, block_k=block_k)
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  lhs_p = common.pad_to(common.pad_to(lhs, 0, block_m), 1, block_k)
+  rhs_p = common.pad_to(common.pad_to(rhs, 2 if transpose_rhs else 1, block_k),
+                        1 if transpose_rhs else 2, block_n)
+  m_p, k_p = lhs_p.shape
+  n_p = -(-n // block_n) * block_n
+  grid_n, k_steps = n_p // block_n, k_p // block_k
+  starts, ends = common.group_bounds(group_sizes, m_p)
+  pair_group, pair_tile = common.tile_group_pairs(starts, ends, m_p, block_m)
+  num_pairs = pair_group.shape[0]
+  lhs_layout = _swizzled(block_k, lhs.dtype)
+  rhs_layout = _swizzled(block_k if transpose_rhs else block_n, rhs.dtype)
+
+  def body(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref):
+    @plgpu.nd_loop((num_pairs * grid_n,), collective_axes='sm')
+    def _(loop):
+      pair, col = _banded(loop.index[0], num_pairs, grid_n, band)
+      group = group_ref[pair]
+
+      @pl.when(group <= num_groups)  # pairs past the last are padding; group g is the virtual one
+      def _():
+        tile = tile_ref[pair]
+        row0 = tile * block_m
+        lo = jnp.maximum(starts_ref[group], row0)
+        hi = jnp.minimum(ends_ref[group], row0 + block_m)
+        weights = jnp.minimum(group, num_groups - 1)
+        # The virtual group (rows of no group) runs no steps: its tile stores zeros.
+        steps = k_steps * (group < num_groups).astype(jnp.int32)
+
+        def accumulate(acc_ref):
+          def step(_, a_smem, b_smem):
+            b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+            plgpu.wgmma(acc_ref, a_smem, b)
+
+          plgpu.emit_pipeline(
+              step, grid=(steps,), max_concurrent_steps=max_concurrent_steps,
+              in_specs=[
+                  plgpu.BlockSpec((block_m, block_k), lambda s: (tile, s),
+                                  transforms=lhs_layout, delay_release=1),
+                  plgpu.BlockSpec((block_n, block_k) if transpose_rhs else (block_k, block_n),
+                                  (lambda s: (col, s)) if transpose_rhs else (lambda s: (s, col)),
+                                  transforms=rhs_layout, delay_release=1),
+              ],
+          )(lhs_ref, rhs_ref.at[weights])
+          return acc_ref[...]
+
+        acc = pl.run_scoped(accumulate, plgpu.ACC((block_m, block_n)))
+
+        # Unswizzled, so that a store may start at any row of the tile.
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), out_dtype))
+        def _(o_smem):
+          o_smem[...] = acc.astype(out_dtype)
+          plgpu.commit_smem()
+          _store_rows(o_smem, out_ref, row0, lo - row0, hi - lo, block_m,
+                      pl.ds(col * block_n, block_n))
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
+      grid=(_num_programs(interpret, num_programs),), grid_names=('sm',),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret_params() if interpret else None)
+  out = kernel(pair_group, pair_tile, starts, ends, lhs_p, rhs_p)
+  return out[:m, :n]
+
+
+def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
+         block_m: int = 64, block_n: int = 128, block_k: int = 128,
+         max_concurrent_steps: int = 4, band: int = 8, num_programs: int | None = None,
+         interpret: bool = False) -> jax.Array:
+  """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
+
+  block_m: rows per pipeline step (the contraction); block_k × block_n: the output tile.
+  `band` is accepted for a uniform tiling dict; the walk is group-major already.
+  """
+  del band
+  check_dtypes(lhs, grad)
+  _check_blocks(block_m, block_n=block_n, block_k=block_k)
+  m, k = lhs.shape
+  n = grad.shape[1]
+  num_groups = group_sizes.shape[0]
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  lhs_p = common.pad_to(common.pad_to(lhs, 0, block_m), 1, block_k)
+  grad_p = common.pad_to(common.pad_to(grad, 0, block_m), 1, block_n)
+  starts, ends = common.group_bounds(group_sizes, lhs_p.shape[0])
+  starts, ends = starts[:num_groups], ends[:num_groups]
+  k_p, n_p = lhs_p.shape[1], grad_p.shape[1]
+  grid_k, grid_n = k_p // block_k, n_p // block_n
+  lhs_layout = _swizzled(block_k, lhs.dtype)
+  grad_layout = _swizzled(block_n, grad.dtype)
+  out_layout = _swizzled(block_n, out_dtype)
+
+  def zero_rows_outside(a_smem, start, end, block):
+    """Rows of a_smem (block `block` of the walk) outside [start, end) set to zero."""
+    rows = block * block_m + plgpu.layout_cast(
+        lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0), plgpu.Layout.WGMMA)
+    keep = (rows >= start) & (rows < end)
+    a_smem[...] = jnp.where(keep, a_smem[...], jnp.zeros_like(a_smem[...]))
+    plgpu.commit_smem()
+
+  def body(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref):
+    @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes='sm')
+    def _(loop):
+      group, rest = jnp.divmod(loop.index[0], grid_k * grid_n)
+      ki, ni = jnp.divmod(rest, grid_n)
+      start, end = starts_ref[group], ends_ref[group]
+      first = start // block_m
+      # Empty groups run no steps and store their zero tile. A product, not a select, keeps
+      # the trip count an integer (see triton.py's loop bound).
+      blocks = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
+
+      def accumulate(acc_ref):
+        def step(s, a_smem, b_smem):
+          block = first + s[0]
+
+          @pl.when((block * block_m < start) | ((block + 1) * block_m > end))
+          def _():
+            zero_rows_outside(a_smem, start, end, block)
+
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_smem)
+
+        plgpu.emit_pipeline(
+            step, grid=(blocks,), max_concurrent_steps=max_concurrent_steps,
+            in_specs=[
+                plgpu.BlockSpec((block_m, block_k), lambda s: (first + s, ki),
+                                transforms=lhs_layout, delay_release=1),
+                plgpu.BlockSpec((block_m, block_n), lambda s: (first + s, ni),
+                                transforms=grad_layout, delay_release=1),
+            ],
+        )(lhs_ref, grad_ref)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(accumulate, plgpu.ACC((block_k, block_n)))
+
+      @functools.partial(pl.run_scoped,
+                         o_smem=plgpu.SMEM((block_k, block_n), out_dtype, transforms=out_layout))
+      def _(o_smem):
+        o_smem[...] = acc.astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            o_smem, out_ref.at[group, pl.ds(ki * block_k, block_k), pl.ds(ni * block_n, block_n)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((num_groups, k_p, n_p), out_dtype),
+      grid=(_num_programs(interpret, num_programs),), grid_names=('sm',),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret_params() if interpret else None)
+  return kernel(starts, ends, lhs_p, grad_p)[:, :k, :n]
