@@ -76,7 +76,8 @@ def get_config() -> config_dict.ConfigDict:
   e.bias_update_rate = 0.001        # ... by this much: b += u·sign(mean load - load)
   e.dispatch = 'dropless'           # dense | capacity | dropless
   e.capacity_factor = 1.25          # capacity: slots per expert = factor · tokens · k / experts
-  e.grouped_matmul = 'auto'         # dropless: auto | ragged_dot | triton | tokamax | reference
+  e.grouped_matmul = 'auto'         # dropless: auto | autotune | ragged_dot | triton | mosaic_gpu
+                                   #   | tokamax | reference
   m.norm_eps = 1e-5
   m.tie_embeddings = False
   m.init_std = 0.02

@@ -40,7 +40,7 @@ BAD = [
     ({'model.ffn': 'moe', 'model.moe.dispatch': 'sorted'}, {}, 'model.moe.dispatch',
      'valid values: capacity, dense, dropless'),
     ({'model.ffn': 'moe', 'model.moe.grouped_matmul': 'cutlass'}, {},
-     'model.moe.grouped_matmul', 'valid values: auto, ragged_dot'),
+     'model.moe.grouped_matmul', 'valid values: auto, autotune, ragged_dot'),
     ({'model.ffn': 'moe', 'model.moe.top_k': 9}, {}, 'model.moe.top_k', 'num_experts=8'),
     ({'model.ffn': 'moe', 'model.moe.num_groups': 3}, {}, 'model.moe.num_groups',
      'divide num_experts=8'),

@@ -34,7 +34,8 @@ from efficientjax.registry import Registry
 from kernels import moe_gmm
 
 DISPATCH = Registry('model.moe.dispatch')
-GROUPED_MATMULS = ('auto', 'ragged_dot', 'triton', 'tokamax', 'reference')
+GROUPED_MATMULS = ('auto', 'autotune', 'ragged_dot', 'triton', 'mosaic_gpu', 'tokamax',
+                   'reference')
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str = 'auto',
@@ -44,8 +45,12 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl:
 
   impl (model.moe.grouped_matmul):
     auto        kernels.moe_gmm.gmm's backend default (implementation=None);
+    autotune    on a GPU, the fastest correct kernel and tiling per shape among kernels.moe_gmm's
+                (timed once at the first trace, cached on disk: kernels/moe_gmm/autotune.py);
+                elsewhere as 'auto';
     ragged_dot  jax.lax.ragged_dot;
     triton      kernels.moe_gmm's Pallas-Triton kernels (a GPU, or interpret=True anywhere);
+    mosaic_gpu  kernels.moe_gmm's Pallas Mosaic GPU kernels (Hopper: TMA + wgmma; bf16/fp16);
     tokamax     tokamax.ragged_dot (its own backend choice), when tokamax is installed;
     reference   kernels.moe_gmm's plain-jnp specification (slow; for tests).
   Returns `preferred_element_type` (default lhs's dtype).
@@ -54,8 +59,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl:
   group_sizes = group_sizes.astype(jnp.int32)
   if impl == 'ragged_dot':
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
-  if impl in ('auto', 'triton', 'reference'):
-    return moe_gmm.gmm(lhs, rhs, group_sizes, implementation=None if impl == 'auto' else impl,
+  if impl in ('auto', 'autotune', 'triton', 'mosaic_gpu', 'reference'):
+    if impl == 'autotune' and not interpret:
+      tiling = 'autotune'
+    return moe_gmm.gmm(lhs, rhs, group_sizes,
+                       implementation=None if impl in ('auto', 'autotune') else impl,
                        preferred_element_type=out_dtype, interpret=interpret, tiling=tiling)
   if impl == 'tokamax':
     try:

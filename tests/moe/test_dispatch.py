@@ -216,8 +216,9 @@ def test_grouped_matmul_choices():
   sizes = jnp.array([4, 0, 6], jnp.int32)
   want = np.concatenate([np.asarray(lhs[:4]) @ np.asarray(rhs[0]),
                          np.asarray(lhs[4:]) @ np.asarray(rhs[2])])
-  # 'triton' (interpreted) runs in test_strategies_agree_outputs_and_gradients.
-  for impl in ('auto', 'ragged_dot', 'reference'):
+  # 'triton' (interpreted) runs in test_strategies_agree_outputs_and_gradients, 'mosaic_gpu'
+  # in test_dropless_mosaic_gpu_in_bfloat16; 'autotune' off a GPU is 'auto'.
+  for impl in ('auto', 'autotune', 'ragged_dot', 'reference'):
     out = grouped_matmul(lhs, rhs, sizes, impl, preferred_element_type=jnp.float32)
     _close(out, want, 2e-6)
   if importlib.util.find_spec('tokamax') is None:
@@ -227,3 +228,21 @@ def test_grouped_matmul_choices():
     _close(grouped_matmul(lhs, rhs, sizes, 'tokamax'), want, 2e-6)
   with pytest.raises(ConfigError, match='model.moe.grouped_matmul'):
     grouped_matmul(lhs, rhs, sizes, 'cublas')
+
+
+def test_dropless_mosaic_gpu_in_bfloat16():
+  """The Hopper kernels (jax's GPU interpreter) inside the dropless dispatch: outputs and all
+  gradients equal the plain-jnp grouped matmul's, both in bf16 (wgmma takes 16-bit operands)."""
+  from tests.kernels.mosaic_interpret import interpretable  # pylint: disable=g-import-not-at-top
+  x, w, logits, probe = _inputs(seed=17)
+  results = []
+  with interpretable():
+    for gmm in ('mosaic_gpu', 'reference'):
+      cfg = dataclasses.replace(BASE, dispatch='dropless', grouped_matmul=gmm)
+      (_, (y, _, _)), grads = _step(cfg, jnp.bfloat16)(x, w, logits, probe)
+      results.append((y, grads))
+  (y, grads), (y_ref, grads_ref) = results
+  assert y.dtype == jnp.bfloat16
+  _close(y, y_ref, 1e-2)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    _close(got, want, 1e-2)
