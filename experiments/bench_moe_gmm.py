@@ -2,18 +2,23 @@
 
 For each shape and group-size distribution (even, Dirichlet-skewed): `jax.lax.ragged_dot`,
 tokamax's `ragged_dot` (where installed), a capacity-style batched einsum (every expert padded
-to the largest group), a dense matmul of the same FLOPs, and kernels/moe_gmm's Triton kernel
-at a few tilings. Forward and forward+backward TFLOP/s (fwd = 2·rows·k·n; fwd+bwd counted as
-3× fwd), medians after warm-up. Every output is checked against a per-group reference before
-anything is timed.
+to the largest group), a dense matmul of the same FLOPs, kernels/moe_gmm's Triton and Mosaic
+GPU kernels at each candidate tiling of its autotuner (rows `ours_<impl>_<index>`, the index
+into kernels.moe_gmm.ops.CANDIDATES[impl, 'gmm']; one tiling drives all three products of
+fwd+bwd), and `ours_autotuned` (implementation=None, tiling='autotune': each product's
+implementation and tiling tuned on its own; the row records what was chosen). Forward and
+forward+backward TFLOP/s (fwd = 2·rows·k·n; fwd+bwd counted as 3× fwd). Every output and both
+gradients are checked against a per-group reference before anything is timed.
+
+Timing: `repeats` calls issued back to back and synchronised once, median of 3 such rounds
+(kernels.moe_gmm.autotune.seconds_per_call): per-call synchronisation would add the host
+round trip to sub-millisecond kernels. Results before this change were timed call by call.
 
   python -m experiments.bench_moe_gmm --out=FILE.json [--quick] [--shapes=deepseek_v2_lite]
-      [--tilings=0,1] [--repeats=N]
+      [--impls=mosaic_gpu,autotuned] [--tilings=0,1] [--repeats=N]
 """
 
 import json
-import statistics
-import time
 import traceback
 
 import jax
@@ -21,14 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kernels.moe_gmm import gmm
+from kernels.moe_gmm import autotune, gmm, ops
 
 _OUT = flags.DEFINE_string('out', None, 'write results here as JSON')
 _QUICK = flags.DEFINE_bool('quick', False, 'tiny shapes on any backend (a check of the script)')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'timed calls per variant')
 _SHAPES = flags.DEFINE_list('shapes', None, 'only these shape names (a device call has 10 '
                             'minutes: split the three shapes over calls)')
-_TILINGS = flags.DEFINE_list('tilings', None, 'only these indices of TILINGS')
+_TILINGS = flags.DEFINE_list('tilings', None, "only these indices of each implementation's "
+                             'candidate tilings')
+FAMILIES = ('ragged_dot', 'tokamax', 'dense', 'capacity', 'triton', 'mosaic_gpu', 'autotuned')
+_IMPLS = flags.DEFINE_list('impls', None, f'only these variant families: {", ".join(FAMILIES)}')
 
 # (name, experts, top_k, tokens, k, n): rows = tokens × top_k; DeepSeek-V3's token count is
 # scaled down so its 256 experts fit one GPU.
@@ -38,19 +46,6 @@ SHAPES = [
     ('deepseek_v3', 256, 8, 4096, 7168, 2048),
 ]
 QUICK_SHAPES = [('quick', 4, 2, 96, 64, 48)]
-TILINGS = [
-    dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
-    dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
-    # More candidates for the small-group shapes (DeepSeek-V2-Lite's ~256 rows per expert).
-    dict(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
-    dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
-    dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
-    dict(block_m=64, block_n=256, block_k=32, num_warps=8, num_stages=3),
-    dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
-]
-
-
 def group_sizes(kind: str, rows: int, experts: int, rng) -> np.ndarray:
   if kind == 'even':
     sizes = np.full(experts, rows // experts)
@@ -81,20 +76,26 @@ def reference_grads_by_slices(lhs, rhs, sizes: np.ndarray):
 
 
 def timed(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  """Seconds per call: back to back, synchronised once, median of 3 rounds (after 2 warm-ups)."""
+  return autotune.seconds_per_call(lambda: fn(*args), _REPEATS.value)
 
 
 def fwd_bwd(f):
   """value_and_grad of sum(f) w.r.t. lhs and rhs: the training cost of the product."""
   return jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(f(a, b).astype(jnp.float32)),
                                     argnums=(0, 1)))
+
+
+def _autotune_choices(lhs, rhs, experts) -> dict:
+  """What tiling='autotune' chose per product, with every candidate's time and error."""
+  rows, k = lhs.shape
+  n = rhs.shape[2]
+  shapes = {'gmm': ((rows, k), (experts, k, n)), 'gmm_transposed': ((rows, n), (experts, k, n)),
+            'tgmm': ((rows, k), (rows, n))}
+  impls = '+'.join(ops._implementations_for(lhs.dtype))  # pylint: disable=protected-access
+  dtype = str(jnp.dtype(lhs.dtype))
+  return {product: autotune.last_report(product, (product, a, b, experts, dtype, dtype, impls))
+          for product, (a, b) in shapes.items()}
 
 
 def main(argv):
@@ -105,16 +106,32 @@ def main(argv):
     if unknown:
       raise app.UsageError(f'unknown --shapes {sorted(unknown)}; valid: {[s[0] for s in SHAPES]}')
     shapes = [s for s in shapes if s[0] in _SHAPES.value]
-  # (index into TILINGS, tiling): rows are named by the index, whichever subset runs.
-  chosen = [int(i) for i in _TILINGS.value] if _TILINGS.value else range(len(TILINGS))
-  tilings = [(i, TILINGS[i]) for i in chosen]
+  families = _IMPLS.value or list(FAMILIES)
+  unknown = set(families) - set(FAMILIES)
+  if unknown:
+    raise app.UsageError(f'unknown --impls {sorted(unknown)}; valid: {list(FAMILIES)}')
   interpret = jax.default_backend() != 'gpu'
+  # (implementation, index, tiling): rows are named by the index, whichever subset runs.
+  kernels = []
+  for impl in ('triton', 'mosaic_gpu'):
+    candidates = ops.CANDIDATES[impl, 'gmm']
+    chosen = [int(i) for i in _TILINGS.value] if _TILINGS.value else range(len(candidates))
+    if impl in families:
+      kernels += [(impl, i, candidates[i]) for i in chosen if i < len(candidates)]
+  if interpret:
+    # A check of the script: interpreted, at small tiles, the default tiling only. Mosaic GPU
+    # is left to tests/kernels (jax 0.10's GPU interpreter needs a shim for the transposed
+    # operands of the backward pass).
+    kernels = [(impl, i, dict(t, block_m=16, block_n=16, block_k=16))
+               for impl, i, t in kernels if impl == 'triton' and i == 0]
+    families = [f for f in families if f != 'autotuned']
   try:
     import tokamax  # pylint: disable=g-import-not-at-top
   except Exception as e:  # pylint: disable=broad-except
     tokamax, tokamax_error = None, repr(e)
   results = {'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
-             'repeats': _REPEATS.value, 'runs': []}
+             'repeats': _REPEATS.value, 'timing': 'back to back, median of 3 rounds',
+             'runs': []}
   rng = np.random.default_rng(0)
   for name, experts, top_k, tokens, k, n in shapes:
     rows = tokens * top_k
@@ -130,17 +147,20 @@ def main(argv):
       # and runs out of memory at DeepSeek-V3's shape.
       ref_dl, ref_dr = reference_grads_by_slices(lhs, rhs, sizes_np)
       cap = int(sizes_np.max())
-      variants = {
-          'ragged_dot': lambda a, b: jax.lax.ragged_dot(a, b, sizes),
-          'dense_same_flops': None,
-          'batched_einsum_capacity': None,
-      }
-      if tokamax is not None:
+      variants = {}
+      if 'ragged_dot' in families:
+        variants['ragged_dot'] = lambda a, b: jax.lax.ragged_dot(a, b, sizes)
+      if 'dense' in families:
+        variants['dense_same_flops'] = None
+      if 'capacity' in families:
+        variants['batched_einsum_capacity'] = None
+      if tokamax is not None and 'tokamax' in families:
         variants['tokamax_ragged_dot'] = lambda a, b: tokamax.ragged_dot(a, b, sizes)
-      for i, tiling in (tilings if not interpret else tilings[:1]):
-        tiles = dict(tiling, block_m=16, block_n=16, block_k=16) if interpret else tiling
-        variants[f'ours_triton_{i}'] = (lambda a, b, t=tiles: gmm(
-            a, b, sizes, implementation='triton', tiling=t, interpret=interpret))
+      for impl, i, tiling in kernels:
+        variants[f'ours_{impl}_{i}'] = (lambda a, b, impl=impl, t=tiling: gmm(
+            a, b, sizes, implementation=impl, tiling=t, interpret=interpret))
+      if 'autotuned' in families:
+        variants['ours_autotuned'] = lambda a, b: gmm(a, b, sizes, tiling='autotune')
       run = {'shape': name, 'groups': kind, 'rows': rows, 'experts': experts, 'k': k, 'n': n,
              'max_group': cap, 'fwd_flops': flops, 'variants': {}}
       for vname, f in variants.items():
@@ -183,6 +203,8 @@ def main(argv):
               continue
             entry['fwd_ms'] = timed(fwd, lhs, rhs) * 1e3
             entry['fwd_bwd_ms'] = timed(fwd_bwd(f), lhs, rhs) * 1e3
+            if vname == 'ours_autotuned':
+              entry['chosen'] = _autotune_choices(lhs, rhs, experts)
           entry['fwd_tflops'] = flops / (entry['fwd_ms'] * 1e-3) / 1e12
           entry['fwd_bwd_tflops'] = 3 * flops / (entry['fwd_bwd_ms'] * 1e-3) / 1e12
         except Exception as e:  # pylint: disable=broad-except
