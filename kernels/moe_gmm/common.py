@@ -46,3 +46,18 @@ def tile_group_pairs(starts: jax.Array, ends: jax.Array, m: int, block_m: int
   safe = jnp.minimum(group, num - 1)
   tile = first[safe] + p - (cum[safe] - count[safe])
   return group, jnp.where(group < num, tile, 0).astype(jnp.int32)
+
+
+def banded(index: jax.Array, num_rows: int, num_cols: int, band: int):
+  """(row, column) of tile `index` when a num_rows × num_cols grid of output tiles is walked in
+  bands of `band` rows, column-major inside a band (the rows vary fastest).
+
+  The programs resident at one time then cover a few rows × a few columns instead of many
+  rows × one column: each row tile of lhs, and each column of the weights those rows use, is
+  read from HBM about once and then served from L2 (the "grouped ordering" of tiled matmuls).
+  """
+  per_band = band * num_cols
+  first_row = (index // per_band) * band
+  rows_here = jnp.minimum(band, num_rows - first_row)  # the last band may be short
+  within = index % per_band
+  return first_row + within % rows_here, within // rows_here

@@ -76,16 +76,6 @@ def _swizzled(block_minor: int, dtype) -> tuple:
           plgpu.SwizzleTransform(swizzle))
 
 
-def _banded(index: jax.Array, num_rows: int, num_cols: int, band: int):
-  """Tile `index` of a (num_rows × num_cols) walk in bands of `band` rows, column-major inside
-  a band: consecutive indices share a row (L2 reuse of its operands) for `band` steps."""
-  per_band = band * num_cols
-  first_row = (index // per_band) * band
-  rows_here = jnp.minimum(band, num_rows - first_row)  # the last band may be short
-  within = index % per_band
-  return first_row + within % rows_here, within // rows_here
-
-
 def _store_rows(o_smem, o_gmem, first_row, row_in_tile, count, block_m, col_slice):
   """Copy rows [row_in_tile, row_in_tile + count) of o_smem to rows first_row + ... of o_gmem.
 
@@ -129,7 +119,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   def body(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref):
     @plgpu.nd_loop((num_pairs * grid_n,), collective_axes='sm')
     def _(loop):
-      pair, col = _banded(loop.index[0], num_pairs, grid_n, band)
+      pair, col = common.banded(loop.index[0], num_pairs, grid_n, band)
       group = group_ref[pair]
 
       @pl.when(group <= num_groups)  # pairs past the last are padding; group g is the virtual one

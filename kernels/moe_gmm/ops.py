@@ -52,12 +52,19 @@ _TRITON_GMM = [
     dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
     dict(block_m=64, block_n=256, block_k=32, num_warps=8, num_stages=3),
     dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
+    # The default tiles walked in bands (triton.gmm's `band`): L2 reuse of lhs and weights.
+    dict(triton_impl.DEFAULT_TILING, band=8),
+    dict(triton_impl.DEFAULT_TILING, band=32),
+    dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, band=16),
 ]
 _TRITON_TGMM = [
     triton_impl.DEFAULT_TILING,
     dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
     dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
     dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    # Group-major launch order (any `band`): a group's rows stay in L2 for all its tiles.
+    dict(triton_impl.DEFAULT_TILING, band=1),
+    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, band=1),
 ]
 _MOSAIC_GMM = [
     mosaic_impl.DEFAULT_TILING,

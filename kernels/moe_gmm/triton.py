@@ -22,8 +22,12 @@ _ANY = pl.BlockSpec(memory_space=pl.ANY)
 
 
 def _gmm_kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *,
-                num_groups, block_m, block_n, block_k, k_steps, transpose_rhs):
-  pair, col = pl.program_id(0), pl.program_id(1)
+                num_groups, block_m, block_n, block_k, k_steps, transpose_rhs, band, num_pairs,
+                grid_n):
+  if band is None:
+    pair, col = pl.program_id(0), pl.program_id(1)
+  else:
+    pair, col = common.banded(pl.program_id(0), num_pairs, grid_n, band)
   group, tile = group_ref[pair], tile_ref[pair]
   bound = jnp.minimum(group, num_groups)  # num_groups is the virtual (zero) group
   rows = tile * block_m + jnp.arange(block_m)
@@ -52,8 +56,15 @@ def _gmm_kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         preferred_element_type=None, block_m: int = 128, block_n: int = 128, block_k: int = 64,
-        num_warps: int = 8, num_stages: int = 3, interpret: bool = False) -> jax.Array:
-  """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs)."""
+        num_warps: int = 8, num_stages: int = 3, band: int | None = None,
+        interpret: bool = False) -> jax.Array:
+  """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs).
+
+  band: None launches the (pairs, column tiles) grid as is, pairs fastest: the programs
+  resident together read many row tiles of lhs for one column tile each, so lhs passes
+  through L2 once per column tile. An int walks bands of `band` pairs column-major
+  (common.banded), so resident programs share a few row tiles and their groups' weights.
+  """
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -65,20 +76,27 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   n_p = -(-n // block_n) * block_n
   starts, ends = common.group_bounds(group_sizes, m_p)
   group, tile = common.tile_group_pairs(starts, ends, m_p, block_m)
+  num_pairs, grid_n = group.shape[0], n_p // block_n
   kernel = functools.partial(_gmm_kernel, num_groups=num_groups, block_m=block_m,
                              block_n=block_n, block_k=block_k, k_steps=k_p // block_k,
-                             transpose_rhs=transpose_rhs)
+                             transpose_rhs=transpose_rhs, band=band, num_pairs=num_pairs,
+                             grid_n=grid_n)
   out = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
-      grid=(group.shape[0], n_p // block_n), in_specs=[_ANY] * 6, out_specs=_ANY,
+      grid=(num_pairs, grid_n) if band is None else (num_pairs * grid_n,),
+      in_specs=[_ANY] * 6, out_specs=_ANY,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name='moe_gmm',
   )(group, tile, starts, ends, lhs_p, rhs_p)
   return out[:m, :n]
 
 
-def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, block_k, block_n):
-  group, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, block_k, block_n,
+                 group_major):
+  if group_major:
+    ni, ki, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  else:
+    group, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start, end = starts_ref[group], ends_ref[group]
   first = start // block_m
   # Multiplied by the non-empty flag rather than selected: see _gmm_kernel's loop bound.
@@ -102,8 +120,14 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, b
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 128, block_n: int = 128, block_k: int = 64, num_warps: int = 8,
-         num_stages: int = 3, interpret: bool = False) -> jax.Array:
-  """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups."""
+         num_stages: int = 3, band: int | None = None, interpret: bool = False) -> jax.Array:
+  """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
+
+  band: None launches the (groups, k tiles, n tiles) grid with groups fastest, so resident
+  programs each read another group's rows. Any int (the value is gmm's knob; here only
+  its presence counts) launches groups slowest, so resident programs share one group's rows
+  of lhs and grad in L2.
+  """
   m, k = lhs.shape
   n = grad.shape[1]
   num_groups = group_sizes.shape[0]
@@ -112,10 +136,14 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
   grad_p = common.pad_to(common.pad_to(grad, 0, block_m), 1, block_n)
   starts, ends = common.group_bounds(group_sizes, lhs_p.shape[0])
   k_p, n_p = lhs_p.shape[1], grad_p.shape[1]
-  kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n)
+  group_major = band is not None
+  kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n,
+                             group_major=group_major)
+  tiles = (k_p // block_k, n_p // block_n)
   out = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((num_groups, k_p, n_p), out_dtype),
-      grid=(num_groups, k_p // block_k, n_p // block_n), in_specs=[_ANY] * 4, out_specs=_ANY,
+      grid=(tiles[1], tiles[0], num_groups) if group_major else (num_groups, *tiles),
+      in_specs=[_ANY] * 4, out_specs=_ANY,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name='moe_tgmm',
   )(starts[:num_groups], ends[:num_groups], lhs_p, grad_p)
