@@ -79,7 +79,8 @@ def _swizzled(block_minor: int, dtype) -> tuple:
 def _store_rows(o_smem, o_gmem, first_row, row_in_tile, count, block_m, col_slice):
   """Copy rows [row_in_tile, row_in_tile + count) of o_smem to rows first_row + ... of o_gmem.
 
-  TMA takes static shapes, the count is dynamic: one store per set bit of `count`.
+  TMA takes static shapes, the count is dynamic: one store per set bit of `count`. The
+  stores are left in flight; the caller waits before it writes o_smem again.
   """
   done = row_in_tile
   bit = block_m
@@ -90,7 +91,6 @@ def _store_rows(o_smem, o_gmem, first_row, row_in_tile, count, block_m, col_slic
                               o_gmem.at[pl.ds(first_row + done, bit), col_slice])
     done = done + (count & bit)
     bit //= 2
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
@@ -115,49 +115,57 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   num_pairs = pair_group.shape[0]
   lhs_layout = _swizzled(block_k, lhs.dtype)
   rhs_layout = _swizzled(block_k if transpose_rhs else block_n, rhs.dtype)
+  # rhs [g, n, k] when transposed: its block is read (column tile, k step), wgmma transposes.
+  rhs_block = (block_n, block_k) if transpose_rhs else (block_k, block_n)
+  rhs_index = ((lambda s, col: (col, s)) if transpose_rhs else (lambda s, col: (s, col)))
 
   def body(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref):
-    @plgpu.nd_loop((num_pairs * grid_n,), collective_axes='sm')
-    def _(loop):
-      pair, col = common.banded(loop.index[0], num_pairs, grid_n, band)
-      group = group_ref[pair]
+    # The output tile's staging buffer lives outside the tile loop, so that no pipeline buffer
+    # of the next tile aliases it: a tile's stores stay in flight while the next tile computes,
+    # and are waited for only before the buffer is written again. Unswizzled, so that a store
+    # may start at any row of the tile.
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), out_dtype))
+    def _(o_smem):
+      @plgpu.nd_loop((num_pairs * grid_n,), collective_axes='sm')
+      def _(loop):
+        pair, col = common.banded(loop.index[0], num_pairs, grid_n, band)
+        group = group_ref[pair]
 
-      @pl.when(group <= num_groups)  # pairs past the last are padding; group g is the virtual one
-      def _():
-        tile = tile_ref[pair]
-        row0 = tile * block_m
-        lo = jnp.maximum(starts_ref[group], row0)
-        hi = jnp.minimum(ends_ref[group], row0 + block_m)
-        weights = jnp.minimum(group, num_groups - 1)
-        # The virtual group (rows of no group) runs no steps: its tile stores zeros.
-        steps = k_steps * (group < num_groups).astype(jnp.int32)
+        # Pairs past the last are padding; group num_groups is the virtual one.
+        @pl.when(group <= num_groups)
+        def _():
+          tile = tile_ref[pair]
+          row0 = tile * block_m
+          lo = jnp.maximum(starts_ref[group], row0)
+          hi = jnp.minimum(ends_ref[group], row0 + block_m)
+          weights = jnp.minimum(group, num_groups - 1)
+          # The virtual group (rows of no group) runs no steps: its tile stores zeros.
+          steps = k_steps * (group < num_groups).astype(jnp.int32)
 
-        def accumulate(acc_ref):
-          def step(_, a_smem, b_smem):
-            b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
-            plgpu.wgmma(acc_ref, a_smem, b)
+          def accumulate(acc_ref):
+            def step(_, a_smem, b_smem):
+              b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+              plgpu.wgmma(acc_ref, a_smem, b)
 
-          plgpu.emit_pipeline(
-              step, grid=(steps,), max_concurrent_steps=max_concurrent_steps,
-              in_specs=[
-                  plgpu.BlockSpec((block_m, block_k), lambda s: (tile, s),
-                                  transforms=lhs_layout, delay_release=1),
-                  plgpu.BlockSpec((block_n, block_k) if transpose_rhs else (block_k, block_n),
-                                  (lambda s: (col, s)) if transpose_rhs else (lambda s: (s, col)),
-                                  transforms=rhs_layout, delay_release=1),
-              ],
-          )(lhs_ref, rhs_ref.at[weights])
-          return acc_ref[...]
+            plgpu.emit_pipeline(
+                step, grid=(steps,), max_concurrent_steps=max_concurrent_steps,
+                in_specs=[
+                    plgpu.BlockSpec((block_m, block_k), lambda s: (tile, s),
+                                    transforms=lhs_layout, delay_release=1),
+                    plgpu.BlockSpec(rhs_block, functools.partial(rhs_index, col=col),
+                                    transforms=rhs_layout, delay_release=1),
+                ],
+            )(lhs_ref, rhs_ref.at[weights])
+            return acc_ref[...]
 
-        acc = pl.run_scoped(accumulate, plgpu.ACC((block_m, block_n)))
-
-        # Unswizzled, so that a store may start at any row of the tile.
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), out_dtype))
-        def _(o_smem):
+          acc = pl.run_scoped(accumulate, plgpu.ACC((block_m, block_n)))
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
           o_smem[...] = acc.astype(out_dtype)
           plgpu.commit_smem()
           _store_rows(o_smem, out_ref, row0, lo - row0, hi - lo, block_m,
                       pl.ds(col * block_n, block_n))
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
@@ -204,47 +212,49 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
     plgpu.commit_smem()
 
   def body(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref):
-    @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes='sm')
-    def _(loop):
-      group, rest = jnp.divmod(loop.index[0], grid_k * grid_n)
-      ki, ni = jnp.divmod(rest, grid_n)
-      start, end = starts_ref[group], ends_ref[group]
-      first = start // block_m
-      # Empty groups run no steps and store their zero tile. A product, not a select, keeps
-      # the trip count an integer (see triton.py's loop bound).
-      blocks = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
+    # Outside the tile loop, as in gmm: a tile's store overlaps the next tile's pipeline.
+    @functools.partial(pl.run_scoped,
+                       o_smem=plgpu.SMEM((block_k, block_n), out_dtype, transforms=out_layout))
+    def _(o_smem):
+      @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes='sm')
+      def _(loop):
+        group, rest = jnp.divmod(loop.index[0], grid_k * grid_n)
+        ki, ni = jnp.divmod(rest, grid_n)
+        start, end = starts_ref[group], ends_ref[group]
+        first = start // block_m
+        # Empty groups run no steps and store their zero tile. A product, not a select,
+        # keeps the trip count an integer (see triton.py's loop bound).
+        blocks = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
 
-      def accumulate(acc_ref):
-        def step(s, a_smem, b_smem):
-          block = first + s[0]
+        def accumulate(acc_ref):
+          def step(s, a_smem, b_smem):
+            block = first + s[0]
 
-          @pl.when((block * block_m < start) | ((block + 1) * block_m > end))
-          def _():
-            zero_rows_outside(a_smem, start, end, block)
+            @pl.when((block * block_m < start) | ((block + 1) * block_m > end))
+            def _():
+              zero_rows_outside(a_smem, start, end, block)
 
-          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_smem)
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_smem)
 
-        plgpu.emit_pipeline(
-            step, grid=(blocks,), max_concurrent_steps=max_concurrent_steps,
-            in_specs=[
-                plgpu.BlockSpec((block_m, block_k), lambda s: (first + s, ki),
-                                transforms=lhs_layout, delay_release=1),
-                plgpu.BlockSpec((block_m, block_n), lambda s: (first + s, ni),
-                                transforms=grad_layout, delay_release=1),
-            ],
-        )(lhs_ref, grad_ref)
-        return acc_ref[...]
+          plgpu.emit_pipeline(
+              step, grid=(blocks,), max_concurrent_steps=max_concurrent_steps,
+              in_specs=[
+                  plgpu.BlockSpec((block_m, block_k), lambda s: (first + s, ki),
+                                  transforms=lhs_layout, delay_release=1),
+                  plgpu.BlockSpec((block_m, block_n), lambda s: (first + s, ni),
+                                  transforms=grad_layout, delay_release=1),
+              ],
+          )(lhs_ref, grad_ref)
+          return acc_ref[...]
 
-      acc = pl.run_scoped(accumulate, plgpu.ACC((block_k, block_n)))
-
-      @functools.partial(pl.run_scoped,
-                         o_smem=plgpu.SMEM((block_k, block_n), out_dtype, transforms=out_layout))
-      def _(o_smem):
+        acc = pl.run_scoped(accumulate, plgpu.ACC((block_k, block_n)))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
         o_smem[...] = acc.astype(out_dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            o_smem, out_ref.at[group, pl.ds(ki * block_k, block_k), pl.ds(ni * block_n, block_n)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[group, pl.ds(ki * block_k, block_k),
+                                                   pl.ds(ni * block_n, block_n)])
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((num_groups, k_p, n_p), out_dtype),
