@@ -15,7 +15,7 @@ Timing: `repeats` calls issued back to back and synchronised once, median of 3 s
 round trip to sub-millisecond kernels. Results before this change were timed call by call.
 
   python -m experiments.bench_moe_gmm --out=FILE.json [--quick] [--shapes=deepseek_v2_lite]
-      [--impls=mosaic_gpu,autotuned] [--tilings=0,1] [--repeats=N]
+      [--impls=mosaic_gpu,autotuned] [--tilings=0,1] [--groups=even] [--repeats=N]
 """
 
 import json
@@ -35,6 +35,7 @@ _SHAPES = flags.DEFINE_list('shapes', None, 'only these shape names (a device ca
                             'minutes: split the three shapes over calls)')
 _TILINGS = flags.DEFINE_list('tilings', None, "only these indices of each implementation's "
                              'candidate tilings')
+_GROUPS = flags.DEFINE_list('groups', ['even', 'skewed'], 'group-size distributions to run')
 FAMILIES = ('ragged_dot', 'tokamax', 'dense', 'capacity', 'triton', 'mosaic_gpu', 'autotuned')
 _IMPLS = flags.DEFINE_list('impls', None, f'only these variant families: {", ".join(FAMILIES)}')
 
@@ -106,6 +107,8 @@ def main(argv):
     if unknown:
       raise app.UsageError(f'unknown --shapes {sorted(unknown)}; valid: {[s[0] for s in SHAPES]}')
     shapes = [s for s in shapes if s[0] in _SHAPES.value]
+  if set(_GROUPS.value) - {'even', 'skewed'}:
+    raise app.UsageError(f"--groups takes even and/or skewed, got {_GROUPS.value}")
   families = _IMPLS.value or list(FAMILIES)
   unknown = set(families) - set(FAMILIES)
   if unknown:
@@ -138,7 +141,7 @@ def main(argv):
     lhs = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     rhs = jnp.asarray(rng.standard_normal((experts, k, n)) / np.sqrt(k), jnp.bfloat16)
     flops = 2.0 * rows * k * n
-    for kind in ('even', 'skewed'):
+    for kind in _GROUPS.value:
       sizes_np = group_sizes(kind, rows, experts, rng)
       sizes = jnp.asarray(sizes_np)
       want = reference_by_slices(lhs, rhs, sizes_np)
