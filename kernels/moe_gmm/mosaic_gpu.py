@@ -95,11 +95,19 @@ def _store_rows(o_smem, o_gmem, first_row, row_in_tile, count, block_m, col_slic
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         preferred_element_type=None, block_m: int = 128, block_n: int = 128, block_k: int = 64,
-        max_concurrent_steps: int = 4, band: int = 8, num_programs: int | None = None,
-        interpret: bool = False) -> jax.Array:
-  """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs)."""
+        max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
+        num_programs: int | None = None, interpret: bool = False) -> jax.Array:
+  """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs).
+
+  consumers: 1, one warpgroup issues both the TMA loads and the wgmmas of a tile; 2, warp
+  specialisation: a producer warpgroup streams the blocks while two consumer warpgroups each
+  multiply half of the tile's rows, and a consumer whose half holds no row of the tile's
+  group skips its wgmmas (straddling tiles then cost about the rows they keep).
+  """
   check_dtypes(lhs, rhs)
-  _check_blocks(block_m, block_n=block_n, block_k=block_k)
+  if consumers not in (1, 2):
+    raise ValueError(f'moe_gmm mosaic_gpu: consumers must be 1 or 2, got {consumers}')
+  _check_blocks(block_m // consumers, block_n=block_n, block_k=block_k)
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -167,9 +175,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  if consumers == 2:
+    body = _warp_specialized_gmm_body(
+        num_groups=num_groups, num_pairs=num_pairs, grid_n=grid_n, k_steps=k_steps,
+        block_m=block_m, block_n=block_n, block_k=block_k, band=band,
+        max_concurrent_steps=max_concurrent_steps, transpose_rhs=transpose_rhs,
+        out_dtype=out_dtype, lhs_layout=lhs_layout, rhs_layout=rhs_layout, rhs_block=rhs_block)
+  threads = dict(num_threads=3, thread_name='wg') if consumers == 2 else {}
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
-      grid=(_num_programs(interpret, num_programs),), grid_names=('sm',),
+      grid=(_num_programs(interpret, num_programs),), grid_names=('sm',), **threads,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None)
@@ -177,16 +192,98 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   return out[:m, :n]
 
 
+def _warp_specialized_gmm_body(*, num_groups, num_pairs, grid_n, k_steps, block_m, block_n,
+                               block_k, band, max_concurrent_steps, transpose_rhs, out_dtype,
+                               lhs_layout, rhs_layout, rhs_block):
+  """gmm's kernel body with a producer and two consumer warpgroups (axis 'wg': 0, 1 consume,
+  2 produces), each consumer owning block_m / 2 rows of every tile."""
+  half = block_m // 2
+
+  def body(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref):
+    wg = lax.axis_index('wg')
+
+    def rhs_columns(ref, col):  # one group's weights, the tile's columns
+      cols = pl.ds(col * block_n, block_n)
+      return ref.at[cols, :] if transpose_rhs else ref.at[:, cols]
+
+    def pipeline(step, context):
+      return plgpu.emit_pipeline_warp_specialized(
+          step, grid=(k_steps,), memory_registers=40, wg_axis='wg', num_compute_wgs=2,
+          max_concurrent_steps=max_concurrent_steps, compute_context=context,
+          in_specs=[
+              plgpu.BlockSpec((block_m, block_k), lambda s: (0, s), transforms=lhs_layout),
+              plgpu.BlockSpec(rhs_block, (lambda s: (0, s)) if transpose_rhs else
+                              (lambda s: (s, 0)), transforms=rhs_layout),
+          ])
+
+    ignore = lambda *_, **__: None  # noqa: E731  (allocations depend on the specs alone)
+    allocations = pipeline(ignore, ignore).get_allocations(
+        lhs_ref.at[pl.ds(0, block_m)], rhs_columns(rhs_ref.at[0], 0))
+
+    # As in the one-warpgroup body, the staging buffers outlive the tile loop so that stores
+    # overlap the next tile; one per consumer.
+    @functools.partial(pl.run_scoped, allocations=allocations,
+                       o_smem=plgpu.SMEM((2, half, block_n), out_dtype), collective_axes='wg')
+    def _(allocations, o_smem):
+      @plgpu.nd_loop((num_pairs * grid_n,), collective_axes='sm')
+      def _(loop):
+        pair, col = common.banded(loop.index[0], num_pairs, grid_n, band)
+        group = group_ref[pair]
+        bound = jnp.minimum(group, num_groups)
+        slab0 = tile_ref[pair] * block_m + jnp.minimum(wg, 1) * half  # this consumer's rows
+        lo = jnp.clip(starts_ref[bound] - slab0, 0, half)
+        hi = jnp.clip(ends_ref[bound] - slab0, 0, half)
+        columns = pl.ds(col * block_n, block_n)
+
+        def store(acc):
+          slot = o_smem.at[jnp.minimum(wg, 1)]
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this consumer's previous stores
+          slot[...] = acc.astype(out_dtype)
+          plgpu.commit_smem()
+          _store_rows(slot, out_ref, slab0, lo, hi - lo, half, columns)
+
+        def context(run):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((half, block_n)))
+          def _(acc_ref):
+            run(acc_ref)
+            store(acc_ref[...])
+
+        def step(_, a_smem, b_smem, acc_ref):
+          @pl.when(hi > lo)  # nothing of this group in my half: leave the tensor cores to the other
+          def _():
+            b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+            plgpu.wgmma(acc_ref, a_smem.at[pl.ds(jnp.minimum(wg, 1) * half, half)], b)
+            plgpu.wgmma_wait(0)
+          return acc_ref
+
+        @pl.when(group < num_groups)
+        def _():
+          weights = rhs_ref.at[jnp.minimum(group, num_groups - 1)]
+          pipeline(step, context)(lhs_ref.at[pl.ds(tile_ref[pair] * block_m, block_m)],
+                                  rhs_columns(weights, col), allocations=allocations)
+
+        @pl.when((group == num_groups) & (wg < 2))  # rows of no group: zeros
+        def _():
+          store(jnp.zeros((half, block_n), jnp.float32))
+
+      @pl.when(wg < 2)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return body
+
+
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 64, block_n: int = 128, block_k: int = 128,
-         max_concurrent_steps: int = 4, band: int = 8, num_programs: int | None = None,
-         interpret: bool = False) -> jax.Array:
+         max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
+         num_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
 
   block_m: rows per pipeline step (the contraction); block_k × block_n: the output tile.
-  `band` is accepted for a uniform tiling dict; the walk is group-major already.
+  `band` and `consumers` are accepted so that one tiling dict serves all three products; the
+  walk is group-major already, and this body has one warpgroup.
   """
-  del band
+  del band, consumers
   check_dtypes(lhs, grad)
   _check_blocks(block_m, block_n=block_n, block_k=block_k)
   m, k = lhs.shape

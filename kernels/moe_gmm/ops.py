@@ -74,6 +74,11 @@ _MOSAIC_GMM = [
     dict(block_m=64, block_n=256, block_k=64, max_concurrent_steps=4, band=8),
     dict(block_m=128, block_n=64, block_k=64, max_concurrent_steps=6, band=8),
     dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=2, band=8),
+    # Warp-specialised: a producer warpgroup and two consumers of block_m / 2 rows each.
+    dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, band=8, consumers=2),
+    dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=6, band=8, consumers=2),
+    dict(block_m=128, block_n=256, block_k=64, max_concurrent_steps=3, band=8, consumers=2),
+    dict(block_m=256, block_n=128, block_k=64, max_concurrent_steps=3, band=8, consumers=2),
 ]
 _MOSAIC_TGMM = [
     mosaic_impl.DEFAULT_TGMM_TILING,

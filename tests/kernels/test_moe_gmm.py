@@ -121,6 +121,28 @@ def test_banded_launch_order_gives_the_same_products(implementation, dtype, band
     _close(got, ref, dtype)
 
 
+@pytest.mark.parametrize('case', [CASES[2], (300, 128, 192, 5, 'random_with_zeros')],
+                         ids=['short_of_m', 'three_tiles'])
+def test_warp_specialized_mosaic_gmm(case):
+  # A producer and two consumer warpgroups of 64 rows; a consumer whose half of a tile holds
+  # none of the group's rows skips its wgmmas (three_tiles' groups are 28, 198, 15, 27, 32
+  # rows: the first group's tile pair has rows in the first half only, the third group's in
+  # the second half only).
+  # short_of_m ends in rows of no group, stored as zeros by the consumers alone. Forward and
+  # the input gradient use this body (the weight gradient's has one warpgroup).
+  m, k, n, g, kind = case
+  lhs, rhs, sizes, rng = _inputs(jnp.bfloat16, m, k, n, g, kind, seed=23)
+  cotangent = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+  tiling = dict(TILES['mosaic_gpu'], block_m=128, consumers=2)
+  out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation='mosaic_gpu', tiling=tiling,
+                                      interpret=True), lhs, rhs)
+  want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
+  _close(out, want, jnp.bfloat16)
+  assert not jnp.any(out[int(sizes.sum()):])
+  for got, ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+    _close(got, ref, jnp.bfloat16)
+
+
 def test_tgmm_matches_reference_directly():
   for impl, dtype in (('triton', jnp.float32), ('xla', jnp.float32),
                       ('mosaic_gpu', jnp.bfloat16)):
