@@ -93,9 +93,7 @@ def _autotune_choices(lhs, rhs, experts) -> dict:
   n = rhs.shape[2]
   shapes = {'gmm': ((rows, k), (experts, k, n)), 'gmm_transposed': ((rows, n), (experts, k, n)),
             'tgmm': ((rows, k), (rows, n))}
-  impls = '+'.join(ops._implementations_for(lhs.dtype))  # pylint: disable=protected-access
-  dtype = str(jnp.dtype(lhs.dtype))
-  return {product: autotune.last_report(product, (product, a, b, experts, dtype, dtype, impls))
+  return {product: ops.autotune_report(product, a, b, experts, lhs.dtype)
           for product, (a, b) in shapes.items()}
 
 

@@ -12,13 +12,17 @@ row tiles of `lhs` and a few groups' weights in L2 (the "grouped ordering" of ti
 A tile writes back only its group's rows: TMA stores need a static row count, so the count is
 split into its binary digits and one store issued per set bit (at most log2(block_m) + 1).
 
+gmm with consumers=2 is warp-specialised (`plgpu.emit_pipeline_warp_specialized`): a
+producer warpgroup issues the TMA loads while two consumer warpgroups each multiply half of
+the tile's rows; a consumer whose half holds none of the tile's group skips its wgmmas.
+
 tgmm: the output tiles are (group, k tile, n tile) of out[g, k, n]; each pipelines over its
 group's row blocks, zeroing in shared memory the rows of neighbouring groups in the first and
 last block before the wgmma reads them.
 
-Inputs must be 16-bit floats of one dtype (wgmma's bf16/fp16 path); the caller pads nothing:
-m, k and n are padded here to the block sizes when they are not multiples (a copy, so the
-model's shapes should be multiples: MoE row counts are tokens × top-k, usually are).
+Operands must be 16-bit floats of one dtype (wgmma's bf16/fp16 path). Their shapes need not
+be multiples of the blocks: m, k and n are padded here when they are not, which copies the
+operand, so the model's shapes should be (MoE row counts, tokens × top-k, usually are).
 """
 
 import functools
@@ -99,10 +103,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         num_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs).
 
-  consumers: 1, one warpgroup issues both the TMA loads and the wgmmas of a tile; 2, warp
-  specialisation: a producer warpgroup streams the blocks while two consumer warpgroups each
-  multiply half of the tile's rows, and a consumer whose half holds no row of the tile's
-  group skips its wgmmas (straddling tiles then cost about the rows they keep).
+  consumers: 1, one warpgroup issues both the TMA loads and the wgmmas of a tile; 2, the
+  warp-specialised body (module docstring): straddling tiles then cost about the 64-row
+  halves they use rather than the whole tile.
   """
   check_dtypes(lhs, rhs)
   if consumers not in (1, 2):

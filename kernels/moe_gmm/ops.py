@@ -25,6 +25,7 @@ tiling:
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,12 @@ class _Plan(tuple):
     return dict(self)[product]
 
 
+def _knobs(impl: str) -> set[str]:
+  """The tiling keywords an implementation's kernels take (gmm's; tgmm takes the same)."""
+  fixed = {'lhs', 'rhs', 'group_sizes', 'transpose_rhs', 'preferred_element_type', 'interpret'}
+  return set(inspect.signature(_KERNELS[impl].gmm).parameters) - fixed
+
+
 def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
   if isinstance(tiling, str):
     if tiling != 'autotune':
@@ -156,6 +163,10 @@ def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
     return _Plan((p, (impl, 'autotune')) for p in PRODUCTS)
   if tiling is not None and not isinstance(tiling, dict):
     raise ValueError(f"moe_gmm: tiling must be None, a dict or 'autotune', got {tiling!r}")
+  unknown = set(tiling or {}) - _knobs(impl)
+  if unknown:
+    raise ValueError(f'moe_gmm: {impl} takes no tiling {sorted(unknown)}; its knobs are '
+                     f'{sorted(_knobs(impl))}')
   return _Plan((p, (impl, _freeze({**_defaults(impl, p), **(tiling or {})}))) for p in PRODUCTS)
 
 
@@ -286,11 +297,28 @@ def _even_problem(product, a_shape, b_shape, groups, dtype):
   return a, b, sizes, want
 
 
+def _autotune_key(impls, product, a_shape, b_shape, groups, dtype, out_dtype) -> tuple:
+  return (product, tuple(a_shape), tuple(b_shape), groups, str(jnp.dtype(dtype)),
+          str(jnp.dtype(out_dtype)), '+'.join(impls))
+
+
+def autotune_report(product: str, a_shape, b_shape, groups: int, dtype, out_dtype=None,
+                    implementation: str | None = None) -> dict | None:
+  """What tiling='autotune' chose for one product in this process, with every candidate's
+  time and error (autotune.last_report), or None if it was not tuned.
+
+  product: 'gmm' (a = lhs [m, k], b = rhs [g, k, n]), 'gmm_transposed' (a = the output's
+  gradient [m, n], b = rhs) or 'tgmm' (a = lhs, b = the output's gradient).
+  """
+  impls = [implementation] if implementation else _implementations_for(jnp.dtype(dtype))
+  return autotune.last_report(product, _autotune_key(impls, product, a_shape, b_shape, groups,
+                                                     dtype, out_dtype or dtype))
+
+
 def _autotuned(impl, product, a_shape, b_shape, groups, dtype, out_dtype) -> tuple[str, dict]:
   impls = [impl] if impl is not None else _implementations_for(dtype)
   candidates = [dict(t, implementation=i) for i in impls for t in CANDIDATES[i, product]]
-  key = (product, tuple(a_shape), tuple(b_shape), groups, str(dtype), str(out_dtype),
-         '+'.join(impls))
+  key = _autotune_key(impls, product, a_shape, b_shape, groups, dtype, out_dtype)
   # Built once per tuning, outside `build`: every candidate runs on the same operands.
   problem = []
 

@@ -197,6 +197,8 @@ def test_implementation_errors_are_clear():
           implementation='mosaic_gpu')
   with pytest.raises(ValueError, match="tiling must be None, a dict or 'autotune'"):
     gmm(lhs, rhs, sizes, implementation='triton', tiling='fast', interpret=True)
+  with pytest.raises(ValueError, match=r"triton takes no tiling \['consumers'\]"):
+    gmm(lhs, rhs, sizes, implementation='triton', tiling=dict(consumers=2), interpret=True)
   with pytest.raises(ValueError, match='cannot tune interpreted'):
     gmm(lhs, rhs, sizes, implementation='triton', tiling='autotune', interpret=True)
 
@@ -326,7 +328,7 @@ def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch,
   shapes = {'gmm': ((64, 32), (4, 32, 48)), 'gmm_transposed': ((64, 48), (4, 32, 48)),
             'tgmm': ((64, 32), (64, 48))}
   for product, (a, b) in shapes.items():
-    report = autotune.last_report(product, (product, a, b, 4, 'float32', 'float32', 'triton'))
+    report = ops.autotune_report(product, a, b, 4, jnp.float32, implementation='triton')
     assert report['best'] == dict(fast, implementation='triton') and report['source'] == 'tuned'
     (wrong_error,) = report['errors'].values()
     assert wrong_error.startswith('ValueError: wrong result'), wrong_error
