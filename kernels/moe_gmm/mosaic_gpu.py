@@ -67,10 +67,15 @@ def _check_blocks(block_m: int, **blocks: int) -> None:
       raise ValueError(f'moe_gmm mosaic_gpu: {name} must be a multiple of 64, got {size}')
 
 
-def _num_programs(interpret: bool, num_programs: int | None) -> int:
+def _num_programs(interpret: bool, num_programs: int | None, programs_per_sm: int) -> int:
+  """Persistent programs to launch: one per SM, or `programs_per_sm` when their shared memory
+  lets that many share an SM (the hardware then overlaps one's load latency with another's
+  wgmmas, which helps short pipelines such as tgmm's small groups)."""
+  if programs_per_sm not in (1, 2):
+    raise ValueError(f'moe_gmm mosaic_gpu: programs_per_sm must be 1 or 2, got {programs_per_sm}')
   if num_programs:
     return num_programs
-  return _INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count
+  return _INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count * programs_per_sm
 
 
 def _swizzled(block_minor: int, dtype) -> tuple:
@@ -100,7 +105,8 @@ def _store_rows(o_smem, o_gmem, first_row, row_in_tile, count, block_m, col_slic
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         preferred_element_type=None, block_m: int = 128, block_n: int = 128, block_k: int = 64,
         max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
-        num_programs: int | None = None, interpret: bool = False) -> jax.Array:
+        programs_per_sm: int = 1, num_programs: int | None = None,
+        interpret: bool = False) -> jax.Array:
   """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs).
 
   consumers: 1, one warpgroup issues both the TMA loads and the wgmmas of a tile; 2, the
@@ -187,7 +193,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   threads = dict(num_threads=3, thread_name='wg') if consumers == 2 else {}
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
-      grid=(_num_programs(interpret, num_programs),), grid_names=('sm',), **threads,
+      grid=(_num_programs(interpret, num_programs, programs_per_sm),), grid_names=('sm',),
+      **threads,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None)
@@ -279,7 +286,8 @@ def _warp_specialized_gmm_body(*, num_groups, num_pairs, grid_n, k_steps, block_
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 64, block_n: int = 128, block_k: int = 128,
          max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
-         num_programs: int | None = None, interpret: bool = False) -> jax.Array:
+         programs_per_sm: int = 1, num_programs: int | None = None,
+         interpret: bool = False) -> jax.Array:
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
 
   block_m: rows per pipeline step (the contraction); block_k × block_n: the output tile.
@@ -358,7 +366,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
 
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((num_groups, k_p, n_p), out_dtype),
-      grid=(_num_programs(interpret, num_programs),), grid_names=('sm',),
+      grid=(_num_programs(interpret, num_programs, programs_per_sm),), grid_names=('sm',),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None)

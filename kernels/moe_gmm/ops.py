@@ -80,12 +80,19 @@ _MOSAIC_GMM = [
     dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=6, band=8, consumers=2),
     dict(block_m=128, block_n=256, block_k=64, max_concurrent_steps=3, band=8, consumers=2),
     dict(block_m=256, block_n=128, block_k=64, max_concurrent_steps=3, band=8, consumers=2),
+    # Two programs per SM: 96 KiB of shared memory each, so both fit an H100 SM's 228 KiB.
+    dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=2, band=8,
+         programs_per_sm=2),
 ]
 _MOSAIC_TGMM = [
     mosaic_impl.DEFAULT_TGMM_TILING,
     dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=3, band=8),
     dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, band=8),
     dict(block_m=64, block_n=64, block_k=128, max_concurrent_steps=4, band=8),
+    # Two programs per SM (96 KiB of shared memory each): one's pipeline start-up overlaps
+    # the other's wgmmas, where a small group gives each output tile only a few row blocks.
+    dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2, band=8,
+         programs_per_sm=2),
 ]
 CANDIDATES = {
     ('triton', 'gmm'): _TRITON_GMM, ('triton', 'gmm_transposed'): _TRITON_GMM,
