@@ -8,7 +8,7 @@ implementation:
               implementation that can run competes per shape (see below);
   'xla'       `jax.lax.ragged_dot` (any backend; JAX differentiates it);
   'triton'    the Pallas-Triton kernels (NVIDIA GPU, or anywhere with interpret=True);
-  'mosaic_gpu' the Pallas Mosaic GPU kernels: TMA + wgmma, persistent (Hopper, sm_90+; bf16 or
+  'mosaic_gpu' the Pallas Mosaic GPU kernels: TMA + wgmma, persistent (Hopper, sm_90; bf16 or
               fp16 operands; anywhere with interpret=True, through jax's GPU interpreter);
   'reference' the plain-jnp specification (slow: one matmul per group; for tests).
 
@@ -107,10 +107,11 @@ def _defaults(impl: str, product: str) -> dict:
 
 
 def _hopper() -> bool:
+  """sm_90: wgmma exists on Hopper only (Blackwell's tensor cores take tcgen05 instead)."""
   device = jax.devices()[0]
   try:
-    return device.platform == 'gpu' and float(device.compute_capability) >= 9.0
-  except (AttributeError, ValueError):  # no compute capability: not an NVIDIA GPU
+    return device.platform == 'gpu' and device.compute_capability.split('.')[0] == '9'
+  except AttributeError:  # no compute capability: not an NVIDIA GPU
     return False
 
 
@@ -125,8 +126,8 @@ def _resolve(implementation: str | None, interpret: bool) -> str:
                      f"{jax.default_backend()}); pass interpret=True to run it on the CPU, or "
                      "use 'xla'")
   if implementation == 'mosaic_gpu' and not interpret and not _hopper():
-    raise ValueError("moe_gmm: implementation 'mosaic_gpu' needs a Hopper-or-newer NVIDIA GPU "
-                     f"(wgmma and TMA; this device is {jax.devices()[0].device_kind}); pass "
+    raise ValueError("moe_gmm: implementation 'mosaic_gpu' needs a Hopper GPU (sm_90: wgmma "
+                     f"and TMA; this device is {jax.devices()[0].device_kind}); pass "
                      "interpret=True to run it on the CPU, or use 'triton' / 'xla'")
   return implementation
 
