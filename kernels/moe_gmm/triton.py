@@ -71,7 +71,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   out_dtype = preferred_element_type or lhs.dtype
   lhs_p = common.pad_to(common.pad_to(lhs, 0, block_m), 1, block_k)
   rhs_p = common.pad_to(common.pad_to(rhs, 2 if transpose_rhs else 1, block_k),
-                  1 if transpose_rhs else 2, block_n)
+                        1 if transpose_rhs else 2, block_n)
   m_p, k_p = lhs_p.shape
   n_p = -(-n // block_n) * block_n
   starts, ends = common.group_bounds(group_sizes, m_p)
