@@ -19,6 +19,7 @@ round trip to sub-millisecond kernels. Results before this change were timed cal
 """
 
 import json
+import sys
 import traceback
 
 import jax
@@ -74,6 +75,10 @@ def reference_grads_by_slices(lhs, rhs, sizes: np.ndarray):
     d_rhs.append(jnp.dot(lhs[start:start + s].T, ones, preferred_element_type=jnp.float32))
     start += s
   return jnp.concatenate(d_lhs).astype(lhs.dtype), jnp.stack(d_rhs).astype(rhs.dtype)
+
+
+class _Wrong(Exception):
+  """A variant's output or gradients disagree with the reference: it is not timed."""
 
 
 def timed(fn, *args) -> float:
@@ -132,6 +137,7 @@ def main(argv):
     tokamax, tokamax_error = None, repr(e)
   results = {'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
              'repeats': _REPEATS.value, 'timing': 'back to back, median of 3 rounds',
+             'command': ' '.join(['python -m experiments.bench_moe_gmm', *sys.argv[1:]]),
              'runs': []}
   rng = np.random.default_rng(0)
   for name, experts, top_k, tokens, k, n in shapes:
@@ -164,6 +170,7 @@ def main(argv):
         variants['ours_autotuned'] = lambda a, b: gmm(a, b, sizes, tiling='autotune')
       run = {'shape': name, 'groups': kind, 'rows': rows, 'experts': experts, 'k': k, 'n': n,
              'max_group': cap, 'fwd_flops': flops, 'variants': {}}
+      results['runs'].append(run)
       for vname, f in variants.items():
         entry = {}
         try:
@@ -191,8 +198,7 @@ def main(argv):
             entry['max_abs_err_vs_reference'] = err
             entry['correct'] = err <= 2e-2 * scale
             if not entry['correct']:
-              run['variants'][vname] = entry
-              continue
+              raise _Wrong('forward')
             _, (dl, dr) = fwd_bwd(f)(lhs, rhs)
             entry['grad_rel_err'] = max(
                 float(jnp.max(jnp.abs((x - y).astype(jnp.float32)))) /
@@ -200,26 +206,29 @@ def main(argv):
                 for x, y in ((dl, ref_dl), (dr, ref_dr)))
             entry['correct'] = entry['grad_rel_err'] <= 2e-2
             if not entry['correct']:
-              run['variants'][vname] = entry
-              continue
+              raise _Wrong('gradients')
             entry['fwd_ms'] = timed(fwd, lhs, rhs) * 1e3
             entry['fwd_bwd_ms'] = timed(fwd_bwd(f), lhs, rhs) * 1e3
             if vname == 'ours_autotuned':
               entry['chosen'] = _autotune_choices(lhs, rhs, experts)
           entry['fwd_tflops'] = flops / (entry['fwd_ms'] * 1e-3) / 1e12
           entry['fwd_bwd_tflops'] = 3 * flops / (entry['fwd_bwd_ms'] * 1e-3) / 1e12
+        except _Wrong as e:
+          entry['error'] = f'wrong {e}: not timed'
         except Exception as e:  # pylint: disable=broad-except
           entry['error'] = f'{type(e).__name__}: {str(e)[:400]}'
           entry['traceback_tail'] = traceback.format_exc()[-800:]
         run['variants'][vname] = entry
         print(name, kind, vname, {k: (round(v, 2) if isinstance(v, float) else v)
                                   for k, v in entry.items() if k != 'traceback_tail'}, flush=True)
-      results['runs'].append(run)
-      if _OUT.value:
-        with open(_OUT.value, 'w') as fh:
-          json.dump(results, fh, indent=1)
+        # After every row: a device call cut by its time limit keeps what it measured.
+        _write(results)
   if tokamax is None:
     results['tokamax'] = f'not importable: {tokamax_error}'
+  _write(results)
+
+
+def _write(results: dict) -> None:
   if _OUT.value:
     with open(_OUT.value, 'w') as fh:
       json.dump(results, fh, indent=1)
