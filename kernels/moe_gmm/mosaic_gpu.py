@@ -283,6 +283,16 @@ def _warp_specialized_gmm_body(*, num_groups, num_pairs, grid_n, k_steps, block_
   return body
 
 
+def _zero_rows_outside(a_smem, first_row, start, end):
+  """Rows of the shared-memory tile a_smem (rows first_row + i) outside [start, end) set to
+  zero, through registers in wgmma's layout; fenced for the wgmma that reads it next."""
+  rows = first_row + plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, a_smem.shape, 0),
+                                       plgpu.Layout.WGMMA)
+  keep = (rows >= start) & (rows < end)
+  a_smem[...] = jnp.where(keep, a_smem[...], jnp.zeros_like(a_smem[...]))
+  plgpu.commit_smem()
+
+
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 64, block_n: int = 128, block_k: int = 128,
          max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
@@ -291,12 +301,17 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
 
   block_m: rows per pipeline step (the contraction); block_k × block_n: the output tile.
-  `band` and `consumers` are accepted so that one tiling dict serves all three products; the
-  walk is group-major already, and this body has one warpgroup.
+  consumers: 1, one warpgroup; 2, warp-specialised: a producer warpgroup streams the blocks
+  and two consumers each own block_k / 2 rows of the output tile, so a tile holds twice the
+  work of one warpgroup's (a small group gives each tile only a few row blocks, and every
+  tile pays its pipeline's start). `band` is accepted so that one tiling dict serves all
+  three products; the walk is group-major already.
   """
-  del band, consumers
+  del band
   check_dtypes(lhs, grad)
-  _check_blocks(block_m, block_n=block_n, block_k=block_k)
+  if consumers not in (1, 2):
+    raise ValueError(f'moe_gmm mosaic_gpu: consumers must be 1 or 2, got {consumers}')
+  _check_blocks(block_m, block_n=block_n, block_k=block_k // consumers)
   m, k = lhs.shape
   n = grad.shape[1]
   num_groups = group_sizes.shape[0]
@@ -310,14 +325,6 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
   lhs_layout = _swizzled(block_k, lhs.dtype)
   grad_layout = _swizzled(block_n, grad.dtype)
   out_layout = _swizzled(block_n, out_dtype)
-
-  def zero_rows_outside(a_smem, start, end, block):
-    """Rows of a_smem (block `block` of the walk) outside [start, end) set to zero."""
-    rows = block * block_m + plgpu.layout_cast(
-        lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0), plgpu.Layout.WGMMA)
-    keep = (rows >= start) & (rows < end)
-    a_smem[...] = jnp.where(keep, a_smem[...], jnp.zeros_like(a_smem[...]))
-    plgpu.commit_smem()
 
   def body(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref):
     # Outside the tile loop, as in gmm: a tile's store overlaps the next tile's pipeline.
@@ -340,7 +347,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
 
             @pl.when((block * block_m < start) | ((block + 1) * block_m > end))
             def _():
-              zero_rows_outside(a_smem, start, end, block)
+              _zero_rows_outside(a_smem, block * block_m, start, end)
 
             plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_smem)
 
@@ -364,10 +371,95 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  if consumers == 2:
+    body = _warp_specialized_tgmm_body(
+        num_groups=num_groups, grid_k=grid_k, grid_n=grid_n, block_m=block_m, block_k=block_k,
+        block_n=block_n, max_concurrent_steps=max_concurrent_steps, out_dtype=out_dtype,
+        lhs_layout=lhs_layout, grad_layout=grad_layout,
+        out_layout=_swizzled(block_n, out_dtype))
+  threads = dict(num_threads=3, thread_name='wg') if consumers == 2 else {}
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((num_groups, k_p, n_p), out_dtype),
       grid=(_num_programs(interpret, num_programs, programs_per_sm),), grid_names=('sm',),
+      **threads,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None)
   return kernel(starts, ends, lhs_p, grad_p)[:, :k, :n]
+
+
+def _warp_specialized_tgmm_body(*, num_groups, grid_k, grid_n, block_m, block_k, block_n,
+                                max_concurrent_steps, out_dtype, lhs_layout, grad_layout,
+                                out_layout):
+  """tgmm's kernel body with a producer and two consumer warpgroups (axis 'wg': 0, 1 consume,
+  2 produces); consumer c owns output rows [c, c + 1) · block_k / 2 of every tile, i.e. the
+  same columns of the lhs block."""
+  half = block_k // 2
+
+  def body(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref):
+    wg = lax.axis_index('wg')
+    me = jnp.minimum(wg, 1)  # the producer's value is unused
+
+    def pipeline(step, context, blocks, first, ki, ni):
+      return plgpu.emit_pipeline_warp_specialized(
+          step, grid=(blocks,), memory_registers=40, wg_axis='wg', num_compute_wgs=2,
+          max_concurrent_steps=max_concurrent_steps, compute_context=context,
+          in_specs=[
+              plgpu.BlockSpec((block_m, block_k), lambda s: (first + s, ki),
+                              transforms=lhs_layout),
+              plgpu.BlockSpec((block_m, block_n), lambda s: (first + s, ni),
+                              transforms=grad_layout),
+          ])
+
+    ignore = lambda *_, **__: None  # noqa: E731  (allocations depend on the specs alone)
+    # A static grid of max_concurrent_steps: no fewer slots than the dynamic grids below get.
+    allocations = pipeline(ignore, ignore, max_concurrent_steps, 0, 0, 0).get_allocations(
+        lhs_ref, grad_ref)
+
+    @functools.partial(pl.run_scoped, allocations=allocations,
+                       o_smem=plgpu.SMEM((2, half, block_n), out_dtype, transforms=out_layout),
+                       collective_axes='wg')
+    def _(allocations, o_smem):
+      @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes='sm')
+      def _(loop):
+        group, rest = jnp.divmod(loop.index[0], grid_k * grid_n)
+        ki, ni = jnp.divmod(rest, grid_n)
+        start, end = starts_ref[group], ends_ref[group]
+        first = start // block_m
+        # A product, not a select: see triton.py's loop bound.
+        blocks = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
+        mine = pl.ds(me * half, half)  # my columns of the lhs block = my rows of the output
+
+        def context(run):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((half, block_n)))
+          def _(acc_ref):
+            run(acc_ref)
+            slot = o_smem.at[me]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my previous tile's store
+            slot[...] = acc_ref[...].astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(slot, out_ref.at[group, pl.ds(ki * block_k + me * half, half),
+                                                     pl.ds(ni * block_n, block_n)])
+
+        def step(s, a_smem, b_smem, acc_ref):
+          block = first + s[0]
+          a_mine = a_smem.at[:, mine]
+
+          # Each consumer zeroes the other groups' rows in its own columns only: the two
+          # write disjoint parts of the shared block.
+          @pl.when((block * block_m < start) | ((block + 1) * block_m > end))
+          def _():
+            _zero_rows_outside(a_mine, block * block_m, start, end)
+
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_mine, (1, 0)), b_smem)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        pipeline(step, context, blocks, first, ki, ni)(lhs_ref, grad_ref,
+                                                       allocations=allocations)
+
+      @pl.when(wg < 2)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return body

@@ -98,6 +98,9 @@ _MOSAIC_TGMM = [
     # the other's wgmmas, where a small group gives each output tile only a few row blocks.
     dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2, band=8,
          programs_per_sm=2),
+    # Warp-specialised: two consumers of 128 output rows each, a 256 × 128 tile.
+    dict(block_m=64, block_n=128, block_k=256, max_concurrent_steps=3, band=8, consumers=2),
+    dict(block_m=64, block_n=128, block_k=256, max_concurrent_steps=2, band=8, consumers=2),
 ]
 CANDIDATES = {
     ('triton', 'gmm'): _TRITON_GMM, ('triton', 'gmm_transposed'): _TRITON_GMM,

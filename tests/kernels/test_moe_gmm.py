@@ -121,26 +121,36 @@ def test_banded_launch_order_gives_the_same_products(implementation, dtype, band
     _close(got, ref, dtype)
 
 
-@pytest.mark.parametrize('case', [CASES[2], (300, 128, 192, 5, 'random_with_zeros')],
-                         ids=['short_of_m', 'three_tiles'])
-def test_warp_specialized_mosaic_gmm(case):
-  # A producer and two consumer warpgroups of 64 rows; a consumer whose half of a tile holds
-  # none of the group's rows skips its wgmmas (three_tiles' groups are 28, 198, 15, 27, 32
-  # rows: the first group's tile pair has rows in the first half only, the third group's in
-  # the second half only).
-  # short_of_m ends in rows of no group, stored as zeros by the consumers alone. Forward and
-  # the input gradient use this body (the weight gradient's has one warpgroup).
-  m, k, n, g, kind = case
-  lhs, rhs, sizes, rng = _inputs(jnp.bfloat16, m, k, n, g, kind, seed=23)
+@pytest.mark.parametrize('case', [(70, 24, 20, [30, 0, 27]),
+                                  (300, 128, 192, [28, 198, 15, 27, 32])],
+                         ids=['empty_and_short_of_m', 'three_tiles'])
+def test_warp_specialized_mosaic_kernels(case):
+  """consumers=2: a producer and two consumer warpgroups, in all three products.
+
+  gmm (forward, input gradient): each consumer owns 64 of a tile's 128 rows and skips its
+  wgmmas when none of them is in the tile's group (in three_tiles the first group's tile pair
+  has rows in the first half only, the third group's in the second half only); the other
+  case ends in rows of no group, which the consumers store as zeros, and has an empty group
+  (a zero-step pipeline: a zero weight gradient). tgmm (weight gradient): each consumer owns
+  64 of a tile's 128 output rows and zeroes the other groups' rows in its own columns of the
+  shared lhs block.
+  """
+  m, k, n, group_sizes = case
+  lhs, rhs, _, rng = _inputs(jnp.bfloat16, m, k, n, len(group_sizes), 'skewed', seed=23)
+  sizes = jnp.array(group_sizes, jnp.int32)
   cotangent = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-  tiling = dict(TILES['mosaic_gpu'], block_m=128, consumers=2)
+  tiling = dict(TILES['mosaic_gpu'], block_m=128, block_k=128, consumers=2)
   out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation='mosaic_gpu', tiling=tiling,
                                       interpret=True), lhs, rhs)
   want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
   _close(out, want, jnp.bfloat16)
   assert not jnp.any(out[int(sizes.sum()):])
-  for got, ref in zip(vjp(cotangent), vjp_ref(cotangent)):
-    _close(got, ref, jnp.bfloat16)
+  d_lhs, d_rhs = vjp(cotangent)
+  r_lhs, r_rhs = vjp_ref(cotangent)
+  _close(d_lhs, r_lhs, jnp.bfloat16)
+  _close(d_rhs, r_rhs, jnp.bfloat16)
+  for i in np.flatnonzero(np.asarray(sizes) == 0):
+    assert not jnp.any(d_rhs[i])
 
 
 def test_tgmm_matches_reference_directly():
