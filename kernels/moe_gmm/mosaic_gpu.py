@@ -127,7 +127,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   m_p, k_p = lhs_p.shape
   n_p = -(-n // block_n) * block_n
   grid_n, k_steps = n_p // block_n, k_p // block_k
-  starts, ends = common.group_bounds(group_sizes, m_p)
+  # The output has exactly m rows (the stores write only rows of a group, or of the virtual
+  # group that ends at m), so a row count that is not a tile multiple costs no slicing copy
+  # of the output; only lhs is padded, for its TMA loads of whole tiles.
+  starts, ends = common.group_bounds(group_sizes, m)
   pair_group, pair_tile = common.tile_group_pairs(starts, ends, m_p, block_m)
   num_pairs = pair_group.shape[0]
   lhs_layout = _swizzled(block_k, lhs.dtype)
@@ -192,14 +195,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         out_dtype=out_dtype, lhs_layout=lhs_layout, rhs_layout=rhs_layout, rhs_block=rhs_block)
   threads = dict(num_threads=3, thread_name='wg') if consumers == 2 else {}
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
+      body, out_type=jax.ShapeDtypeStruct((m, n_p), out_dtype),
       grid=(_num_programs(interpret, num_programs, programs_per_sm),), grid_names=('sm',),
       **threads,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None)
   out = kernel(pair_group, pair_tile, starts, ends, lhs_p, rhs_p)
-  return out[:m, :n]
+  return out if n_p == n else out[:, :n]
 
 
 def _warp_specialized_gmm_body(*, num_groups, num_pairs, grid_n, k_steps, block_m, block_n,
