@@ -25,11 +25,11 @@ tiling:
               compile and a few dozen timed calls (about 60 candidates for the three
               products with implementation=None): minutes for a new shape, nothing once
               cached. Tuning allocates one set of operands of the product's shape on the
-              device. Each process tunes on its own:
-              in a multi-process run the processes may pick different tilings (the kernels'
-              internals only, not the program's collectives); tune once and share the cache
-              file (EFFICIENTJAX_CACHE_DIR) to keep every process's program identical.
-              Off a GPU there is nothing to tune: implementation=None is 'xla'.
+              device. Each process tunes on its own: in a multi-process run the processes
+              may pick different tilings (the kernels' internals only, not the program's
+              collectives); tune once and share the cache file (EFFICIENTJAX_CACHE_DIR) to
+              keep every process's program identical. Off a GPU there is nothing to tune:
+              implementation=None is 'xla'.
 """
 
 import functools
