@@ -19,9 +19,10 @@ tiling:
               and the weight gradient);
   'autotune'  each product's tiling (and, with implementation=None, its implementation) is
               the fastest of a fixed candidate list for its shapes on this device, timed once
-              at trace time on random inputs with even groups and cached in memory and on disk
-              (autotune.py). A candidate is timed only after its output matched an exact
-              per-group product: a fast wrong kernel cannot win. A candidate costs a
+              at trace time on random inputs with uneven groups (alternately a quarter above
+              and below the mean) and cached in memory and on disk (autotune.py). A candidate
+              is timed only after its output matched an exact per-group product: a fast wrong
+              kernel cannot win. A candidate costs a
               compile and a few dozen timed calls (about 60 candidates for the three
               products with implementation=None): minutes for a new shape, nothing once
               cached. Tuning allocates one set of operands of the product's shape on the
@@ -291,29 +292,36 @@ def _implementations_for(dtype) -> list[str]:
   return impls
 
 
-def _even_problem(product, a_shape, b_shape, groups, dtype):
-  """Concrete random operands of the product's shapes, even groups, and its exact result.
+def _tuning_problem(product, a_shape, b_shape, groups, dtype):
+  """Concrete random operands of the product's shapes, their group sizes, the exact result.
 
-  Groups get m // groups rows each (the rest belong to no group), so the exact result is a
-  batched matmul over a reshape: cheap at any size, unlike the per-group reference's
-  [groups, m, ...] intermediate.
+  Groups alternate a quarter above and below m // groups rows (the remainder belongs to no
+  group): uneven, so tiles straddle group boundaries as in training and the correctness check
+  reaches that path, yet every group's size is known, so the exact result is one plain matmul
+  per group on concrete slices (no [groups, m, ...] intermediate).
   """
   m = a_shape[0]
   per = m // groups
+  sizes = np.full(groups, per)
+  sizes[0:groups - groups % 2:2] += per // 4
+  sizes[1:groups - groups % 2:2] -= per // 4
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal(a_shape, np.float32), dtype)
   b = jnp.asarray(rng.standard_normal(b_shape, np.float32) / np.sqrt(b_shape[-1]), dtype)
-  sizes = jnp.full((groups,), per, jnp.int32)
-  rows = a[:groups * per].reshape(groups, per, -1)
+  ends = np.cumsum(sizes)
+  parts = []
+  for i, (start, end) in enumerate(zip(ends - sizes, ends)):
+    if product == 'tgmm':
+      parts.append(jnp.dot(a[start:end].T, b[start:end], preferred_element_type=jnp.float32))
+    else:
+      weights = b[i].T if product == 'gmm_transposed' else b[i]
+      parts.append(jnp.dot(a[start:end], weights, preferred_element_type=jnp.float32))
   if product == 'tgmm':
-    want = jnp.einsum('gmk,gmn->gkn', rows, b[:groups * per].reshape(groups, per, -1),
-                      preferred_element_type=jnp.float32)
+    want = jnp.stack(parts)
   else:
-    pattern = 'gmk,gnk->gmn' if product == 'gmm_transposed' else 'gmk,gkn->gmn'
-    want = jnp.einsum(pattern, rows, b, preferred_element_type=jnp.float32)
-    want = jnp.concatenate([want.reshape(groups * per, -1),
-                            jnp.zeros((m - groups * per, want.shape[-1]), jnp.float32)])
-  return a, b, sizes, want
+    parts.append(jnp.zeros((m - int(ends[-1]), parts[0].shape[1]), jnp.float32))
+    want = jnp.concatenate(parts)
+  return a, b, jnp.asarray(sizes, jnp.int32), want
 
 
 def _autotune_key(impls, product, a_shape, b_shape, groups, dtype, out_dtype) -> tuple:
@@ -343,7 +351,7 @@ def _autotuned(impl, product, a_shape, b_shape, groups, dtype, out_dtype) -> tup
 
   def build(candidate):
     if not problem:
-      problem.extend(_even_problem(product, a_shape, b_shape, groups, dtype))
+      problem.extend(_tuning_problem(product, a_shape, b_shape, groups, dtype))
     a, b, sizes, want = problem
     tiling = dict(candidate)
     which = tiling.pop('implementation')

@@ -296,6 +296,22 @@ def test_mosaic_gpu_lowers_for_cuda_at_real_shapes_with_every_candidate(shape):
       assert 'mosaic_gpu' in text, (product, tiling)
 
 
+@pytest.mark.parametrize('product', ops.PRODUCTS)
+def test_the_autotuners_correctness_oracle_is_the_specification(product):
+  # The exact result every candidate must match before it is timed: uneven groups (odd
+  # count: the last keeps the mean) and rows of no group, against reference.py.
+  a_shape, b_shape = {'gmm': ((70, 16), (5, 16, 24)), 'gmm_transposed': ((70, 24), (5, 16, 24)),
+                      'tgmm': ((70, 16), (70, 24))}[product]
+  problem = ops._tuning_problem  # pylint: disable=protected-access
+  a, b, sizes, want = problem(product, a_shape, b_shape, 5, jnp.float32)
+  assert list(np.asarray(sizes)) == [17, 11, 17, 11, 14]
+  if product == 'tgmm':
+    spec = reference.tgmm(a, b, sizes)
+  else:
+    spec = reference.gmm(a, jnp.swapaxes(b, 1, 2) if product == 'gmm_transposed' else b, sizes)
+  _close(want, spec, jnp.float32)
+
+
 def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch, tmp_path):
   """tiling='autotune' end to end on the CPU: the kernels run interpreted and a fake timer
   stands in for the GPU clock. The fastest candidate is wrong on purpose: it must be refused
