@@ -48,6 +48,8 @@ SHAPES = [
     ('deepseek_v3', 256, 8, 4096, 7168, 2048),
 ]
 QUICK_SHAPES = [('quick', 4, 2, 96, 64, 48)]
+
+
 def group_sizes(kind: str, rows: int, experts: int, rng) -> np.ndarray:
   if kind == 'even':
     sizes = np.full(experts, rows // experts)
