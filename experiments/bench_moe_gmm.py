@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kernels.moe_gmm import autotune, gmm, ops
+from kernels.moe_gmm import autotune, gmm, ops, reference
 
 _OUT = flags.DEFINE_string('out', None, 'write results here as JSON')
 _QUICK = flags.DEFINE_bool('quick', False, 'tiny shapes on any backend (a check of the script)')
@@ -59,24 +59,11 @@ def group_sizes(kind: str, rows: int, experts: int, rng) -> np.ndarray:
   return sizes.astype(np.int32)
 
 
-def reference_by_slices(lhs, rhs, sizes: np.ndarray):
-  """Per-group matmuls on concrete slices: feasible at real shapes, unlike reference.py."""
-  outs, start = [], 0
-  for i, s in enumerate(sizes):
-    outs.append(jnp.dot(lhs[start:start + s], rhs[i], preferred_element_type=jnp.float32))
-    start += s
-  return jnp.concatenate(outs).astype(lhs.dtype)
-
-
 def reference_grads_by_slices(lhs, rhs, sizes: np.ndarray):
   """Gradients of sum(gmm) (an all-ones cotangent), per group on concrete slices."""
-  d_lhs, d_rhs, start = [], [], 0
-  for i, s in enumerate(sizes):
-    ones = jnp.ones((s, rhs.shape[2]), lhs.dtype)
-    d_lhs.append(jnp.dot(ones, rhs[i].T, preferred_element_type=jnp.float32))
-    d_rhs.append(jnp.dot(lhs[start:start + s].T, ones, preferred_element_type=jnp.float32))
-    start += s
-  return jnp.concatenate(d_lhs).astype(lhs.dtype), jnp.stack(d_rhs).astype(rhs.dtype)
+  ones = jnp.ones((lhs.shape[0], rhs.shape[2]), lhs.dtype)
+  return (reference.gmm_by_slices(ones, rhs, sizes, transpose_rhs=True).astype(lhs.dtype),
+          reference.tgmm_by_slices(lhs, ones, sizes).astype(rhs.dtype))
 
 
 class _Wrong(Exception):
@@ -150,7 +137,7 @@ def main(argv):
     for kind in _GROUPS.value:
       sizes_np = group_sizes(kind, rows, experts, rng)
       sizes = jnp.asarray(sizes_np)
-      want = reference_by_slices(lhs, rhs, sizes_np)
+      want = reference.gmm_by_slices(lhs, rhs, sizes_np).astype(lhs.dtype)
       scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
       # Per-slice gradients: ragged_dot's own backward materialises [groups, rows, k] on GPU
       # and runs out of memory at DeepSeek-V3's shape.

@@ -61,3 +61,14 @@ def banded(index: jax.Array, num_rows: int, num_cols: int, band: int):
   rows_here = jnp.minimum(band, num_rows - first_row)  # the last band may be short
   within = index % per_band
   return first_row + within % rows_here, within // rows_here
+
+
+def row_blocks(start: jax.Array, end: jax.Array, block_m: int) -> tuple[jax.Array, jax.Array]:
+  """(first, count) of the block_m-row blocks that rows [start, end) touch; count 0 if empty.
+
+  The count is a product with the non-empty flag, not a select: Pallas' Triton lowering of a
+  scalar select gave a loop an i1 bound that Triton rejects ("scf.for ... same type"; seen on
+  an H100, reproduced by lowering on CPU), so every kernel takes its trip count from here.
+  """
+  first = start // block_m
+  return first, ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)

@@ -36,7 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.moe_gmm import common
 
 DEFAULT_TILING = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, band=8)
-DEFAULT_TGMM_TILING = dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=4, band=8)
+DEFAULT_TGMM_TILING = dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=4)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 # Programs the CPU interpreter simulates: a few, so persistence (several tiles per program)
 # is exercised without simulating 132 SMs.
@@ -286,6 +286,13 @@ def _warp_specialized_gmm_body(*, num_groups, num_pairs, grid_n, k_steps, block_
   return body
 
 
+def _tgmm_tile(index, grid_k, grid_n):
+  """(group, k tile, n tile) of tgmm's output tile `index`: group-major, so the programs
+  resident at one time share a group's rows of lhs and grad in L2."""
+  group, rest = jnp.divmod(index, grid_k * grid_n)
+  return (group, *jnp.divmod(rest, grid_n))
+
+
 def _zero_rows_outside(a_smem, first_row, start, end):
   """Rows of the shared-memory tile a_smem (rows first_row + i) outside [start, end) set to
   zero, through registers in wgmma's layout; fenced for the wgmma that reads it next."""
@@ -298,19 +305,17 @@ def _zero_rows_outside(a_smem, first_row, start, end):
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 64, block_n: int = 128, block_k: int = 128,
-         max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
-         programs_per_sm: int = 1, num_programs: int | None = None,
-         interpret: bool = False) -> jax.Array:
+         max_concurrent_steps: int = 4, consumers: int = 1, programs_per_sm: int = 1,
+         num_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
 
   block_m: rows per pipeline step (the contraction); block_k × block_n: the output tile.
   consumers: 1, one warpgroup; 2, warp-specialised: a producer warpgroup streams the blocks
   and two consumers each own block_k / 2 rows of the output tile, so a tile holds twice the
   work of one warpgroup's (a small group gives each tile only a few row blocks, and every
-  tile pays its pipeline's start). `band` is accepted so that one tiling dict serves all
-  three products; the walk is group-major already.
+  tile pays its pipeline's start). The walk is group-major: resident programs share a
+  group's rows in L2.
   """
-  del band
   check_dtypes(lhs, grad)
   if consumers not in (1, 2):
     raise ValueError(f'moe_gmm mosaic_gpu: consumers must be 1 or 2, got {consumers}')
@@ -336,13 +341,10 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
     def _(o_smem):
       @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes='sm')
       def _(loop):
-        group, rest = jnp.divmod(loop.index[0], grid_k * grid_n)
-        ki, ni = jnp.divmod(rest, grid_n)
+        group, ki, ni = _tgmm_tile(loop.index[0], grid_k, grid_n)
         start, end = starts_ref[group], ends_ref[group]
-        first = start // block_m
-        # Empty groups run no steps and store their zero tile. A product, not a select,
-        # keeps the trip count an integer (see triton.py's loop bound).
-        blocks = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
+        # Empty groups run no steps and store their zero tile.
+        first, blocks = common.row_blocks(start, end, block_m)
 
         def accumulate(acc_ref):
           def step(s, a_smem, b_smem):
@@ -425,12 +427,9 @@ def _warp_specialized_tgmm_body(*, num_groups, grid_k, grid_n, block_m, block_k,
     def _(allocations, o_smem):
       @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes='sm')
       def _(loop):
-        group, rest = jnp.divmod(loop.index[0], grid_k * grid_n)
-        ki, ni = jnp.divmod(rest, grid_n)
+        group, ki, ni = _tgmm_tile(loop.index[0], grid_k, grid_n)
         start, end = starts_ref[group], ends_ref[group]
-        first = start // block_m
-        # A product, not a select: see triton.py's loop bound.
-        blocks = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
+        first, blocks = common.row_blocks(start, end, block_m)
         mine = pl.ds(me * half, half)  # my columns of the lhs block = my rows of the output
 
         def context(run):

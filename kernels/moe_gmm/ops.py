@@ -15,8 +15,8 @@ implementation:
 tiling:
   None        the implementation's defaults (triton.DEFAULT_TILING, mosaic_gpu.DEFAULT_TILING /
               DEFAULT_TGMM_TILING);
-  a dict      overrides of those defaults, for all three products (forward, the input gradient
-              and the weight gradient);
+  a dict      overrides of those defaults for the three products (forward, the input gradient
+              and the weight gradient), each taking the keys its kernel has;
   'autotune'  each product's tiling (and, with implementation=None, its implementation) is
               the fastest of a fixed candidate list for its shapes on this device, timed once
               at trace time on random inputs with uneven groups (alternately a quarter above
@@ -72,9 +72,9 @@ _TRITON_TGMM = [
     dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
     dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
     dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3),
-    # Group-major launch order (any `band`): a group's rows stay in L2 for all its tiles.
-    dict(triton_impl.DEFAULT_TILING, band=1),
-    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, band=1),
+    # Group-major launch order: a group's rows stay in L2 for all its tiles.
+    dict(triton_impl.DEFAULT_TILING, group_major=True),
+    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, group_major=True),
 ]
 _MOSAIC_GMM = [
     mosaic_impl.DEFAULT_TILING,
@@ -95,16 +95,16 @@ _MOSAIC_GMM = [
 ]
 _MOSAIC_TGMM = [
     mosaic_impl.DEFAULT_TGMM_TILING,
-    dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=3, band=8),
-    dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, band=8),
-    dict(block_m=64, block_n=64, block_k=128, max_concurrent_steps=4, band=8),
+    dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=3),
+    dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4),
+    dict(block_m=64, block_n=64, block_k=128, max_concurrent_steps=4),
     # Two programs per SM (96 KiB of shared memory each): one's pipeline start-up overlaps
     # the other's wgmmas, where a small group gives each output tile only a few row blocks.
-    dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2, band=8,
+    dict(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2,
          programs_per_sm=2),
     # Warp-specialised: two consumers of 128 output rows each, a 256 × 128 tile.
-    dict(block_m=64, block_n=128, block_k=256, max_concurrent_steps=3, band=8, consumers=2),
-    dict(block_m=64, block_n=128, block_k=256, max_concurrent_steps=2, band=8, consumers=2),
+    dict(block_m=64, block_n=128, block_k=256, max_concurrent_steps=3, consumers=2),
+    dict(block_m=64, block_n=128, block_k=256, max_concurrent_steps=2, consumers=2),
 ]
 CANDIDATES = {
     ('triton', 'gmm'): _TRITON_GMM, ('triton', 'gmm_transposed'): _TRITON_GMM,
@@ -167,10 +167,13 @@ class _Plan(tuple):
     return dict(self)[product]
 
 
-def _knobs(impl: str) -> set[str]:
-  """The tiling keywords an implementation's kernels take (gmm's; tgmm takes the same)."""
-  fixed = {'lhs', 'rhs', 'group_sizes', 'transpose_rhs', 'preferred_element_type', 'interpret'}
-  return set(inspect.signature(_KERNELS[impl].gmm).parameters) - fixed
+def _knobs(impl: str, product: str) -> set[str]:
+  """The tiling keywords the implementation's kernel for `product` takes, read off its
+  signature (keyword-only, less the ones ops sets itself)."""
+  kernel = _KERNELS[impl].tgmm if product == 'tgmm' else _KERNELS[impl].gmm
+  params = inspect.signature(kernel).parameters.values()
+  return ({p.name for p in params if p.kind is p.KEYWORD_ONLY}
+          - {'transpose_rhs', 'preferred_element_type', 'interpret'})
 
 
 def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
@@ -183,11 +186,16 @@ def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
     return _Plan((p, (impl, 'autotune')) for p in PRODUCTS)
   if tiling is not None and not isinstance(tiling, dict):
     raise ValueError(f"moe_gmm: tiling must be None, a dict or 'autotune', got {tiling!r}")
-  unknown = set(tiling or {}) - _knobs(impl)
+  tiling = tiling or {}
+  knobs = {p: _knobs(impl, p) for p in PRODUCTS}
+  unknown = set(tiling) - set().union(*knobs.values())
   if unknown:
     raise ValueError(f'moe_gmm: {impl} takes no tiling {sorted(unknown)}; its knobs are '
-                     f'{sorted(_knobs(impl))}')
-  return _Plan((p, (impl, _freeze({**_defaults(impl, p), **(tiling or {})}))) for p in PRODUCTS)
+                     f'{sorted(set().union(*knobs.values()))}')
+  # Each product takes the knobs its kernel has (e.g. gmm's `band`, tgmm's `group_major`).
+  return _Plan((p, (impl, _freeze({**_defaults(impl, p),
+                                   **{k: v for k, v in tiling.items() if k in knobs[p]}})))
+               for p in PRODUCTS)
 
 
 def _run(impl: str, product: str, tiling: dict, a, b, group_sizes, out_dtype, interpret):
@@ -297,8 +305,7 @@ def _tuning_problem(product, a_shape, b_shape, groups, dtype):
 
   Groups alternate a quarter above and below m // groups rows (the remainder belongs to no
   group): uneven, so tiles straddle group boundaries as in training and the correctness check
-  reaches that path, yet every group's size is known, so the exact result is one plain matmul
-  per group on concrete slices (no [groups, m, ...] intermediate).
+  reaches that path; the exact result is reference.*_by_slices on those sizes.
   """
   m = a_shape[0]
   per = m // groups
@@ -308,19 +315,10 @@ def _tuning_problem(product, a_shape, b_shape, groups, dtype):
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal(a_shape, np.float32), dtype)
   b = jnp.asarray(rng.standard_normal(b_shape, np.float32) / np.sqrt(b_shape[-1]), dtype)
-  ends = np.cumsum(sizes)
-  parts = []
-  for i, (start, end) in enumerate(zip(ends - sizes, ends)):
-    if product == 'tgmm':
-      parts.append(jnp.dot(a[start:end].T, b[start:end], preferred_element_type=jnp.float32))
-    else:
-      weights = b[i].T if product == 'gmm_transposed' else b[i]
-      parts.append(jnp.dot(a[start:end], weights, preferred_element_type=jnp.float32))
   if product == 'tgmm':
-    want = jnp.stack(parts)
+    want = reference.tgmm_by_slices(a, b, sizes)
   else:
-    parts.append(jnp.zeros((m - int(ends[-1]), parts[0].shape[1]), jnp.float32))
-    want = jnp.concatenate(parts)
+    want = reference.gmm_by_slices(a, b, sizes, transpose_rhs=product == 'gmm_transposed')
   return a, b, jnp.asarray(sizes, jnp.int32), want
 
 

@@ -6,6 +6,7 @@ offsets being the running sum of group_sizes. Rows past sum(group_sizes) belong 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def group_masks(group_sizes: jax.Array, m: int) -> jax.Array:
@@ -33,3 +34,28 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array,
   masked = jnp.where(masks[:, :, None], lhs[None], 0)
   return jnp.einsum('gmk,mn->gkn', masked, grad,
                     preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def gmm_by_slices(lhs: jax.Array, rhs: jax.Array, group_sizes: np.ndarray, *,
+                  transpose_rhs: bool = False) -> jax.Array:
+  """gmm with concrete group sizes, one plain matmul per group on its slice: fp32 [m, n].
+
+  The same product as `gmm` without its [groups, m, n] intermediate, so it serves as the exact
+  result at real MoE shapes (the autotuner's check, the benchmark's). rhs is [g, n, k] with
+  transpose_rhs.
+  """
+  ends = np.cumsum(group_sizes)
+  parts = [jnp.dot(lhs[end - size:end], rhs[i].T if transpose_rhs else rhs[i],
+                   preferred_element_type=jnp.float32)
+           for i, (size, end) in enumerate(zip(group_sizes, ends))]
+  width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  parts.append(jnp.zeros((lhs.shape[0] - int(ends[-1]), width), jnp.float32))
+  return jnp.concatenate(parts)
+
+
+def tgmm_by_slices(lhs: jax.Array, grad: jax.Array, group_sizes: np.ndarray) -> jax.Array:
+  """tgmm with concrete group sizes, one plain matmul per group: fp32 [g, k, n]."""
+  ends = np.cumsum(group_sizes)
+  return jnp.stack([jnp.dot(lhs[end - size:end].T, grad[end - size:end],
+                            preferred_element_type=jnp.float32)
+                    for size, end in zip(group_sizes, ends)])

@@ -98,9 +98,7 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, b
   else:
     group, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start, end = starts_ref[group], ends_ref[group]
-  first = start // block_m
-  # Multiplied by the non-empty flag rather than selected: see _gmm_kernel's loop bound.
-  tiles = ((end - 1) // block_m - first + 1) * (end > start).astype(jnp.int32)
+  first, tiles = common.row_blocks(start, end, block_m)
   k_tile = pl.ds(pl.multiple_of(ki * block_k, block_k), block_k)
   n_tile = pl.ds(pl.multiple_of(ni * block_n, block_n), block_n)
 
@@ -120,13 +118,12 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m, b
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 128, block_n: int = 128, block_k: int = 64, num_warps: int = 8,
-         num_stages: int = 3, band: int | None = None, interpret: bool = False) -> jax.Array:
+         num_stages: int = 3, group_major: bool = False, interpret: bool = False) -> jax.Array:
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
 
-  band: None launches the (groups, k tiles, n tiles) grid with groups fastest, so resident
-  programs each read another group's rows. Any int (the value is gmm's knob; here only
-  its presence counts) launches groups slowest, so resident programs share one group's rows
-  of lhs and grad in L2.
+  group_major: False launches the (groups, k tiles, n tiles) grid with groups fastest, so
+  resident programs each read another group's rows; True launches groups slowest, so resident
+  programs share one group's rows of lhs and grad in L2.
   """
   m, k = lhs.shape
   n = grad.shape[1]
@@ -136,7 +133,6 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
   grad_p = common.pad_to(common.pad_to(grad, 0, block_m), 1, block_n)
   starts, ends = common.group_bounds(group_sizes, lhs_p.shape[0])
   k_p, n_p = lhs_p.shape[1], grad_p.shape[1]
-  group_major = band is not None
   kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n,
                              group_major=group_major)
   tiles = (k_p // block_k, n_p // block_n)

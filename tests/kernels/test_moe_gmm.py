@@ -104,15 +104,17 @@ def test_forward_and_gradients_match_reference(case, dtype, implementation):
     assert not jnp.any(d_rhs[i])
 
 
-@pytest.mark.parametrize('implementation,dtype,band', [('triton', jnp.float32, 4),
-                                                       ('mosaic_gpu', jnp.bfloat16, 1)])
-def test_banded_launch_order_gives_the_same_products(implementation, dtype, band):
-  # `band` only reorders the output tiles. Triton: 96 padded rows in 16-row tiles give 6 + 9
-  # pairs, so the last band of 4 is short; its default launches the 2-D grid. Mosaic: band 1,
-  # against its test tiling's band 2.
+@pytest.mark.parametrize('implementation,dtype,order', [
+    ('triton', jnp.float32, dict(band=4, group_major=True)),
+    ('mosaic_gpu', jnp.bfloat16, dict(band=1))])
+def test_launch_orders_give_the_same_products(implementation, dtype, order):
+  # The order knobs only reorder the output tiles. Triton: 96 padded rows in 16-row tiles give
+  # 6 + 9 pairs, so gmm's last band of 4 is short, and tgmm runs group-major; its defaults
+  # launch the plain grids. Mosaic: band 1, against its test tiling's band 2 (its tgmm walk
+  # is group-major always).
   lhs, rhs, sizes, rng = _inputs(dtype, 90, 48, 32, 8, 'skewed', seed=21)
   cotangent = jnp.asarray(rng.standard_normal((90, 32)), dtype)
-  tiling = dict(TILES[implementation], band=band)
+  tiling = dict(TILES[implementation], **order)
   out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation=implementation,
                                       tiling=tiling, interpret=True), lhs, rhs)
   want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
@@ -207,7 +209,9 @@ def test_implementation_errors_are_clear():
           implementation='mosaic_gpu')
   with pytest.raises(ValueError, match="tiling must be None, a dict or 'autotune'"):
     gmm(lhs, rhs, sizes, implementation='triton', tiling='fast', interpret=True)
-  with pytest.raises(ValueError, match=r"triton takes no tiling \['consumers'\]"):
+  with pytest.raises(ValueError, match=r"triton takes no tiling \['consumers'\]; its knobs "
+                                       r"are \['band', 'block_k', 'block_m', 'block_n', "
+                                       r"'group_major', 'num_stages', 'num_warps'\]"):
     gmm(lhs, rhs, sizes, implementation='triton', tiling=dict(consumers=2), interpret=True)
   with pytest.raises(ValueError, match='cannot tune interpreted'):
     gmm(lhs, rhs, sizes, implementation='triton', tiling='autotune', interpret=True)
@@ -297,9 +301,9 @@ def test_mosaic_gpu_lowers_for_cuda_at_real_shapes_with_every_candidate(shape):
 
 
 @pytest.mark.parametrize('product', ops.PRODUCTS)
-def test_the_autotuners_correctness_oracle_is_the_specification(product):
-  # The exact result every candidate must match before it is timed: uneven groups (odd
-  # count: the last keeps the mean) and rows of no group, against reference.py.
+def test_by_slices_references_and_the_autotuning_problem_match_the_specification(product):
+  # The exact results the autotuner and the benchmark check kernels against: uneven groups
+  # (odd count: the last keeps the mean) and rows of no group, against gmm / tgmm.
   a_shape, b_shape = {'gmm': ((70, 16), (5, 16, 24)), 'gmm_transposed': ((70, 24), (5, 16, 24)),
                       'tgmm': ((70, 16), (70, 24))}[product]
   problem = ops._tuning_problem  # pylint: disable=protected-access
