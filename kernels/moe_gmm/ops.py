@@ -23,9 +23,9 @@ tiling:
               and below the mean) and cached in memory and on disk (autotune.py). A candidate
               is timed only after its output matched an exact per-group product: a fast wrong
               kernel cannot win. A candidate costs a
-              compile and a few dozen timed calls (about 60 candidates for the three
-              products with implementation=None): minutes for a new shape, nothing once
-              cached. Tuning allocates one set of operands of the product's shape on the
+              compile and a few dozen timed calls (59 candidates for the three products
+              with implementation=None; not yet timed on a GPU, expect minutes for a new
+              shape), nothing once cached. Tuning allocates one set of operands of the product's shape on the
               device. Each process tunes on its own: in a multi-process run the processes
               may pick different tilings (the kernels' internals only, not the program's
               collectives); tune once and share the cache file (EFFICIENTJAX_CACHE_DIR) to
