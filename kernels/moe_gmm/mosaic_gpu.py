@@ -43,11 +43,23 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _INTERPRET_PROGRAMS = 3
 
 
-def interpret_params():
-  """The GPU interpreter's parameters: Mosaic GPU kernels run on the CPU, simulating shared
-  memory, TMA and barriers. Private in jax 0.10 (no public export yet)."""
-  from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
-  return params.InterpretGPUParams()
+def interpret_params(interpret=True, **options):
+  """The GPU interpreter's parameters (Mosaic GPU kernels run on the CPU, simulating shared
+  memory, TMA and barriers), or None to compile for the GPU.
+
+  interpret: False; True, for an `InterpretGPUParams` of `options` (e.g. detect_races=True);
+  or an `InterpretGPUParams`, passed on as given. jax 0.11 exports the class as
+  `plgpu.InterpretGPUParams`; jax 0.10 has it only under `jax._src`.
+  """
+  if interpret is False or interpret is None:
+    return None
+  if interpret is not True:
+    return interpret
+  cls = getattr(plgpu, 'InterpretGPUParams', None)
+  if cls is None:
+    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+    cls = params.InterpretGPUParams
+  return cls(**options)
 
 
 def check_dtypes(*arrays: jax.Array) -> None:
@@ -67,7 +79,7 @@ def _check_blocks(block_m: int, **blocks: int) -> None:
       raise ValueError(f'moe_gmm mosaic_gpu: {name} must be a multiple of 64, got {size}')
 
 
-def _num_programs(interpret: bool, num_programs: int | None, programs_per_sm: int) -> int:
+def _num_programs(interpret, num_programs: int | None, programs_per_sm: int) -> int:
   """Persistent programs to launch: one per SM, or `programs_per_sm` when their shared memory
   lets that many share an SM (the hardware then overlaps one's load latency with another's
   wgmmas, which helps short pipelines such as tgmm's small groups)."""
@@ -106,12 +118,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         preferred_element_type=None, block_m: int = 128, block_n: int = 128, block_k: int = 64,
         max_concurrent_steps: int = 4, band: int = 8, consumers: int = 1,
         programs_per_sm: int = 1, num_programs: int | None = None,
-        interpret: bool = False) -> jax.Array:
+        interpret=False) -> jax.Array:
   """lhs [m, k] (rows sorted by group), rhs [g, k, n] (or [g, n, k] with transpose_rhs).
 
   consumers: 1, one warpgroup issues both the TMA loads and the wgmmas of a tile; 2, the
   warp-specialised body (module docstring): straddling tiles then cost about the 64-row
   halves they use rather than the whole tile.
+  interpret: run on the CPU interpreter (True, or parameters: `interpret_params`).
   """
   check_dtypes(lhs, rhs)
   if consumers not in (1, 2):
@@ -164,7 +177,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
           def accumulate(acc_ref):
             def step(_, a_smem, b_smem):
-              b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+              b = b_smem.T if transpose_rhs else b_smem
               plgpu.wgmma(acc_ref, a_smem, b)
 
             plgpu.emit_pipeline(
@@ -200,7 +213,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
       **threads,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret_params() if interpret else None)
+      interpret=interpret_params(interpret))
   out = kernel(pair_group, pair_tile, starts, ends, lhs_p, rhs_p)
   return out if n_p == n else out[:, :n]
 
@@ -264,7 +277,7 @@ def _warp_specialized_gmm_body(*, num_groups, num_pairs, grid_n, k_steps, block_
         def step(_, a_smem, b_smem, acc_ref):
           @pl.when(hi > lo)  # nothing of this group in my half: leave the tensor cores to the other
           def _():
-            b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+            b = b_smem.T if transpose_rhs else b_smem
             plgpu.wgmma(acc_ref, a_smem.at[pl.ds(jnp.minimum(wg, 1) * half, half)], b)
             plgpu.wgmma_wait(0)
           return acc_ref
@@ -306,7 +319,7 @@ def _zero_rows_outside(a_smem, first_row, start, end):
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
          block_m: int = 64, block_n: int = 128, block_k: int = 128,
          max_concurrent_steps: int = 4, consumers: int = 1, programs_per_sm: int = 1,
-         num_programs: int | None = None, interpret: bool = False) -> jax.Array:
+         num_programs: int | None = None, interpret=False) -> jax.Array:
   """out[i] = lhs[rows of i]ᵀ @ grad[rows of i]: [g, k, n]; zero for empty groups.
 
   block_m: rows per pipeline step (the contraction); block_k × block_n: the output tile.
@@ -315,6 +328,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
   work of one warpgroup's (a small group gives each tile only a few row blocks, and every
   tile pays its pipeline's start). The walk is group-major: resident programs share a
   group's rows in L2.
+  interpret: as for gmm.
   """
   check_dtypes(lhs, grad)
   if consumers not in (1, 2):
@@ -354,7 +368,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
             def _():
               _zero_rows_outside(a_smem, block * block_m, start, end)
 
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_smem)
+            plgpu.wgmma(acc_ref, a_smem.T, b_smem)
 
           plgpu.emit_pipeline(
               step, grid=(blocks,), max_concurrent_steps=max_concurrent_steps,
@@ -389,7 +403,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
       **threads,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret_params() if interpret else None)
+      interpret=interpret_params(interpret))
   return kernel(starts, ends, lhs_p, grad_p)[:, :k, :n]
 
 
@@ -453,7 +467,7 @@ def _warp_specialized_tgmm_body(*, num_groups, grid_k, grid_n, block_m, block_k,
           def _():
             _zero_rows_outside(a_mine, block * block_m, start, end)
 
-          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_mine, (1, 0)), b_smem)
+          plgpu.wgmma(acc_ref, a_mine.T, b_smem)
           plgpu.wgmma_wait(0)
           return acc_ref
 

@@ -7,8 +7,12 @@ transposed A for the weight gradient, transposed B for the input gradient): it i
 hardware reads a tile in the other major order without a copy. This module swaps the
 interpreter's wgmma callback for one that reads each operand through its indexers, then
 applies its transposes. It also gives `plgpu.layout_cast` (a register-layout annotation, the
-identity on values) the CPU lowering the interpreter asks for. Private API: when the
-interpreter learns both, delete this.
+identity on values) the CPU lowering the interpreter asks for.
+
+jax 0.11's interpreter does both itself (it reads every ref through an `Access`: a range
+plus an axis permutation, and treats `layout_cast` as the identity), and its callbacks take
+other arguments; there this module changes nothing. Private API: delete it once jax 0.10 is
+no longer supported.
 """
 
 import contextlib
@@ -58,14 +62,24 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
   return token
 
 
+def _interpreter_reads_transposes():
+  return hasattr(interpret_utils, 'to_access')
+
+
 @contextlib.contextmanager
 def interpretable():
-  """Within: Mosaic GPU kernels using transposed wgmma operands and layout casts interpret."""
-  mlir.register_lowering(mosaic_gpu_core.layout_cast_p, lambda ctx, x, *, new_layout: [x],
-                         platform='cpu')
+  """Within: Mosaic GPU kernels using transposed wgmma operands and layout casts interpret.
+
+  On the way out the interpreter's global state is reset: a kernel that failed while
+  interpreted leaves it behind, and the next kernel would then fail for that reason.
+  """
   original = gpu_callbacks.wgmma
-  gpu_callbacks.wgmma = _wgmma
+  if not _interpreter_reads_transposes():
+    mlir.register_lowering(mosaic_gpu_core.layout_cast_p, lambda ctx, x, *, new_layout: [x],
+                           platform='cpu')
+    gpu_callbacks.wgmma = _wgmma
   try:
     yield
   finally:
     gpu_callbacks.wgmma = original
+    gpu_callbacks.reset_gpu_interpret_mode_state()
