@@ -5,7 +5,7 @@ kernels through jax's GPU interpreter (which simulates shared memory, TMA, barri
 the Mosaic GPU kernels are also lowered for CUDA at real shapes and with every autotuning
 candidate, which runs Mosaic's layout inference and its shared-memory budget on this machine.
 The GPU runs them compiled at real shapes in experiments/bench_moe_gmm.py (which checks before
-it times).
+it times). test_moe_gmm_races.py runs the Mosaic GPU kernels under jax's race detector.
 """
 
 import functools
