@@ -51,6 +51,9 @@ def interpret_params(interpret=True, **options):
   or an `InterpretGPUParams`, passed on as given. jax 0.11 exports the class as
   `plgpu.InterpretGPUParams`; jax 0.10 has it only under `jax._src`.
   """
+  if interpret is not True and options:
+    raise ValueError(f'moe_gmm mosaic_gpu: interpreter options {sorted(options)} need '
+                     f'interpret=True, got interpret={interpret!r}')
   if interpret is False or interpret is None:
     return None
   if interpret is not True:
