@@ -66,7 +66,7 @@ def main() -> int:
       (tree / KERNEL).write_text(source.replace(line, replacement))
       run = subprocess.run(
           [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'no:warnings',
-           'tests/kernels/test_moe_gmm_races.py', '-k', 'has_no_races'],
+           'tests/kernels/test_moe_gmm_races.py', '-k', 'gmm_has_no_races'],
           cwd=tree, capture_output=True, text=True,
           env=dict(os.environ, PYTHONPATH=str(tree)))  # the seeded copy, not an installed tree
     caught = run.returncode == 1 and 'RACE DETECTED' in run.stdout

@@ -6,7 +6,9 @@ the tile loop), and in the warp-specialised kernels a producer and two consumer 
 share the pipeline's buffers (tgmm's consumers also write the shared lhs block to mask it).
 A missing wait or fence there gives wrong numbers on the GPU only sometimes. jax's GPU
 interpreter with `detect_races=True` keeps a vector clock per warpgroup and per TMA unit and
-reports every pair of accesses to one buffer that no barrier, wait or fence orders.
+reports every pair of accesses to one buffer that no barrier, wait or fence orders. Each
+kernel body runs so at small tiles, and every autotuning candidate at its own tiles; each
+result is also checked against the exact per-group product.
 
 What it models depends on jax. jax 0.11's interpreter runs TMA copies as asynchronous tasks
 and tracks the generic/async proxy fence (`plgpu.commit_smem`); jax 0.10's completes TMA
@@ -23,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # the detector's verdict
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.moe_gmm import mosaic_gpu, reference
+from kernels.moe_gmm import mosaic_gpu, ops, reference
 from tests.kernels import mosaic_interpret
 
 # jax 0.10's interpreter completes TMA stores at issue: an in-flight store has no clock there.
@@ -41,7 +44,6 @@ def _interpretable():
 
 def _raced(run):
   """Runs `run` (one interpreted kernel) and says whether the race detector reported."""
-  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # pylint: disable=g-import-not-at-top
   gpu_callbacks.reset_gpu_interpret_mode_state()  # the flag below is then this kernel's alone
   out = jax.block_until_ready(run(mosaic_gpu.interpret_params(detect_races=True)))
   return out, gpu_callbacks.get_races().races_found
@@ -127,3 +129,35 @@ def test_tgmm_has_no_races(tiling):
                                                       **tiling))
   assert not raced
   _close(out, reference.tgmm_by_slices(lhs, grad, SIZES))
+
+
+# Every autotuning candidate at its own (production) tiles: deeper pipelines, 128- and 256-row
+# blocks and two programs per SM, which the small tilings above do not reach. 333 rows in
+# 128-row tiles still give each of the three programs several tiles.
+CANDIDATE_SIZES = np.array([100, 0, 77, 120, 30], np.int32)
+CANDIDATES = [(product, i) for product in ops.PRODUCTS
+              for i in range(len(ops.CANDIDATES['mosaic_gpu', product]))]
+
+
+@pytest.mark.parametrize('product,index', CANDIDATES, ids=[f'{p}-{i}' for p, i in CANDIDATES])
+def test_every_autotuning_candidate_has_no_races_and_is_exact(product, index):
+  tiling = ops.CANDIDATES['mosaic_gpu', product][index]
+  rng = np.random.default_rng(33)
+  m, k, n, g = 333, 256, 256, len(CANDIDATE_SIZES)
+  lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  rhs = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
+  grad = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+  transpose = product == 'gmm_transposed'
+  a = grad if transpose else lhs
+
+  def run(params):
+    if product == 'tgmm':
+      return mosaic_gpu.tgmm(lhs, grad, CANDIDATE_SIZES, interpret=params, **tiling)
+    return mosaic_gpu.gmm(a, rhs, CANDIDATE_SIZES, transpose_rhs=transpose, interpret=params,
+                          **tiling)
+
+  want = (reference.tgmm_by_slices(lhs, grad, CANDIDATE_SIZES) if product == 'tgmm' else
+          reference.gmm_by_slices(a, rhs, CANDIDATE_SIZES, transpose_rhs=transpose))
+  out, raced = _raced(run)
+  assert not raced
+  _close(out, want)
