@@ -304,6 +304,36 @@ def test_mosaic_gpu_lowers_for_cuda_at_real_shapes_with_every_candidate(shape):
       assert 'mosaic_gpu' in text, (product, tiling)
 
 
+TRITON_CANDIDATES = [(product, i) for product in ops.PRODUCTS
+                     for i in range(len(ops.CANDIDATES['triton', product]))]
+
+
+@pytest.mark.parametrize('product,index', TRITON_CANDIDATES,
+                         ids=[f'{p}-{i}' for p, i in TRITON_CANDIDATES])
+def test_every_triton_candidate_is_exact_at_its_own_tiles(product, index):
+  # The tests above run the Triton kernels at 16-row tiles; the autotuner's candidates use
+  # 64-256 and the banded and group-major walks. 333 rows: tiles straddle groups, one group
+  # is empty, and rows past the last group must come out zero. (The Mosaic candidates run
+  # likewise in test_moe_gmm_races.py.)
+  from kernels.moe_gmm import triton as tr  # pylint: disable=g-import-not-at-top
+  tiling = ops.CANDIDATES['triton', product][index]
+  sizes = np.array([100, 0, 77, 120, 30], np.int32)
+  rng = np.random.default_rng(34)
+  lhs = jnp.asarray(rng.standard_normal((333, 256)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((5, 256, 256)) / 16, jnp.float32)
+  grad = jnp.asarray(rng.standard_normal((333, 256)), jnp.float32)
+  if product == 'tgmm':
+    out = tr.tgmm(lhs, grad, sizes, interpret=True, **tiling)
+    want = reference.tgmm_by_slices(lhs, grad, sizes)
+  else:
+    transpose = product == 'gmm_transposed'
+    a = grad if transpose else lhs
+    out = tr.gmm(a, rhs, sizes, transpose_rhs=transpose, interpret=True, **tiling)
+    want = reference.gmm_by_slices(a, rhs, sizes, transpose_rhs=transpose)
+    assert not jnp.any(out[sizes.sum():])
+  _close(out, want, jnp.float32)
+
+
 @pytest.mark.parametrize('product', ops.PRODUCTS)
 def test_by_slices_references_and_the_autotuning_problem_match_the_specification(product):
   # The exact results the autotuner and the benchmark check kernels against: uneven groups
