@@ -83,12 +83,10 @@ def fwd_bwd(f):
 
 def _autotune_choices(lhs, rhs, experts) -> dict:
   """What tiling='autotune' chose per product, with every candidate's time and error."""
-  rows, k = lhs.shape
-  n = rhs.shape[2]
-  shapes = {'gmm': ((rows, k), (experts, k, n)), 'gmm_transposed': ((rows, n), (experts, k, n)),
-            'tgmm': ((rows, k), (rows, n))}
-  return {product: ops.autotune_report(product, a, b, experts, lhs.dtype)
-          for product, (a, b) in shapes.items()}
+  (rows, k), n = lhs.shape, rhs.shape[2]
+  return {product: ops.autotune_report(product, *ops.product_shapes(product, rows, k, n, experts),
+                                       experts, lhs.dtype)
+          for product in ops.PRODUCTS}
 
 
 def main(argv):

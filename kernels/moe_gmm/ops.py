@@ -22,12 +22,12 @@ tiling:
               at trace time on random inputs with uneven groups (alternately a quarter above
               and below the mean) and cached in memory and on disk (autotune.py). A candidate
               is timed only after its output matched an exact per-group product: a fast wrong
-              kernel cannot win. A candidate costs a
-              compile and a few dozen timed calls (59 candidates for the three products
-              with implementation=None; not yet timed on a GPU, expect minutes for a new
-              shape), nothing once cached. Tuning allocates one set of operands of the product's shape on the
-              device. Each process tunes on its own: in a multi-process run the processes
-              may pick different tilings (the kernels' internals only, not the program's
+              kernel cannot win. A candidate costs a compile and a few dozen timed calls
+              (59 candidates for the three products with implementation=None; not yet timed
+              on a GPU, expect minutes for a new shape), nothing once cached. Tuning
+              allocates one set of operands of the product's shape on the device. Each
+              process tunes on its own: in a multi-process run the processes may pick
+              different tilings (the kernels' internals only, not the program's
               collectives); tune once and share the cache file (EFFICIENTJAX_CACHE_DIR) to
               keep every process's program identical. Off a GPU there is nothing to tune:
               implementation=None is 'xla'.
@@ -300,18 +300,28 @@ def _implementations_for(dtype) -> list[str]:
   return impls
 
 
-def _tuning_problem(product, a_shape, b_shape, groups, dtype):
+def product_shapes(product: str, m: int, k: int, n: int, groups: int) -> tuple:
+  """(a_shape, b_shape) of one of PRODUCTS for the layer gmm(lhs [m, k], rhs [groups, k, n]):
+  the shapes `autotune_report` takes."""
+  return {'gmm': ((m, k), (groups, k, n)), 'gmm_transposed': ((m, n), (groups, k, n)),
+          'tgmm': ((m, k), (m, n))}[product]
+
+
+def _tuning_problem(product, a_shape, b_shape, groups, dtype, sizes=None):
   """Concrete random operands of the product's shapes, their group sizes, the exact result.
 
   Groups alternate a quarter above and below m // groups rows (the remainder belongs to no
-  group): uneven, so tiles straddle group boundaries as in training and the correctness check
-  reaches that path; the exact result is reference.*_by_slices on those sizes.
+  group), unless `sizes` gives them: uneven, so tiles straddle group boundaries as in
+  training and the correctness check reaches that path; the exact result is
+  reference.*_by_slices on those sizes.
   """
   m = a_shape[0]
   per = m // groups
-  sizes = np.full(groups, per)
-  sizes[0:groups - groups % 2:2] += per // 4
-  sizes[1:groups - groups % 2:2] -= per // 4
+  if sizes is None:
+    sizes = np.full(groups, per)
+    sizes[0:groups - groups % 2:2] += per // 4
+    sizes[1:groups - groups % 2:2] -= per // 4
+  sizes = np.asarray(sizes)
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal(a_shape, np.float32), dtype)
   b = jnp.asarray(rng.standard_normal(b_shape, np.float32) / np.sqrt(b_shape[-1]), dtype)
@@ -333,7 +343,8 @@ def autotune_report(product: str, a_shape, b_shape, groups: int, dtype, out_dtyp
   time and error (autotune.last_report), or None if it was not tuned.
 
   product: 'gmm' (a = lhs [m, k], b = rhs [g, k, n]), 'gmm_transposed' (a = the output's
-  gradient [m, n], b = rhs) or 'tgmm' (a = lhs, b = the output's gradient).
+  gradient [m, n], b = rhs) or 'tgmm' (a = lhs, b = the output's gradient):
+  `product_shapes(product, m, k, n, groups)`.
   """
   impls = [implementation] if implementation else _implementations_for(jnp.dtype(dtype))
   return autotune.last_report(product, _autotune_key(impls, product, a_shape, b_shape, groups,

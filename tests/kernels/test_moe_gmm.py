@@ -304,6 +304,23 @@ def test_mosaic_gpu_lowers_for_cuda_at_real_shapes_with_every_candidate(shape):
       assert 'mosaic_gpu' in text, (product, tiling)
 
 
+# Group sizes for running every autotuning candidate at its own tiles (here for Triton, in
+# test_moe_gmm_races.py for Mosaic GPU): 333 rows, so tiles straddle groups, one group is
+# empty, and the 6 rows past the last group must come out zero.
+CANDIDATE_SIZES = np.array([100, 0, 77, 120, 30], np.int32)
+
+
+def candidate_check(impl, product, index, dtype, interpret=True):
+  """Candidate `index` of CANDIDATES[impl, product] on the autotuner's own correctness problem
+  (ops._tuning_problem) with CANDIDATE_SIZES: (its output, the exact result)."""
+  # pylint: disable=protected-access
+  tiling = ops.CANDIDATES[impl, product][index]
+  shapes = ops.product_shapes(product, 333, 256, 256, len(CANDIDATE_SIZES))
+  a, b, sizes, want = ops._tuning_problem(product, *shapes, len(CANDIDATE_SIZES), dtype,
+                                          sizes=CANDIDATE_SIZES)
+  return ops._run(impl, product, tiling, a, b, sizes, None, interpret), want
+
+
 TRITON_CANDIDATES = [(product, i) for product in ops.PRODUCTS
                      for i in range(len(ops.CANDIDATES['triton', product]))]
 
@@ -312,36 +329,20 @@ TRITON_CANDIDATES = [(product, i) for product in ops.PRODUCTS
                          ids=[f'{p}-{i}' for p, i in TRITON_CANDIDATES])
 def test_every_triton_candidate_is_exact_at_its_own_tiles(product, index):
   # The tests above run the Triton kernels at 16-row tiles; the autotuner's candidates use
-  # 64-256 and the banded and group-major walks. 333 rows: tiles straddle groups, one group
-  # is empty, and rows past the last group must come out zero. (The Mosaic candidates run
-  # likewise in test_moe_gmm_races.py.)
-  from kernels.moe_gmm import triton as tr  # pylint: disable=g-import-not-at-top
-  tiling = ops.CANDIDATES['triton', product][index]
-  sizes = np.array([100, 0, 77, 120, 30], np.int32)
-  rng = np.random.default_rng(34)
-  lhs = jnp.asarray(rng.standard_normal((333, 256)), jnp.float32)
-  rhs = jnp.asarray(rng.standard_normal((5, 256, 256)) / 16, jnp.float32)
-  grad = jnp.asarray(rng.standard_normal((333, 256)), jnp.float32)
-  if product == 'tgmm':
-    out = tr.tgmm(lhs, grad, sizes, interpret=True, **tiling)
-    want = reference.tgmm_by_slices(lhs, grad, sizes)
-  else:
-    transpose = product == 'gmm_transposed'
-    a = grad if transpose else lhs
-    out = tr.gmm(a, rhs, sizes, transpose_rhs=transpose, interpret=True, **tiling)
-    want = reference.gmm_by_slices(a, rhs, sizes, transpose_rhs=transpose)
-    assert not jnp.any(out[sizes.sum():])
+  # 64-256 and the banded and group-major walks.
+  out, want = candidate_check('triton', product, index, jnp.float32)
   _close(out, want, jnp.float32)
+  if product != 'tgmm':
+    assert not jnp.any(out[CANDIDATE_SIZES.sum():])
 
 
 @pytest.mark.parametrize('product', ops.PRODUCTS)
 def test_by_slices_references_and_the_autotuning_problem_match_the_specification(product):
   # The exact results the autotuner and the benchmark check kernels against: uneven groups
   # (odd count: the last keeps the mean) and rows of no group, against gmm / tgmm.
-  a_shape, b_shape = {'gmm': ((70, 16), (5, 16, 24)), 'gmm_transposed': ((70, 24), (5, 16, 24)),
-                      'tgmm': ((70, 16), (70, 24))}[product]
   problem = ops._tuning_problem  # pylint: disable=protected-access
-  a, b, sizes, want = problem(product, a_shape, b_shape, 5, jnp.float32)
+  a, b, sizes, want = problem(product, *ops.product_shapes(product, 70, 16, 24, 5), 5,
+                              jnp.float32)
   assert list(np.asarray(sizes)) == [17, 11, 17, 11, 14]
   if product == 'tgmm':
     spec = reference.tgmm(a, b, sizes)
@@ -394,9 +395,8 @@ def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch,
   final = {product: tiling for product, tiling in used}
   assert final == {p: fast for p in ops.PRODUCTS}, final
   # Keyed by each product's own operand shapes: lhs [64, 32], rhs [4, 32, 48], grad [64, 48].
-  shapes = {'gmm': ((64, 32), (4, 32, 48)), 'gmm_transposed': ((64, 48), (4, 32, 48)),
-            'tgmm': ((64, 32), (64, 48))}
-  for product, (a, b) in shapes.items():
+  for product in ops.PRODUCTS:
+    a, b = ops.product_shapes(product, 64, 32, 48, 4)
     report = ops.autotune_report(product, a, b, 4, jnp.float32, implementation='triton')
     assert report['best'] == dict(fast, implementation='triton') and report['source'] == 'tuned'
     (wrong_error,) = report['errors'].values()

@@ -31,6 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.moe_gmm import mosaic_gpu, ops, reference
 from tests.kernels import mosaic_interpret
+from tests.kernels.test_moe_gmm import candidate_check
 
 # jax 0.10's interpreter completes TMA stores at issue: an in-flight store has no clock there.
 SEES_ASYNC_STORES = jax.__version_info__ >= (0, 11)
@@ -134,30 +135,14 @@ def test_tgmm_has_no_races(tiling):
 # Every autotuning candidate at its own (production) tiles: deeper pipelines, 128- and 256-row
 # blocks and two programs per SM, which the small tilings above do not reach. 333 rows in
 # 128-row tiles still give each of the three programs several tiles.
-CANDIDATE_SIZES = np.array([100, 0, 77, 120, 30], np.int32)
-CANDIDATES = [(product, i) for product in ops.PRODUCTS
-              for i in range(len(ops.CANDIDATES['mosaic_gpu', product]))]
+MOSAIC_CANDIDATES = [(product, i) for product in ops.PRODUCTS
+                     for i in range(len(ops.CANDIDATES['mosaic_gpu', product]))]
 
 
-@pytest.mark.parametrize('product,index', CANDIDATES, ids=[f'{p}-{i}' for p, i in CANDIDATES])
+@pytest.mark.parametrize('product,index', MOSAIC_CANDIDATES,
+                         ids=[f'{p}-{i}' for p, i in MOSAIC_CANDIDATES])
 def test_every_autotuning_candidate_has_no_races_and_is_exact(product, index):
-  tiling = ops.CANDIDATES['mosaic_gpu', product][index]
-  rng = np.random.default_rng(33)
-  m, k, n, g = 333, 256, 256, len(CANDIDATE_SIZES)
-  lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-  rhs = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
-  grad = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-  transpose = product == 'gmm_transposed'
-  a = grad if transpose else lhs
-
-  def run(params):
-    if product == 'tgmm':
-      return mosaic_gpu.tgmm(lhs, grad, CANDIDATE_SIZES, interpret=params, **tiling)
-    return mosaic_gpu.gmm(a, rhs, CANDIDATE_SIZES, transpose_rhs=transpose, interpret=params,
-                          **tiling)
-
-  want = (reference.tgmm_by_slices(lhs, grad, CANDIDATE_SIZES) if product == 'tgmm' else
-          reference.gmm_by_slices(a, rhs, CANDIDATE_SIZES, transpose_rhs=transpose))
-  out, raced = _raced(run)
+  (out, want), raced = _raced(functools.partial(candidate_check, 'mosaic_gpu', product, index,
+                                                jnp.bfloat16))
   assert not raced
   _close(out, want)
