@@ -19,6 +19,7 @@ round trip to sub-millisecond kernels. Results before this change were timed cal
 """
 
 import json
+import os
 import sys
 import traceback
 
@@ -219,9 +220,10 @@ def main(argv):
 
 
 def _write(results: dict) -> None:
-  if _OUT.value:
-    with open(_OUT.value, 'w') as fh:
+  if _OUT.value:  # whole or not at all: a check cut mid-write keeps the previous rows
+    with open(_OUT.value + '.tmp', 'w') as fh:
       json.dump(results, fh, indent=1)
+    os.replace(_OUT.value + '.tmp', _OUT.value)
 
 
 if __name__ == '__main__':

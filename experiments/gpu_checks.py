@@ -1,0 +1,249 @@
+"""Every GPU-only check that has no committed result yet, in priority order, within a budget.
+
+GPU time is rare (a session that is lent one has ~15 minutes, start-up included), so the checks
+that only a GPU can do live here as data, oldest unverified work first, and one command runs
+as many as fit:
+
+    python -m experiments.gpu_checks --out=$OUT --budget_s=540 [--only=NAME,...] [--all]
+    python -m experiments.gpu_checks --list        # what is pending, on any machine
+
+A check is pending until a file named `<name>.json` is committed under some
+`experiments/results/<gpu>/` folder (`--all` runs done ones again). Each check runs in its own
+process (a kernel that crashes or hangs cannot take the others with it, and each starts with
+the GPU's memory free), writes its JSON to `--out`, and is stopped when the budget runs out:
+the benchmarks write their JSON after every row, so a cut check keeps what it measured. A check
+whose estimate does not fit what is left of the budget is skipped, not started. Output of every
+check goes to one log (`gpu_checks.log`), and `summary.json` says what ran, how long it took and
+what it found. The device tool returns at most 8 files: with more pending checks than fit one
+call, split them with --only.
+
+To add a check: append a `Check` to CHECKS (a later issue's checks go after the older ones),
+with an honest estimate; commit what it returns as `experiments/results/<device>/<name>.json`
+with the command that made it.
+"""
+
+import dataclasses
+import glob
+import importlib
+import importlib.metadata
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(_ROOT, 'experiments', 'results')
+CPU_FOLDERS = ('cpu',)  # results from these folders never count as a GPU check's result
+LOG = 'gpu_checks.log'
+SUMMARY = 'summary.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """One GPU-only check: a module run as `python -m MODULE ARGS... --out=OUT/NAME.json`."""
+  name: str  # also the result's file name: experiments/results/<device>/<name>.json
+  why: str  # what it verifies, and for which issue
+  module: str
+  args: tuple[str, ...]
+  estimate_s: float  # wall seconds on an H100, start-up and compiles included
+  # One line from the check's JSON for the summary table (None: nothing to say).
+  summarize: Callable[[dict], str] | None = None
+
+
+def summarize_bench_moe_gmm(result: dict) -> str:
+  """How many variants were right, wrong or failed, and the best kernel of each family."""
+  right, wrong, failed, best = 0, 0, 0, {}
+  for run in result.get('runs', []):
+    for name, entry in run['variants'].items():
+      if 'error' in entry:
+        if entry['error'].startswith('wrong'):
+          wrong += 1
+        else:
+          failed += 1
+        continue
+      right += 1
+      family = name.rsplit('_', 1)[0] if name[-1].isdigit() else name
+      key = f"{run['shape']}/{run['groups']}/{family}"
+      if entry.get('fwd_tflops', 0) > best.get(key, (0,))[0]:
+        best[key] = (entry['fwd_tflops'], entry['fwd_bwd_tflops'])
+  tops = '; '.join(f'{k} {f:.0f}/{b:.0f}' for k, (f, b) in sorted(best.items()))
+  return f'{right} right, {wrong} wrong, {failed} failed; best fwd/fwd+bwd TFLOP/s: {tops}'
+
+
+_GMM = 'experiments.bench_moe_gmm'
+CHECKS: tuple[Check, ...] = (
+    # Issue 6: kernels/moe_gmm/mosaic_gpu.py (TMA + wgmma) has never been compiled by a GPU;
+    # implementation=None keeps Triton on NVIDIA GPUs until these rows say Mosaic is right and
+    # faster. Every variant is checked (output and both gradients) before it is timed. First
+    # the question that decides the default (right? faster than Triton?) at every shape, then
+    # the tiling sweeps and the autotuner.
+    Check('moe_gmm_mosaic_defaults',
+          'Mosaic GPU gmm/tgmm at their default tiles against Triton and a dense matmul of the '
+          'same FLOPs: Mixtral 8x7B, DeepSeek-V2-Lite and -V3 shapes, even and skewed groups',
+          _GMM, ('--impls=dense,triton,mosaic_gpu', '--tilings=0', '--repeats=20'),
+          estimate_s=200, summarize=summarize_bench_moe_gmm),
+    Check('moe_gmm_mosaic_v2_lite_even',
+          'every Triton and every Mosaic candidate tiling at DeepSeek-V2-Lite, even groups (the '
+          'shape where Triton misses its targets)',
+          _GMM, ('--shapes=deepseek_v2_lite', '--groups=even',
+                 '--impls=dense,triton,mosaic_gpu', '--repeats=20'),
+          estimate_s=300, summarize=summarize_bench_moe_gmm),
+    Check('moe_gmm_mosaic_v2_lite_skewed',
+          'every Mosaic tiling and the autotuner at DeepSeek-V2-Lite, Dirichlet-skewed groups',
+          _GMM, ('--shapes=deepseek_v2_lite', '--groups=skewed',
+                 '--impls=dense,mosaic_gpu,autotuned', '--repeats=20'),
+          estimate_s=420, summarize=summarize_bench_moe_gmm),
+    Check('moe_gmm_autotuned_mixtral_v3',
+          "the autotuner's choice at Mixtral 8x7B and DeepSeek-V3, even and skewed groups",
+          _GMM, ('--shapes=mixtral_8x7b,deepseek_v3', '--impls=dense,autotuned',
+                 '--repeats=20'),
+          estimate_s=360, summarize=summarize_bench_moe_gmm),
+)
+
+
+def committed_result(name: str) -> str | None:
+  """The committed `<name>.json` under a GPU results folder, if any."""
+  for path in sorted(glob.glob(os.path.join(RESULTS, '*', f'{name}.json'))):
+    if os.path.basename(os.path.dirname(path)) not in CPU_FOLDERS:
+      return path
+  return None
+
+
+def command(check: Check, out: str) -> list[str]:
+  return [sys.executable, '-m', check.module, *check.args,
+          f'--out={os.path.join(out, check.name + ".json")}']
+
+
+def _run_one(check: Check, out: str, timeout_s: float, log) -> tuple[str, float, int | None]:
+  """Runs one check in its own process group; (status, seconds, exit code)."""
+  argv = command(check, out)
+  env = dict(os.environ, PYTHONUNBUFFERED='1',
+             # The autotuner's choices come back with the run, beside the results.
+             EFFICIENTJAX_CACHE_DIR=os.environ.get('EFFICIENTJAX_CACHE_DIR',
+                                                   os.path.join(out, 'autotune')))
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (_ROOT, env.get('PYTHONPATH')) if p)
+  log.write(f'\n===== {check.name}: {" ".join(argv[1:])}\n')
+  log.flush()
+  start = time.monotonic()
+  proc = subprocess.Popen(argv, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+  try:
+    rc = proc.wait(timeout=max(timeout_s, 0.0))
+    status = 'passed' if rc == 0 else 'failed'
+  except subprocess.TimeoutExpired:
+    # SIGTERM first so a benchmark can finish writing; the whole group, compilers included.
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+    rc, status = None, 'cut'
+  seconds = time.monotonic() - start
+  log.write(f'===== {check.name}: {status} after {seconds:.1f} s (exit {rc})\n')
+  log.flush()
+  return status, seconds, rc
+
+
+def run_checks(checks: Sequence[Check], out: str, budget_s: float, rerun_done: bool = False,
+               clock: Callable[[], float] = time.monotonic) -> list[dict]:
+  """Runs the pending checks in order while the budget lasts; one summary row per check."""
+  os.makedirs(out, exist_ok=True)
+  deadline = clock() + budget_s
+  rows = []
+  with open(os.path.join(out, LOG), 'a') as log:
+    for check in checks:
+      row = {'name': check.name, 'why': check.why, 'estimate_s': check.estimate_s,
+             'command': ' '.join(['python -m', check.module, *check.args])}
+      rows.append(row)
+      done = committed_result(check.name)
+      left = deadline - clock()
+      if done and not rerun_done:
+        row.update(status='done', result=os.path.relpath(done, _ROOT))
+      elif check.estimate_s > left:
+        row.update(status='skipped', reason=f'estimate {check.estimate_s:.0f} s > {left:.0f} s '
+                   'of budget left')
+      else:
+        status, seconds, rc = _run_one(check, out, left, log)
+        row.update(status=status, seconds=round(seconds, 1), exit_code=rc)
+        path = os.path.join(out, check.name + '.json')
+        if os.path.exists(path):
+          row['output'] = path
+          if check.summarize:
+            try:
+              with open(path) as fh:
+                row['found'] = check.summarize(json.load(fh))
+            except Exception as e:  # pylint: disable=broad-except
+              row['found'] = f'unreadable: {type(e).__name__}: {e}'
+      _write_summary(out, rows, budget_s)
+  return rows
+
+
+def _write_summary(out: str, rows: list[dict], budget_s: float) -> None:
+  # No `import jax` here: initialising a GPU backend in this process would take the memory
+  # (XLA preallocates 75%) that the checks' own processes need.
+  env = {'python': sys.version.split()[0], 'budget_s': budget_s, 'gpu': _gpu_name()}
+  for package in ('jax', 'jaxlib'):
+    try:
+      env[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      env[package] = None
+  path = os.path.join(out, SUMMARY)
+  with open(path + '.tmp', 'w') as fh:
+    json.dump({'env': env, 'checks': rows}, fh, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def _gpu_name() -> str | None:
+  try:
+    return subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'],
+                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def table(rows: Sequence[dict]) -> str:
+  lines = [f'{"check":34} {"status":8} {"seconds":>8}  found / reason']
+  for r in rows:
+    seconds = f'{r["seconds"]:.0f}' if 'seconds' in r else '-'
+    detail = r.get('found') or r.get('reason') or r.get('result') or ''
+    lines.append(f'{r["name"]:34} {r["status"]:8} {seconds:>8}  {detail}')
+  return '\n'.join(lines)
+
+
+_OUT = flags.DEFINE_string('out', None, 'folder for the checks\' JSON, the log and summary.json')
+_BUDGET = flags.DEFINE_float('budget_s', 540, 'stop starting (and cut) checks after this many '
+                             'seconds; leave the device call room to return')
+_ONLY = flags.DEFINE_list('only', None, 'run only these checks (by name), in CHECKS order')
+_ALL = flags.DEFINE_bool('all', False, 'also run checks that already have a committed result')
+_LIST = flags.DEFINE_bool('list', False, 'print the checks and whether each has a result; run '
+                          'nothing')
+
+
+def main(argv):
+  del argv
+  checks = list(CHECKS)
+  if _ONLY.value:
+    unknown = set(_ONLY.value) - {c.name for c in checks}
+    if unknown:
+      raise app.UsageError(f'unknown --only {sorted(unknown)}; valid: {[c.name for c in checks]}')
+    checks = [c for c in checks if c.name in _ONLY.value]
+  if _LIST.value:
+    for c in checks:
+      done = committed_result(c.name)
+      print(f'{c.name:34} ~{c.estimate_s:4.0f} s  '
+            f'{"done: " + os.path.relpath(done, _ROOT) if done else "PENDING"}\n    {c.why}')
+    return
+  if not _OUT.value:
+    raise app.UsageError('--out is required (on the device machine: --out=$OUT)')
+  rows = run_checks(checks, _OUT.value, _BUDGET.value, rerun_done=_ALL.value)
+  print(table(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)
