@@ -77,21 +77,34 @@ def summarize_bench_moe_gmm(result: dict) -> str:
 
 _GMM = 'experiments.bench_moe_gmm'
 CHECKS: tuple[Check, ...] = (
-    # Issue 6: kernels/moe_gmm/mosaic_gpu.py (TMA + wgmma) has never been compiled by a GPU;
-    # implementation=None keeps Triton on NVIDIA GPUs until these rows say Mosaic is right and
-    # faster. Every variant is checked (output and both gradients) before it is timed. First
-    # the question that decides the default (right? faster than Triton?) at every shape, then
-    # the tiling sweeps and the autotuner.
+    # Issue 6: kernels/moe_gmm/mosaic_gpu.py (TMA + wgmma). Its defaults were right and
+    # 1.3-1.45x Triton's forward at five of six shape/group rows on an H100
+    # (results/h100/moe_gmm_mosaic_defaults.json), so implementation=None picks it on Hopper;
+    # what remains: the training step with it, the tiling sweeps, the autotuner, V3 skewed.
+    # Every kernel variant is checked (output and both gradients) before it is timed.
     Check('moe_gmm_mosaic_defaults',
           'Mosaic GPU gmm/tgmm at their default tiles against Triton and a dense matmul of the '
           'same FLOPs: Mixtral 8x7B, DeepSeek-V2-Lite and -V3 shapes, even and skewed groups',
           _GMM, ('--impls=dense,triton,mosaic_gpu', '--tilings=0', '--repeats=20'),
-          estimate_s=200, summarize=summarize_bench_moe_gmm),
+          estimate_s=600, summarize=summarize_bench_moe_gmm),
+    Check('moe_dispatch_mosaic_step',
+          "the DeepSeek-V2-Lite-shaped training step (configs/moe_16b.py:1gpu) with the dropless "
+          "dispatch on Mosaic GPU (grouped_matmul='auto' on Hopper now) against Triton",
+          'experiments.bench_moe_dispatch',
+          ('--config=configs/moe_16b.py:1gpu', '--steps=12',
+           '--variants=dropless:mosaic_gpu,dropless:triton'),
+          estimate_s=180),
     Check('moe_gmm_mosaic_v2_lite_even',
           'every Triton and every Mosaic candidate tiling at DeepSeek-V2-Lite, even groups (the '
-          'shape where Triton misses its targets)',
+          'shape where both miss the issue\'s targets at their default tiles)',
           _GMM, ('--shapes=deepseek_v2_lite', '--groups=even',
                  '--impls=dense,triton,mosaic_gpu', '--repeats=20'),
+          estimate_s=300, summarize=summarize_bench_moe_gmm),
+    Check('moe_gmm_mosaic_v3_skewed',
+          'Mosaic and Triton defaults at DeepSeek-V3 with skewed groups (the row the defaults '
+          'check did not reach)',
+          _GMM, ('--shapes=deepseek_v3', '--groups=skewed', '--impls=dense,triton,mosaic_gpu',
+                 '--tilings=0', '--repeats=20'),
           estimate_s=300, summarize=summarize_bench_moe_gmm),
     Check('moe_gmm_mosaic_v2_lite_skewed',
           'every Mosaic tiling and the autotuner at DeepSeek-V2-Lite, Dirichlet-skewed groups',
@@ -102,7 +115,7 @@ CHECKS: tuple[Check, ...] = (
           "the autotuner's choice at Mixtral 8x7B and DeepSeek-V3, even and skewed groups",
           _GMM, ('--shapes=mixtral_8x7b,deepseek_v3', '--impls=dense,autotuned',
                  '--repeats=20'),
-          estimate_s=360, summarize=summarize_bench_moe_gmm),
+          estimate_s=480, summarize=summarize_bench_moe_gmm),
 )
 
 

@@ -365,7 +365,7 @@ def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch,
   seconds = [(slow, 3.0), (wrong, 1.0), (fast, 2.0)]  # the wrong one is the fastest
   monkeypatch.setattr(ops, 'CANDIDATES', {('triton', p): [slow, wrong, fast]
                                           for p in ops.PRODUCTS})
-  monkeypatch.setattr(ops, '_resolve', lambda implementation, interpret: 'triton')
+  monkeypatch.setattr(ops, '_resolve', lambda implementation, interpret, dtypes: 'triton')
   used = []  # (product, tiling) of every trace of a kernel
   real_run = ops._run  # pylint: disable=protected-access
 
@@ -402,3 +402,17 @@ def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch,
     (wrong_error,) = report['errors'].values()
     assert wrong_error.startswith('ValueError: wrong result'), wrong_error
 
+
+
+def test_default_implementation_is_mosaic_on_hopper_for_16_bit_operands_only(monkeypatch):
+  """implementation=None: the H100-measured order (Mosaic GPU > Triton > ragged_dot)."""
+  bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+  monkeypatch.setattr(ops.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(ops, '_hopper', lambda: True)
+  assert ops._resolve(None, False, (bf16, bf16)) == 'mosaic_gpu'
+  assert ops._resolve(None, False, (jnp.dtype(jnp.float16),) * 2) == 'mosaic_gpu'
+  assert ops._resolve(None, False, (f32, f32)) == 'triton'  # wgmma here takes 16-bit operands
+  assert ops._resolve(None, False, (bf16, f32)) == 'triton'
+  assert ops._resolve(None, True, (bf16, bf16)) == 'xla'
+  monkeypatch.setattr(ops, '_hopper', lambda: False)  # e.g. an A100 or a Blackwell part
+  assert ops._resolve(None, False, (bf16, bf16)) == 'triton'
