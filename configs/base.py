@@ -112,6 +112,10 @@ def get_config() -> config_dict.ConfigDict:
   t.checkpoint_every = 500          # steps; 0 disables checkpoints
   t.keep_checkpoints = 3
   t.async_checkpoint = True
+  t.resume_step = placeholder(int)  # resume from this checkpoint step; None: the newest good one
+  t.on_bad_checkpoint = 'fallback'  # fallback: set a damaged checkpoint aside, use an older one | fail
+  t.on_nonfinite = 'stop'           # a step with non-finite loss/gradients/params: stop | skip
+  t.max_skipped_steps = 10          # on_nonfinite='skip': stop after this many skipped steps
   t.timing_warmup_steps = 2         # steps after compilation left out of the timings
 
   me = c.metrics = config_dict.ConfigDict()
