@@ -2,8 +2,8 @@
 (the weight gradient), with a custom VJP joining them.
 
 reference.py   the specification (plain jnp)
-triton.py      Pallas-Triton kernels: the portable GPU path, the GPU default
-mosaic_gpu.py  Pallas Mosaic GPU kernels for Hopper: persistent, TMA + wgmma pipelines
+triton.py      Pallas-Triton kernels: the portable GPU path (the default on non-Hopper NVIDIA GPUs)
+mosaic_gpu.py  Pallas Mosaic GPU kernels for Hopper: persistent, TMA + wgmma pipelines (the default there)
 common.py      row/tile bookkeeping both share (tile-group pairs, banded walk order)
 autotune.py    the per-shape tiling tuner, cached per device in memory and on disk
 ops.py         the public functions and `implementation=` / `tiling=` (see its docstring)

@@ -351,6 +351,25 @@ def test_by_slices_references_and_the_autotuning_problem_match_the_specification
   _close(want, spec, jnp.float32)
 
 
+@pytest.mark.parametrize('sizes', [[0, 37, 0, 1, 20], [64, 0, 0, 0, 0], [0, 0, 0, 0, 0]],
+                         ids=['uneven', 'one_group', 'no_rows'])
+def test_by_slices_references_at_empty_groups_and_rows_of_no_group(sizes):
+  # One window of rows per group, masked past the group: empty groups, a group larger than
+  # half the rows and rows of no group (64 of 70 rows at most are grouped) must all be exact.
+  rng = np.random.default_rng(sum(sizes))
+  lhs = jnp.asarray(rng.standard_normal((70, 16)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((5, 16, 24)), jnp.float32)
+  grad = jnp.asarray(rng.standard_normal((70, 24)), jnp.float32)
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+  _close(reference.gmm_by_slices(lhs, rhs, np.asarray(sizes)),
+         reference.gmm(lhs, rhs, group_sizes), jnp.float32)
+  _close(reference.gmm_by_slices(lhs, jnp.swapaxes(rhs, 1, 2), np.asarray(sizes),
+                                 transpose_rhs=True),
+         reference.gmm(lhs, rhs, group_sizes), jnp.float32)
+  _close(reference.tgmm_by_slices(lhs, grad, np.asarray(sizes)),
+         reference.tgmm(lhs, grad, group_sizes), jnp.float32)
+
+
 def test_autotune_tunes_each_product_and_never_picks_a_wrong_kernel(monkeypatch, tmp_path):
   """tiling='autotune' end to end on the CPU: the kernels run interpreted and a fake timer
   stands in for the GPU clock. The fastest candidate is wrong on purpose: it must be refused
