@@ -1,7 +1,11 @@
-"""Attention study: MHA, 12 query heads each with its own K/V head (+110M parameters and 6x the
-GQA KV cache: the cost of not sharing). Presets: `:smoke`."""
+"""Attention study, MHA: 12 query heads, each with its own K/V head, at the 1.5B shape.
+
++110M parameters and 6x the GQA KV cache: the cost of not sharing. Presets: `:smoke`.
+"""
 
 from configs import qwen2p5
+
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
 
 
 def get_config(preset=None):

@@ -1,11 +1,15 @@
-"""Attention study: MLA (DeepSeek-V2) at the 1.5B shape. 12 heads with DeepSeek-V2's head
-geometry (128 + 64-wide decoupled RoPE queries/keys, 128-wide values), a 512-wide K/V latent and
-a 512-wide query latent: 6.78M attention parameters per layer against GQA's 5.51M, +2.7% in
-total, the nearest DeepSeek-shaped point to GQA's size (without query compression it is +6.1%).
-It caches 576 values per token per layer against GQA's 512 and MHA's 3072. Presets: `:smoke`.
+"""Attention study, MLA: DeepSeek-V2's multi-head latent attention at the 1.5B shape.
+
+12 heads with DeepSeek-V2's head geometry (128 + 64-wide decoupled RoPE queries/keys, 128-wide
+values), a 512-wide K/V latent and a 512-wide query latent: 6.78M attention parameters per layer
+against GQA's 5.51M, +2.7% in total, the nearest DeepSeek-shaped point to GQA's size (without
+query compression it is +6.1%). It caches 576 values per token per layer against GQA's 512 and
+MHA's 3072. Presets: `:smoke`.
 """
 
 from configs import qwen2p5
+
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
 
 
 def get_config(preset=None):

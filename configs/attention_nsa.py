@@ -1,13 +1,16 @@
-"""Attention study: NSA (native sparse attention, arXiv 2502.11089) at the 1.5B shape, with the
-paper's branch sizes (compression blocks of 32 at stride 16, 16 selected blocks of 64, a
-512-token window) and one K/V group: all 12 query heads share their selected blocks. Its three
-branches each have their own keys and values, so with GQA's 2 groups it would be +5.8%
-parameters against GQA; with one group it is +3.3% (7.05M attention parameters per layer
-against 5.51M). Pure JAX here (masked dense attention per branch): it measures NSA's quality and
-its cost as XLA runs it, not a sparse kernel's speed. Presets: `:smoke`.
+"""Attention study, NSA: native sparse attention at the 1.5B shape, with the paper's sizes.
+
+NSA (arXiv 2502.11089) with the paper's branch sizes (compression blocks of 32 at stride 16, 16
+selected blocks of 64, a 512-token window) and one K/V group: all 12 query heads share their
+selected blocks. Its three branches each have their own keys and values, so with GQA's 2 groups
+it would be +5.8% parameters against GQA; with one group it is +3.3% (7.05M attention parameters
+per layer against 5.51M). Pure JAX here (masked dense attention per branch): it measures NSA's
+quality and its cost as XLA runs it, not a sparse kernel's speed. Presets: `:smoke`.
 """
 
 from configs import qwen2p5
+
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
 
 
 def get_config(preset=None):

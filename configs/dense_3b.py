@@ -1,7 +1,11 @@
-"""MoE study, dense baseline: the 3B Qwen2.5-shaped model (36 layers, hidden 2048; 2.78B with
-the byte tokenizer). Presets: `:smoke`."""
+"""MoE study, dense baseline: the 3B Qwen2.5-shaped model (2.78B with the byte tokenizer).
+
+36 layers, hidden 2048. Presets: `:smoke`.
+"""
 
 from configs import qwen2p5
+
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
 
 
 def get_config(preset=None):

@@ -1,11 +1,15 @@
-"""A Llama-style dense model of ~1.2B parameters (24 layers, 2048 wide, 16 heads, SwiGLU 5632):
-the base shape of the study's dense runs, and the GPU reference for the training step's speed.
+"""A Llama-style dense model of ~1.2B parameters: the dense runs' shape and GPU step reference.
+
+24 layers, 2048 wide, 16 heads, SwiGLU 5632: the base shape of the study's dense runs, and the
+GPU reference for the training step's speed.
 
 Byte-level tokens on the standard-library corpus keep it offline; the 384-entry vocabulary
 makes the head negligible, so the step is the transformer stack. Presets: `:smoke` (CPU).
 """
 
 from configs import base
+
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
 
 
 def get_config(preset=None):

@@ -12,6 +12,8 @@ GPU: a run needs several on the default FSDP mesh (not yet run at this size). Pr
 
 from configs import base
 
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
+
 
 def get_config(preset=None):
   c = base.get_config()

@@ -1,10 +1,14 @@
-"""MoE study (EfficientLLM Table 5): 0.5B×8 — the 0.5B Qwen2.5-shaped model with each MLP
-replaced by 8 experts of the same width, top-2 routed (softmax, renormalised, as Mixtral), with
-the Switch load-balancing loss at 0.01 and dropless dispatch. 2.55B parameters with the byte
-tokenizer, of which 0.67B are active per token (the record's `moe.params_active`). Presets: `:smoke`.
+"""MoE study (EfficientLLM Table 5), 0.5B×8: 8 experts a layer, top-2, on the 0.5B Qwen2.5 shape.
+
+The 0.5B Qwen2.5-shaped model with each MLP replaced by 8 experts of the same width,
+top-2 routed (softmax, renormalised, as Mixtral), with the Switch load-balancing loss at 0.01
+and dropless dispatch. 2.55B parameters with the byte tokenizer, of which 0.67B are active per
+token (the record's `moe.params_active`). Presets: `:smoke`.
 """
 
 from configs import qwen2p5
+
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
 
 
 def get_config(preset=None, size='0.5b'):

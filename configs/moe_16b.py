@@ -13,6 +13,8 @@ default FSDP mesh, or `mesh.expert` for expert parallelism. Presets: `:smoke` (C
 
 from configs import base
 
+PRESETS = ('smoke', '1gpu')  # --help lists them; no preset is the full size
+
 
 def get_config(preset=None):
   c = base.get_config()

@@ -6,6 +6,8 @@ init over the byte vocabulary padded to 384) to ~13.5. Presets: `:smoke` (second
 
 from configs import base
 
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
+
 
 def get_config(preset=None):
   c = base.get_config()

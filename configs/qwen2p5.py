@@ -20,6 +20,8 @@ SHAPES = {
     '3b': (36, 2048, 16, 128, 11008),
 }
 
+PRESETS = ('smoke',)  # --help lists them; no preset is the full size
+
 
 def get_config(preset=None, size='1.5b'):
   c = base.get_config()

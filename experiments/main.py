@@ -3,10 +3,12 @@
     python -m experiments.main --config=configs/quickstart.py[:PRESET] [--config.a.b=VALUE ...]
                                [--workdir=DIR]
 
-A config the run cannot use exits with status 2 and a message naming the field and the fix,
-before anything is built; a diverged run exits with status 1 and says which checkpoint is good.
+A config (or --workdir) the run cannot use exits with status 2 and a message naming the field
+and the fix, before anything is built; a diverged run exits with status 1 and says which
+checkpoint is good. `--help` lists the config files and their presets.
 """
 
+import ast
 import datetime
 import os
 import sys
@@ -17,8 +19,51 @@ from ml_collections import config_flags
 from efficientjax.errors import ConfigError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'quickstart.py')
+_CONFIGS = os.path.join(_ROOT, 'configs')
+DEFAULT_CONFIG = os.path.join(_CONFIGS, 'quickstart.py')
 _CONFIG_FLAG = '--config.'
+_HELP_FLAGS = ('-h', '-?', '-help', '--help', '--helpfull', '--helpshort')
+USAGE = ('usage: python -m experiments.main --config=configs/FILE.py[:PRESET] '
+         '[--config.FIELD=VALUE ...] [--workdir=DIR]')
+
+
+def config_files() -> list[tuple[str, str, tuple[str, ...]]]:
+  """(path, one-line description, presets) of each run config under configs/, read from the
+  source (its docstring's first line, its `PRESETS`) without running it."""
+  out = []
+  for name in sorted(os.listdir(_CONFIGS)):
+    if not name.endswith('.py') or name in ('base.py', '__init__.py'):
+      continue
+    with open(os.path.join(_CONFIGS, name), encoding='utf-8') as f:
+      module = ast.parse(f.read())
+    doc = (ast.get_docstring(module) or '').strip()
+    presets = ()
+    for node in module.body:
+      if (isinstance(node, ast.Assign) and len(node.targets) == 1 and
+          isinstance(node.targets[0], ast.Name) and node.targets[0].id == 'PRESETS'):
+        presets = tuple(ast.literal_eval(node.value))
+    out.append((f'configs/{name}', doc.splitlines()[0] if doc else '', presets))
+  return out
+
+
+def help_text() -> str:
+  """What --help prints: the usage, every config file with its presets, the flags."""
+  lines = [USAGE, '', 'Trains a model with an efficiency technique and writes its result record.',
+           '', 'configs (no :PRESET is the full-size run; :smoke runs on a laptop CPU in seconds):']
+  for path, description, presets in config_files():
+    lines.append(f'  {path}' + (f'[:{"|:".join(presets)}]' if presets else ''))
+    lines.append(f'      {description}')
+  lines += ['', 'flags:',
+            '  --config=FILE[:PRESET]   the run config (default: configs/quickstart.py)',
+            '  --config.FIELD=VALUE     override one field, e.g. --config.model.num_layers=8;',
+            '                           every field and its default: configs/base.py',
+            '  --workdir=DIR            where the run writes (default: runs/<config>-<UTC time>);',
+            '                           a workdir holding checkpoints resumes from the latest',
+            '  -h, --help, --helpfull   this message',
+            '',
+            'exit status: 0 done; 1 the run stopped (e.g. a non-finite loss); 2 a config or '
+            '--workdir error']
+  return '\n'.join(lines) + '\n'
 
 
 def fail(errors: list[ConfigError]) -> None:
@@ -85,21 +130,14 @@ def _main(argv: list[str]) -> None:
   from efficientjax import parallel  # pylint: disable=g-import-not-at-top
   from experiments import validate  # pylint: disable=g-import-not-at-top
   from experiments.registry import runner  # pylint: disable=g-import-not-at-top
+  workdir = flags.FLAGS.workdir or os.path.join(
+      'runs', f'{_config_name(sys.argv)}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}')
   # Before anything asks JAX for devices: the checks below need the global device count.
   parallel.maybe_initialize_distributed()
-  errors = validate.check(config)
-  if not errors:
-    from efficientjax.data import get_tokenizer  # pylint: disable=g-import-not-at-top
-    try:
-      tokenizer = get_tokenizer(config.data.tokenizer, eos_token=config.data.eos_token)
-      errors = validate.check_tokenizer(config, tokenizer.vocab_size)
-    except ConfigError as e:
-      errors = [e]
+  errors = validate.check_run(config, workdir)
   if errors:
     fail(errors)
 
-  workdir = flags.FLAGS.workdir or os.path.join(
-      'runs', f'{_config_name(sys.argv)}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}')
   from efficientjax.train.loop import TrainingDiverged  # pylint: disable=g-import-not-at-top
   try:
     record_path = runner(config.kind)(config, workdir)
@@ -112,6 +150,10 @@ def _main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  # absl's own --help exits with status 1 and cannot list the config files.
+  if any(a in _HELP_FLAGS or a.startswith('--help') for a in sys.argv[1:]):
+    sys.stdout.write(help_text())
+    sys.exit(0)
   _check_override_paths(sys.argv)
   try:
     config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Run config: a file path with an '

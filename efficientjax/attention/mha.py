@@ -17,8 +17,15 @@ def rope_head_dim_errors(m) -> list[ConfigError]:
   head_dim = m['head_dim'] or m['embed_dim'] // m['num_heads']
   if m['position'] == 'rope' and head_dim % 2:
     return [ConfigError('model.head_dim', f'RoPE rotates feature pairs, so the head dimension '
-                        f'must be even, got {head_dim}')]
+                        f'must be even, got {head_dim} (e.g. {head_dim + 1})',
+                        {'model.head_dim': head_dim + 1})]
   return []
+
+
+def gqa_kv_heads(num_heads: int) -> list[int]:
+  """The K/V head counts GQA can have with `num_heads` query heads, largest first: divisors
+  strictly between MQA's 1 and MHA's num_heads (none for 1, 2 or a prime)."""
+  return [d for d in range(num_heads // 2, 1, -1) if num_heads % d == 0]
 
 
 def kv_head_variant(num_heads: int, num_kv_heads: int) -> str:
@@ -81,15 +88,20 @@ class MultiHeadAttention(nn.Module):
     kv, heads, name = m['num_kv_heads'], m['num_heads'], m['attention']
     if kv is None:
       if name == 'gqa':
+        # GQA is strictly between MQA (1) and MHA (heads); a head count without such a divisor
+        # (1, 2, a prime) has no GQA, and the fix is the variant it has.
+        groups = gqa_kv_heads(heads)
+        example = f'e.g. {groups[0]}' if groups else "none exists; use 'mha' or 'mqa'"
+        fix = {'model.num_kv_heads': groups[0]} if groups else {'model.attention': 'mha'}
         errors.append(ConfigError('model.num_kv_heads', "attention 'gqa' needs the number of K/V "
-                                  f'heads, a divisor of model.num_heads={heads} (e.g. '
-                                  f'{heads // 2 or 1})'))
+                                  f'heads, a divisor of model.num_heads={heads} ({example})', fix))
       return errors
     want = kv_head_variant(heads, kv)
     if want != name:
       errors.append(ConfigError('model.attention', f'{name!r} with model.num_kv_heads={kv} and '
                                 f'model.num_heads={heads} is {want.upper()}; set '
-                                f'model.attention={want!r} or change model.num_kv_heads'))
+                                f'model.attention={want!r} or change model.num_kv_heads',
+                                {'model.attention': want}))
     return errors
 
   @staticmethod

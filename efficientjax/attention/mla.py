@@ -157,27 +157,29 @@ class MultiHeadLatentAttention(nn.Module):
                                 f'directly) or a positive rank, got {la["q_lora_rank"]}'))
     if la['qk_rope_head_dim'] % 2:
       errors.append(ConfigError('model.mla.qk_rope_head_dim', f'RoPE rotates feature pairs, so '
-                                f'it must be even, got {la["qk_rope_head_dim"]}'))
+                                f'it must be even, got {la["qk_rope_head_dim"]}',
+                                {'model.mla.qk_rope_head_dim': la['qk_rope_head_dim'] + 1}))
     qk = la['qk_nope_head_dim'] + la['qk_rope_head_dim']
     if la['v_head_dim'] > qk:
       # The core zero-pads v up to the q/k width, as jax.nn.dot_product_attention (cuDNN)
       # needs one width for q, k and v; a wider v would need q and k padded instead.
       errors.append(ConfigError('model.mla.v_head_dim', f'{la["v_head_dim"]} exceeds the q/k '
                                 f'head width qk_nope_head_dim + qk_rope_head_dim = {qk}; lower '
-                                'it or widen the q/k head'))
+                                'it or widen the q/k head', {'model.mla.v_head_dim': qk}))
     kv = m['num_kv_heads']
     if kv is not None and kv != m['num_heads']:
       errors.append(ConfigError('model.num_kv_heads', f'is {kv}, but MLA expands keys and '
                                 f'values for every one of the model.num_heads={m["num_heads"]} '
                                 'query heads from the shared latent (its cache size is set by '
-                                'model.mla.kv_lora_rank); leave model.num_kv_heads unset'))
+                                'model.mla.kv_lora_rank); leave model.num_kv_heads unset',
+                                {'model.num_kv_heads': None}))
     # Options of the K/V-head family that MLA's projections do not have (DeepSeek's have
     # neither): refused rather than silently ignored.
     for field, off, why in (('qkv_bias', False, 'its latent projections have no biases'),
                             ('qk_norm', False, 'it normalises the latents, not per-head q/k')):
       if m[field] != off:
         errors.append(ConfigError(f'model.{field}', f'is not supported by MLA ({why}); set '
-                                  f'model.{field}={off}'))
+                                  f'model.{field}={off}', {f'model.{field}': off}))
     return errors
 
   @staticmethod

@@ -36,6 +36,8 @@ Choices the paper leaves open:
   blocks are cut at sequence offsets.
 """
 
+import math
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -310,29 +312,36 @@ class NativeSparseAttention(nn.Module):
       return errors
     l, d, sl = n['block_len'], n['stride'], n['select_block_len']
     if l % d:
+      # A stride dividing both block lengths (so the fix leaves select_block_len valid), at most
+      # half a block as in the paper (l = 32, d = 16).
+      common = math.gcd(l, sl)
+      stride = max(x for x in range(1, max(1, l // 2) + 1) if common % x == 0)
       errors.append(ConfigError('model.nsa.stride', f'{d} does not divide model.nsa.block_len='
                                 f'{l}; compressed blocks must start a whole number of strides '
-                                f'apart within a block (e.g. stride {l // 2 or 1})'))
-    if sl % d:
+                                f'apart within a block (e.g. stride {stride})',
+                                {'model.nsa.stride': stride}))
+    elif sl % d:
       errors.append(ConfigError('model.nsa.select_block_len', f'{sl} is not a multiple of '
                                 f'model.nsa.stride={d}; selection blocks are scored from whole '
                                 f'strides of compressed blocks (Eq. 9), e.g. '
-                                f'{max(d, sl // d * d)}'))
+                                f'{max(d, sl // d * d)}',
+                                {'model.nsa.select_block_len': max(d, sl // d * d)}))
     if n['compression'] == 'mean' and not l == d == sl:
       errors.append(ConfigError('model.nsa.compression', f"'mean' pools non-overlapping blocks "
                                 f'that are also the selection blocks, so it needs block_len = '
                                 f'stride = select_block_len, got {l}, {d}, {sl}; set them equal '
-                                f"or use 'mlp'"))
+                                f"or use 'mlp'", {'model.nsa.compression': 'mlp'}))
     heads, kv = m['num_heads'], m['num_kv_heads'] or m['num_heads']
     if heads % kv:
       errors.append(ConfigError('model.num_kv_heads', f'{kv} does not divide model.num_heads='
                                 f'{heads}; each K/V head must serve a whole group of query heads'))
     if m.get('sliding_window') is not None:
       errors.append(ConfigError('model.sliding_window', 'NSA has its own window branch '
-                                '(model.nsa.window); unset model.sliding_window'))
+                                '(model.nsa.window); unset model.sliding_window',
+                                {'model.sliding_window': None}))
     if m.get('qk_norm'):
       errors.append(ConfigError('model.qk_norm', 'QK-norm is not implemented for nsa; set '
-                                'model.qk_norm=False'))
+                                'model.qk_norm=False', {'model.qk_norm': False}))
     return errors
 
   @staticmethod

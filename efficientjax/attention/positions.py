@@ -73,7 +73,8 @@ class RoPE(NoPosition):
     if y['factor'] > 1.0 and not y['beta_fast'] > y['beta_slow'] > 0:
       errors.append(ConfigError('model.yarn.beta_fast', f'YaRN needs beta_fast > beta_slow > 0 '
                                 f'(rotations bounding the ramp), got {y["beta_fast"]} and '
-                                f'{y["beta_slow"]}; the paper uses 32 and 1'))
+                                f'{y["beta_slow"]}; the paper uses 32 and 1',
+                                {'model.yarn.beta_fast': 32.0, 'model.yarn.beta_slow': 1.0}))
     return errors
 
   def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -228,7 +229,7 @@ class LearnedPosition(NoPosition):
     if rows is not None and rows < seq_len:
       return [ConfigError('model.max_seq_len', f'the learned position table has {rows} rows but '
                           f'data.seq_len={seq_len}; positions past the table embed as NaN. Raise '
-                          'it (or unset it to follow data.seq_len)')]
+                          'it (or unset it to follow data.seq_len)', {'model.max_seq_len': None})]
     return []
 
 
@@ -299,5 +300,8 @@ class RelativePosition(NoPosition):
     if distance <= buckets // 2:
       return [ConfigError('model.relative.max_distance', f'must exceed num_buckets // 2 = '
                           f'{buckets // 2} (the exactly bucketed distances), got {distance}; '
-                          'T5 uses 128 with 32 buckets')]
+                          'T5 uses 128 with 32 buckets',
+                          # T5's ratio, unless that overflows an int64 (an absurd bucket count).
+                          {'model.relative.max_distance': 4 * buckets if buckets < 2**60
+                           else buckets + 1})]
     return []

@@ -72,7 +72,7 @@ class MoE(nn.Module):
       errors.append(ConfigError('model.moe.first_dense_layers', f'must lie in [0, '
                                 f'model.num_layers={m["num_layers"]}), got '
                                 f'{moe["first_dense_layers"]}; a model with no MoE layer is '
-                                "model.ffn='dense'"))
+                                "model.ffn='dense'", {'model.ffn': 'dense'}))
     if moe['num_shared_experts'] < 0:
       errors.append(ConfigError('model.moe.num_shared_experts', 'must be 0 or more'))
     if moe['capacity_factor'] <= 0:

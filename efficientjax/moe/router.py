@@ -69,10 +69,13 @@ def check(cfg) -> None:
     if not 1 <= cfg.topk_groups <= cfg.num_groups:
       raise ConfigError('model.moe.topk_groups',
                         f'must be in [1, num_groups={cfg.num_groups}], got {cfg.topk_groups}')
-    if cfg.topk_groups * (e // cfg.num_groups) < cfg.top_k:
+    per_group = e // cfg.num_groups
+    if cfg.topk_groups * per_group < cfg.top_k:
+      enough = -(-cfg.top_k // per_group)
       raise ConfigError('model.moe.topk_groups',
-                        f'{cfg.topk_groups} groups of {e // cfg.num_groups} experts hold fewer '
-                        f'than top_k={cfg.top_k}; raise topk_groups')
+                        f'{cfg.topk_groups} groups of {per_group} experts hold fewer '
+                        f'than top_k={cfg.top_k}; raise topk_groups (to {enough})',
+                        {'model.moe.topk_groups': enough})
 
 
 def route(logits: jax.Array, cfg, bias: jax.Array | None = None) -> Routing:
