@@ -138,6 +138,7 @@ def _main(argv: list[str]) -> None:
   if errors:
     fail(errors)
 
+  from efficientjax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from efficientjax.train.loop import TrainingDiverged  # pylint: disable=g-import-not-at-top
   try:
     record_path = runner(config.kind)(config, workdir)
@@ -145,6 +146,9 @@ def _main(argv: list[str]) -> None:
     fail([e])
   except TrainingDiverged as e:
     sys.stderr.write(f'training stopped: {e}\n')
+    sys.exit(1)
+  except CheckpointError as e:  # a checkpoint the run cannot use (train.on_bad_checkpoint=fail)
+    sys.stderr.write(f'{e}\n')
     sys.exit(1)
   print(f'result record: {record_path}')
 

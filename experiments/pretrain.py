@@ -36,9 +36,30 @@ def _guard_workdir(workdir: str, config: dict[str, Any]) -> None:
       json.dump(config, f, indent=2, sort_keys=True)
 
 
+def completed_record(workdir: str, config: dict[str, Any]) -> dict[str, Any] | None:
+  """The record of this workdir's run if it already reached train.steps, else None."""
+  path = os.path.join(workdir, records.RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  done = [r for r in records.read_records(path, strict=False)
+          if r.get('kind') == 'pretrain' and r.get('steps', {}).get('final', -1)
+          >= config['train']['steps']]
+  return done[-1] if done else None
+
+
 def run(config: ConfigDict, workdir: str) -> str:
   cfg = config.to_dict()
   _guard_workdir(workdir, cfg)
+  done = completed_record(workdir, cfg)
+  if done is not None:
+    # Rerunning a finished run (or restarting one killed after its record was written) must
+    # not append a second record.
+    path = os.path.join(workdir, records.RESULTS_FILE)
+    print(f'this run is already complete: it reached step {done["steps"]["final"]} '
+          f'(train.steps={cfg["train"]["steps"]}) and its record ({done["run_id"]}, '
+          f'{done["created_at"]}) is in {path}. Raise --config.train.steps to train further, '
+          'or use a new --workdir to run again.')
+    return path
   result = train(cfg, workdir)
   record = records.new_record('pretrain', cfg)
   last = sorted(result.losses)[-10:]
@@ -51,7 +72,9 @@ def run(config: ConfigDict, workdir: str) -> str:
                 'attention_impl': result.attention_impl, 'attention': result.attention},
       'data': {'corpus': cfg['data']['corpus'], **result.data_stats},  # stats say if synthetic
       'steps': {'start': result.start_step, 'final': result.final_step,
-                'tokens_per_step': result.tokens_per_step},
+                'tokens_per_step': result.tokens_per_step,
+                # Updates dropped as non-finite (train.on_nonfinite='skip'), restarts included.
+                'skipped': len(result.skipped_steps), 'skipped_at': result.skipped_steps},
       'quality': {
           # Mean over the last (up to) 10 steps: one step's loss is too noisy to compare runs.
           'train_loss': sum(result.losses[s] for s in last) / len(last) if last else None,

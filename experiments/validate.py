@@ -477,6 +477,17 @@ def _warmup_leaves_decay(c, facts):
                       {'train.warmup_steps': t['steps'] // 10})]
 
 
+@_relation('train.resume_step', 'train.checkpoint_every')
+def _resume_needs_checkpoints(c, facts):
+  del facts
+  t = c['train']
+  if t['resume_step'] is None or t['checkpoint_every'] > 0:
+    return []
+  return [ConfigError('train.resume_step', f'{t["resume_step"]} names a checkpoint, but '
+                      'train.checkpoint_every=0 turns checkpoints off; unset it or turn them on',
+                      {'train.resume_step': None})]
+
+
 _DEFAULT_MESH = {a: _SCHEMA_DEFAULTS[f'mesh.{a}'] for a in parallel.MESH_AXES}
 
 

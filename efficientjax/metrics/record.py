@@ -76,14 +76,37 @@ def write_record(workdir: str, record: Mapping[str, Any]) -> str:
   path = os.path.join(workdir, RESULTS_FILE)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'a') as f:
-      f.write(json.dumps(record, sort_keys=False, allow_nan=False) + '\n')
+    line = json.dumps(record, sort_keys=False, allow_nan=False) + '\n'
+    with open(path, 'ab') as f:
+      # A process killed mid-append leaves a line without its newline: start on a fresh line
+      # so the torn one stays the only casualty (read_records(strict=False) skips it).
+      if f.tell() and not _ends_with_newline(path):
+        line = '\n' + line
+      f.write(line.encode())
   return path
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
+def _ends_with_newline(path: str) -> bool:
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b'\n'
+
+
+
+def read_records(path: str, strict: bool = True) -> list[dict[str, Any]]:
+  """The records in a results.jsonl; strict=False skips lines that do not parse (a record
+  torn by a kill mid-write) instead of raising."""
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        if strict:
+          raise
+  return out
 
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'record_schema.json')

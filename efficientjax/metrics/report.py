@@ -18,6 +18,9 @@ def _rate(amount: float | None, seconds: float | None) -> float | None:
 def _no_window_reason(result) -> str | None:
   if result.window_s:
     return None
+  if result.start_step >= result.final_step:
+    return ('no steps ran in this process: it resumed at the final step (the process that '
+            'trained it ended before writing the record), so its timings were lost')
   return ('no measured steps: the run was shorter than train.timing_warmup_steps + '
           'profile.steps; run more steps')
 

@@ -30,11 +30,12 @@ from efficientjax.train.checkpoint import Checkpointer
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
 from efficientjax.train.state import TrainState, init_state, state_shardings
-from efficientjax.train.step import make_eval_step, make_train_step
+from efficientjax.train.step import all_finite, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """A step's loss, gradients or new state were not finite (train.on_nonfinite='stop', or
+  more skipped steps than train.max_skipped_steps); no checkpoint holds a non-finite state."""
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ class TrainResult:
   weight_bytes: int
   start_step: int                 # 0, or the step a restarted run resumed from
   final_step: int
-  losses: dict[int, float]        # step -> train loss, this process's run only
+  losses: dict[int, float]        # step -> train loss, this process's run only (applied steps)
   step_times_s: list[float]       # measured steps only (after the timing warm-up)
   tokens_per_step: int
   samples_per_step: int
@@ -57,6 +58,9 @@ class TrainResult:
   attention_impl: str
   attention: dict[str, Any]       # efficientjax.metrics.architecture.attention_summary
   moe: dict[str, Any] | None      # efficientjax.moe.report.ExpertStats.summary; None if dense
+  # Steps whose update was dropped as non-finite (train.on_nonfinite='skip'), over the
+  # run's whole life: restarts included (kept in the checkpoints' metadata).
+  skipped_steps: list[int] = dataclasses.field(default_factory=list)
   # What the metrics are made of (efficientjax.metrics.report turns them into the record).
   device_kind: str = ''
   device_count: int = 1
@@ -99,6 +103,9 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
   devices: the devices to build the mesh on (default: all).
   """
   cfg_data, cfg_train = config['data'], config['train']
+  bar = Progress(cfg_train['steps'], cfg_train['log_every']) if progress else None
+  say = bar.message if bar else lambda text: None
+  t_data = time.perf_counter()
   tokenizer = get_tokenizer(cfg_data['tokenizer'], eos_token=cfg_data['eos_token'])
   model_cfg = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer.vocab_size,
                                       seq_len=cfg_data['seq_len'])
@@ -112,6 +119,11 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                     process_index=jax.process_index(), process_count=jax.process_count(),
                     max_documents=cfg_data['max_documents'])
   eval_batches = data.eval_batches()
+  counts = [f'{data.stats[f"{split}_{what}"]:,} {split} {what}' for split in ('train', 'eval')
+            for what in ('documents', 'tokens')
+            if isinstance(data.stats.get(f'{split}_{what}'), int)]
+  say(f'data: {cfg_data["corpus"]}{" (random tokens)" if data.synthetic else ""}: '
+      f'{", ".join(counts)} ({time.perf_counter() - t_data:.1f} s)')
 
   model = Transformer(model_cfg)
   tx = make_optimizer(cfg_train)
@@ -124,20 +136,28 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     checkpointer = Checkpointer(workdir, keep=cfg_train['keep_checkpoints'],
                                 async_save=cfg_train['async_checkpoint'])
   meta: dict[str, Any] = {}
-  resume_step = checkpointer.latest_step() if checkpointer else None
+  state, resume_step = None, None
+  if checkpointer:
+    # The newest checkpoint that verifies, or train.resume_step's; bad ones are set aside.
+    state, meta, resume_step = checkpointer.restore_latest_good(
+        abstract, shardings, resume_step=cfg_train['resume_step'],
+        on_bad=cfg_train['on_bad_checkpoint'])
   if resume_step is not None:
-    state, meta = checkpointer.restore(resume_step, abstract, shardings)
     data.train.restore(meta['data'])
   else:
     state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
   analytic = flop_counts.analytic_flops_per_step(model_cfg, seq_len=seq_len, batch=global_batch)
+  say(f'compiling the train and eval steps ({model_cfg.num_layers} layers, {global_batch} x '
+      f'{seq_len} tokens a step, {mesh.devices.size} {jax.default_backend()} device(s)) ...')
+  t0 = time.perf_counter()
   # Counted on an unsharded twin outside the mesh context: only the arithmetic matters here.
   compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, lambda twin: (
       make_train_step(Transformer(twin), tx, cfg_train['grad_accum_steps']),
       (state_shardings(Transformer(twin), tx, mesh, seq_len)[0],
        jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32))))
+  twin_s = time.perf_counter() - t0
   with parallel.activate(mesh):
     t0 = time.perf_counter()
     abstract_batch = jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32, sharding=batch_sh)
@@ -149,23 +169,28 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                         in_shardings=(shardings.params, shardings.model_state, batch_sh)
                         ).lower(abstract.params, abstract.model_state, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
+    say(f'compiled in {compile_s:.1f} s (and {twin_s:.1f} s for the compiler\'s FLOP count of '
+        'an unrolled twin of the step)')
     compiled_raw = flop_counts.flops_of(train_step)
     memory_analysis = _memory_analysis(train_step)
 
     if resume_step is None:
+      t_eval = time.perf_counter()
       meta['initial_eval_loss'] = evaluate(eval_step, state, eval_batches, batch_sh)
+      say(f'initial evaluation: loss {meta["initial_eval_loss"]:.4f}, perplexity '
+          f'{math.exp(meta["initial_eval_loss"]):.2f} ({time.perf_counter() - t_eval:.1f} s)')
+    else:
+      say(f'resumed from the checkpoint at step {resume_step} in {checkpointer.directory}')
     start_step = int(state.step)
     total = cfg_train['steps']
     last = total if stop_after_step is None else min(total, stop_after_step)
-    bar = Progress(total, cfg_train['log_every']) if progress else None
-    if bar and resume_step is not None:
-      bar.message(f'resumed from the checkpoint at step {resume_step} in {checkpointer.directory}')
 
     tokens_per_step = global_batch * seq_len
     losses: dict[int, float] = {}
     eval_losses: dict[int, float] = {}
     step_times: list[float] = []
     last_good = resume_step
+    skipped: list[int] = list(meta.get('skipped_steps', []))
     # Steps after `start_step`: warm-up, then the profiled ones (traced, so not timed), then
     # the measurement window up to the last step.
     warmup, profile_steps = cfg_train['timing_warmup_steps'], config['profile']['steps']
@@ -191,26 +216,31 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
         step_times.append(dt)
         window.steps += 1
       trace.after(step, state)
-      if not math.isfinite(loss):
-        trace.stop(state)
-        if window.is_open:
-          window.close()
-        if checkpointer:
-          checkpointer.close()
-        where = (f'the last good checkpoint is step {last_good} in {checkpointer.directory}'
-                 if last_good is not None else 'no checkpoint was written before it')
-        raise TrainingDiverged(
-            f'the training loss became {loss} at step {step}; {where}. Lower '
-            'train.learning_rate, raise train.warmup_steps or set train.grad_clip_norm.')
-      losses[step] = loss
       line = {'step': step, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
               'learning_rate': float(metrics['learning_rate']), 'step_ms': dt * 1e3}
-      if 'moe_stats' in metrics:
-        expert_stats = expert_stats or ExpertStats(model_cfg)
-        line.update(expert_stats.add(jax.device_get(metrics['moe_stats'])),
-                    aux_loss=float(metrics['aux_loss']))
-      with open(log_path, 'a') as f:
-        f.write(json.dumps(line) + '\n')
+      if bool(metrics['finite']):
+        losses[step] = loss
+        if 'moe_stats' in metrics:
+          expert_stats = expert_stats or ExpertStats(model_cfg)
+          line.update(expert_stats.add(jax.device_get(metrics['moe_stats'])),
+                      aux_loss=float(metrics['aux_loss']))
+        _log_line(log_path, line)
+      else:
+        # The step kept the state it started from; its batch is consumed either way, so a
+        # skip goes on with the next one (evaluations and checkpoints as scheduled).
+        skipped.append(step)
+        _log_line(log_path, {**line, 'nonfinite': True, 'applied': False})
+        if cfg_train['on_nonfinite'] == 'stop' or len(skipped) > cfg_train['max_skipped_steps']:
+          trace.stop(state)
+          if window.is_open:
+            window.close()
+          if checkpointer:
+            checkpointer.close()
+          raise TrainingDiverged(_diverged_message(cfg_train, step, line, skipped, last_good,
+                                                   checkpointer))
+        say(f'step {step}: not finite (loss {loss}, gradient norm {line["grad_norm"]}); its '
+            f'update was dropped and its batch skipped ({len(skipped)} of at most '
+            f'{cfg_train["max_skipped_steps"]}, train.on_nonfinite=skip)')
 
       do_eval = (cfg_train['eval_every'] and step % cfg_train['eval_every'] == 0) or step == total
       do_save = checkpointer and (step % cfg_train['checkpoint_every'] == 0 or step == total)
@@ -226,12 +256,19 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       if bar:
         bar.update(step, loss, tokens_per_step / dt)
       if do_save:
+        if not bool(_state_finite(state)):  # unreachable while the step guards its updates
+          raise RuntimeError(f'the train state at step {step} is not finite; not saving it')
         meta['data'] = data.train.state()
+        meta['skipped_steps'] = skipped
         checkpointer.save(step, state, meta)
         last_good = step
       if window.is_open and (do_eval or do_save) and step != last:
         window.resume()
     trace.stop(state)  # in case the run ended inside the profiled steps
+    if start_step >= total and not eval_losses:
+      # Resumed at the final step (a kill between the last checkpoint and the record): the
+      # record still gets the held-out loss of what was trained.
+      eval_losses[start_step] = evaluate(eval_step, state, eval_batches, batch_sh)
 
   if checkpointer:
     checkpointer.close()
@@ -255,6 +292,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       eval_losses=eval_losses,
       data_stats=data.stats,
       checkpoint_dir=checkpointer.directory if checkpointer else None,
+      skipped_steps=skipped,
       attention_impl=resolve_implementation(model_cfg.attention_impl, model_cfg.dtype),
       device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(),
@@ -270,6 +308,40 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       sampler=sampler.summary(),
       trace=_trace_summary(trace.logdir, profile_steps, trace.seconds, train_step),
   )
+
+
+_state_finite = jax.jit(all_finite)
+
+
+def _log_line(path: str, line: dict[str, Any]) -> None:
+  """One strict-JSON line: a non-finite number becomes null, and the line says so."""
+  bad = [k for k, v in line.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    line = {**{k: (None if k in bad else v) for k, v in line.items()}, 'nonfinite': True,
+            'nonfinite_fields': bad}
+  with open(path, 'a') as f:
+    f.write(json.dumps(line, allow_nan=False) + '\n')
+
+
+def _diverged_message(cfg_train, step, line, skipped, last_good, checkpointer) -> str:
+  what = (f'step {step} was not finite (loss {line["loss"]}, gradient norm {line["grad_norm"]})'
+          if cfg_train['on_nonfinite'] == 'stop' else
+          f'{len(skipped)} steps were not finite (the last at step {step}), more than '
+          f'train.max_skipped_steps={cfg_train["max_skipped_steps"]}')
+  if last_good is None:
+    where = ('no checkpoint was written before it, so a rerun starts afresh; '
+             f'set train.checkpoint_every below {step} to keep one')
+  else:
+    where = (f'its update was not applied; the newest checkpoint, step {last_good} in '
+             f'{checkpointer.directory}, is finite (every step\'s update is checked before it '
+             'is applied, every state before it is saved). Rerunning with the same --workdir '
+             'resumes from it; to go back further, add --config.train.resume_step=STEP with '
+             f'one of the steps listed there (newer ones are set aside, not deleted)')
+  clip = ('' if cfg_train['grad_clip_norm'] else
+          ', set train.grad_clip_norm (0 now: unclipped; 1.0 is usual)')
+  return (f'{what}; {where}. Lower train.learning_rate (now {cfg_train["learning_rate"]}) or '
+          f'raise train.warmup_steps (now {cfg_train["warmup_steps"]}){clip}; or let such steps '
+          'be skipped with train.on_nonfinite=skip.')
 
 
 class _StepTrace:

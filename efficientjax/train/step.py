@@ -46,6 +46,13 @@ def update_routing_bias(model_state: Mapping[str, Any], moe_stats: Mapping[str, 
       update, model_state['moe_state'])}
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point leaf of `tree` is free of NaN and inf (a scalar bool)."""
+  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.stack(checks).all() if checks else jnp.asarray(True)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum_steps: int,
                     schedule: optax.Schedule | None = None
                     ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Any]]]:
@@ -88,7 +95,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
     # What the layers keep and report decides what the step does with it: a routing bias in the
     # model state is updated from the loads, reported stats go into the metrics.
     model_state = update_routing_bias(state.model_state, stats, model.config.moe.bias_update_rate)
-    metrics = {'loss': ce, 'grad_norm': optax.tree.norm(grads)}
+    grad_norm = optax.tree.norm(grads)
+    # A step whose loss, gradients or resulting state is not finite is not applied: the state
+    # stays as it was (the loop then stops or skips the batch, train.on_nonfinite), so no
+    # NaN/inf ever reaches the parameters, the optimizer moments or a checkpoint.
+    finite = (jnp.isfinite(ce) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
+              & all_finite((params, opt_state, model_state)))
+    params, opt_state, model_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
+        (state.params, state.opt_state, state.model_state))
+    metrics = {'loss': ce, 'grad_norm': grad_norm, 'finite': finite}
     if stats:
       metrics['aux_loss'] = aux
       metrics['moe_stats'] = stats
