@@ -34,8 +34,9 @@ from efficientjax.train.step import all_finite, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
-  """A step's loss, gradients or new state were not finite (train.on_nonfinite='stop', or
-  more skipped steps than train.max_skipped_steps); no checkpoint holds a non-finite state."""
+  """A step's loss or gradients were not finite (train.on_nonfinite='stop', or more skipped
+  steps than train.max_skipped_steps), or a state to save was not; no checkpoint holds a
+  non-finite state."""
 
 
 @dataclasses.dataclass
@@ -236,8 +237,12 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
             window.close()
           if checkpointer:
             checkpointer.close()
-          raise TrainingDiverged(_diverged_message(cfg_train, step, line, skipped, last_good,
-                                                   checkpointer))
+          what = (f'step {step} was not finite (loss {loss}, gradient norm '
+                  f'{line["grad_norm"]}); its update was not applied'
+                  if cfg_train['on_nonfinite'] == 'stop' else
+                  f'{len(skipped)} steps were not finite (the last at step {step}), more than '
+                  f'train.max_skipped_steps={cfg_train["max_skipped_steps"]}')
+          raise TrainingDiverged(_diverged_message(cfg_train, what, last_good, checkpointer))
         say(f'step {step}: not finite (loss {loss}, gradient norm {line["grad_norm"]}); its '
             f'update was dropped and its batch skipped ({len(skipped)} of at most '
             f'{cfg_train["max_skipped_steps"]}, train.on_nonfinite=skip)')
@@ -255,9 +260,17 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                       f'perplexity {math.exp(eval_losses[step]):.2f}')
       if bar:
         bar.update(step, loss, tokens_per_step / dt)
+      if do_save and not bool(_state_finite(state)):
+        # A finite update that overflowed the state (the step checks loss and gradients):
+        # never saved, and the run cannot go on from it.
+        trace.stop(state)
+        if window.is_open:
+          window.close()
+        checkpointer.close()
+        raise TrainingDiverged(_diverged_message(
+            cfg_train, f'the state after step {step} is not finite (a finite update overflowed '
+            'it); it was not saved', last_good, checkpointer))
       if do_save:
-        if not bool(_state_finite(state)):  # unreachable while the step guards its updates
-          raise RuntimeError(f'the train state at step {step} is not finite; not saving it')
         meta['data'] = data.train.state()
         meta['skipped_steps'] = skipped
         checkpointer.save(step, state, meta)
@@ -323,20 +336,17 @@ def _log_line(path: str, line: dict[str, Any]) -> None:
     f.write(json.dumps(line, allow_nan=False) + '\n')
 
 
-def _diverged_message(cfg_train, step, line, skipped, last_good, checkpointer) -> str:
-  what = (f'step {step} was not finite (loss {line["loss"]}, gradient norm {line["grad_norm"]})'
-          if cfg_train['on_nonfinite'] == 'stop' else
-          f'{len(skipped)} steps were not finite (the last at step {step}), more than '
-          f'train.max_skipped_steps={cfg_train["max_skipped_steps"]}')
+def _diverged_message(cfg_train, what: str, last_good, checkpointer) -> str:
+  """What went wrong, which checkpoint to go on from and how, and what to change."""
   if last_good is None:
-    where = ('no checkpoint was written before it, so a rerun starts afresh; '
-             f'set train.checkpoint_every below {step} to keep one')
+    where = ('no checkpoint was written before it, so a rerun starts afresh; lower '
+             'train.checkpoint_every to keep one')
   else:
-    where = (f'its update was not applied; the newest checkpoint, step {last_good} in '
-             f'{checkpointer.directory}, is finite (every step\'s update is checked before it '
-             'is applied, every state before it is saved). Rerunning with the same --workdir '
-             'resumes from it; to go back further, add --config.train.resume_step=STEP with '
-             f'one of the steps listed there (newer ones are set aside, not deleted)')
+    where = (f'the newest checkpoint, step {last_good} in {checkpointer.directory}, is finite '
+             '(every step\'s loss and gradients are checked before its update is applied, '
+             'every state before it is saved). Rerunning with the same --workdir resumes from '
+             'it; to go back further, add --config.train.resume_step=STEP with one of the '
+             'steps listed there (newer ones are set aside, not deleted)')
   clip = ('' if cfg_train['grad_clip_norm'] else
           ', set train.grad_clip_norm (0 now: unclipped; 1.0 is usual)')
   return (f'{what}; {where}. Lower train.learning_rate (now {cfg_train["learning_rate"]}) or '

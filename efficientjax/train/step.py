@@ -90,17 +90,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
       ce, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, (ce, aux, grads))
       stats = jax.tree_util.tree_map_with_path(
           lambda p, x: x if getattr(p[-1], 'key', None) == 'load' else x / grad_accum_steps, stats)
+    grad_norm = optax.tree.norm(grads)
+    # A step whose loss or gradients are not finite is not applied: the state stays as it was
+    # (the loop then stops or skips the batch, train.on_nonfinite), so no NaN/inf reaches the
+    # parameters or the optimizer moments (as optax.apply_if_finite). Known before the update,
+    # the condition fuses into the optimizer's own elementwise pass; checking the new state
+    # instead would cost a second pass over it every step. A finite update that overflows the
+    # parameters shows at the next step's loss, and the loop checks every state it saves.
+    finite = jnp.isfinite(ce) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # What the layers keep and report decides what the step does with it: a routing bias in the
     # model state is updated from the loads, reported stats go into the metrics.
     model_state = update_routing_bias(state.model_state, stats, model.config.moe.bias_update_rate)
-    grad_norm = optax.tree.norm(grads)
-    # A step whose loss, gradients or resulting state is not finite is not applied: the state
-    # stays as it was (the loop then stops or skips the batch, train.on_nonfinite), so no
-    # NaN/inf ever reaches the parameters, the optimizer moments or a checkpoint.
-    finite = (jnp.isfinite(ce) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
-              & all_finite((params, opt_state, model_state)))
     params, opt_state, model_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
         (state.params, state.opt_state, state.model_state))

@@ -87,8 +87,9 @@ def test_a_nonfinite_step_leaves_the_state_untouched():
 
 def test_divergence_stops_with_finite_checkpoints_and_advice_that_works(tmp_path):
   workdir = str(tmp_path)
-  c = smoke_config(**{'train.learning_rate': 1e6, 'train.steps': 8, 'train.checkpoint_every': 1,
-                      'train.keep_checkpoints': 10, 'train.eval_every': 0})
+  c = smoke_config(**{'train.learning_rate': 1e6, 'train.steps': 6, 'train.checkpoint_every': 1,
+                      'train.keep_checkpoints': 10, 'train.eval_every': 0,
+                      'train.timing_warmup_steps': 1})
   with pytest.raises(TrainingDiverged) as e:
     train(c, workdir, devices=ONE, progress=False)
   message = str(e.value)
@@ -108,13 +109,13 @@ def test_divergence_stops_with_finite_checkpoints_and_advice_that_works(tmp_path
   # The advice: a lower learning rate, from an earlier checkpoint, in the same workdir.
   c['train'].update(learning_rate=3e-3, resume_step=saved[0])
   resumed = train(c, workdir, devices=ONE, progress=False)
-  assert resumed.start_step == saved[0] and resumed.final_step == 8
+  assert resumed.start_step == saved[0] and resumed.final_step == 6
   assert all(math.isfinite(v) for v in resumed.losses.values())
   # The same command again (as after a kill) goes on from the newest checkpoint: it does not
   # go back to train.resume_step a second time.
   set_aside = sorted(os.listdir(os.path.join(workdir, 'checkpoints_set_aside')))
   again = train(c, workdir, devices=ONE, progress=False)
-  assert again.start_step == 8 and not again.losses
+  assert again.start_step == 6 and not again.losses
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints_set_aside'))) == set_aside
 
 
@@ -147,6 +148,24 @@ def test_too_many_skips_stop_the_run(tmp_path, monkeypatch):
   # The trace machinery was left clean: a new trace can start.
   jax.profiler.start_trace(str(tmp_path / 'after'))
   jax.profiler.stop_trace()
+
+
+def test_a_state_that_overflowed_is_never_saved(tmp_path, monkeypatch):
+  # The step checks loss and gradients; a finite update that overflows the parameters is
+  # caught where the state would be saved. Simulated: the check fails at the save of step 4.
+  real = loop_module._state_finite  # pylint: disable=protected-access
+  calls = []
+
+  def check(state):
+    calls.append(int(state.step))
+    return real(state) & (int(state.step) != 4)
+  monkeypatch.setattr(loop_module, '_state_finite', check)
+  c = smoke_config(**{'train.checkpoint_every': 2, 'train.eval_every': 0})
+  with pytest.raises(TrainingDiverged, match='the state after step 4 is not finite .* it was '
+                     'not saved; the newest checkpoint, step 2 in'):
+    train(c, str(tmp_path), devices=ONE, progress=False)
+  assert calls == [2, 4]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 
 
 def test_a_finished_run_is_recorded_exactly_once(tmp_path, capsys):
