@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from efficientjax.metrics.record import read_records
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ('--config=configs/quickstart.py:smoke', '--config.train.steps=10',
         '--config.train.checkpoint_every=2', '--config.train.eval_every=0',
@@ -60,8 +62,18 @@ def test_sigkill_mid_run_then_restart_is_bitwise_and_records_once(tmp_path):
   want, got = _losses(straight), _losses(killed)
   assert sorted(got) == list(range(1, 11))
   assert got == want  # bitwise: the same floats, step for step
-  with open(os.path.join(killed, 'results.jsonl')) as f:
-    assert len(f.readlines()) == 1
+  [record] = read_records(os.path.join(killed, 'results.jsonl'))
+  [uninterrupted] = read_records(os.path.join(straight, 'results.jsonl'))
+  # The newest checkpoint the kill left complete (6 unless its save was still in flight).
+  assert record['steps']['start'] in (4, 6, 8)
+  # The held-out losses too; the initial one was carried in the checkpoints.
+  for key in ('eval_loss', 'initial_eval_loss'):
+    assert record['quality'][key] == uninterrupted['quality'][key]
+  # The killed run's log keeps its steps; the restart appends from the checkpoint's step on.
+  with open(os.path.join(killed, 'train_log.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  start = record['steps']['start']
+  assert steps[-(10 - start):] == list(range(start + 1, 11)) and steps[:7] == list(range(1, 8))
   # And the same command once more: complete, no second record.
   again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and 'already complete' in again.stdout
