@@ -92,7 +92,6 @@ def _ends_with_newline(path: str) -> bool:
     return f.read(1) == b'\n'
 
 
-
 def read_records(path: str, strict: bool = True) -> list[dict[str, Any]]:
   """The records in a results.jsonl; strict=False skips lines that do not parse (a record
   torn by a kill mid-write) instead of raising."""

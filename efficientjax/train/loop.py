@@ -339,8 +339,8 @@ def _log_line(path: str, line: dict[str, Any]) -> None:
 def _diverged_message(cfg_train, what: str, last_good, checkpointer) -> str:
   """What went wrong, which checkpoint to go on from and how, and what to change."""
   if last_good is None:
-    where = ('no checkpoint was written before it, so a rerun starts afresh; lower '
-             'train.checkpoint_every to keep one')
+    where = ('no checkpoint was written before it, so a rerun starts afresh (set '
+             'train.checkpoint_every to a step count below this one to keep one)')
   else:
     where = (f'the newest checkpoint, step {last_good} in {checkpointer.directory}, is finite '
              '(every step\'s loss and gradients are checked before its update is applied, '
