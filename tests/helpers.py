@@ -1,5 +1,6 @@
 """Small configs and models shared by the tests."""
 
+import copy
 import functools
 from typing import Any
 
@@ -10,18 +11,25 @@ from configs import quickstart
 from efficientjax.model import ModelConfig, Transformer, init_cache
 
 
-def smoke_config(**overrides: Any) -> dict[str, Any]:
-  """The quickstart's smoke preset as a plain dict, with dotted overrides ('train.steps': 4)."""
-  c = quickstart.get_config('smoke').to_dict()
+def with_overrides(config: dict[str, Any], overrides: dict[str, Any], *,
+                   new_keys: bool = False) -> dict[str, Any]:
+  """A copy of a plain-dict config with dotted overrides ('train.steps': 4) set; a path the
+  config lacks is a KeyError unless new_keys."""
+  c = copy.deepcopy(config)
   for path, value in overrides.items():
     *parents, key = path.split('.')
     node = c
     for p in parents:
-      node = node[p]
-    if key not in node:
+      node = node.setdefault(p, {}) if new_keys else node[p]
+    if key not in node and not new_keys:
       raise KeyError(path)
     node[key] = value
   return c
+
+
+def smoke_config(**overrides: Any) -> dict[str, Any]:
+  """The quickstart's smoke preset as a plain dict, with dotted overrides ('train.steps': 4)."""
+  return with_overrides(quickstart.get_config('smoke').to_dict(), overrides)
 
 
 @functools.cache

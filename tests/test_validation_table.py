@@ -7,7 +7,6 @@ value of any numeric field makes validation raise, and whatever validates builds
 """
 
 import ast
-import copy
 import dataclasses
 import math
 import os
@@ -25,6 +24,7 @@ from configs import base, quickstart
 from efficientjax.errors import ConfigError
 from efficientjax.model import ModelConfig, Transformer
 from experiments import main, validate
+from tests.helpers import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FACTS = {'num_devices': 1, 'process_count': 1, 'backend': 'cpu'}
@@ -33,14 +33,7 @@ BYTE_VOCAB = 257
 
 def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
   """A copy of `config` with dotted overrides ('model.mla.kv_lora_rank': 8) set."""
-  c = copy.deepcopy(config)
-  for path, value in overrides.items():
-    *parents, key = path.split('.')
-    node = c
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[key] = value
-  return c
+  return with_overrides(config, overrides, new_keys=True)
 
 
 def _smoke(**overrides: Any) -> dict[str, Any]:

@@ -34,13 +34,14 @@ Truncated, zeroed or overwritten files do fail inside tensorstore on their own, 
 that names no step; the manifest reports them before any of that.
 
 Cost, measured with `python -m experiments.bench_checkpoint --repeats=7` (a real train state,
-params + AdamW moments in float32, saved synchronously and restored 7 times, medians; a 2-core
-x86 CPU shared with other jobs, load ~2; files read from the page cache). Save and restore are
-the whole calls, the checks included:
+params + AdamW moments in float32, saved synchronously and restored 7 times, medians; the
+project's 2-core CPU machine; files read from the page cache;
+experiments/results/cpu/bench_checkpoint.json). Save and restore are the whole calls, the
+checks included:
 
   state                      checkpoint  save    manifest        restore  verify + finite
-  quickstart (1.15M params)  12.8 MB     0.14 s  0.014 s (10%)   0.077 s  0.013 + 0.003 s (21%)
-  ~100 MB params (25.6M)     284 MB      1.03 s  0.108 s (10%)   0.75 s   0.108 + 0.110 s (29%)
+  quickstart (1.15M params)  12.8 MB     0.112 s 0.012 s (10%)   0.068 s  0.012 + 0.003 s (21%)
+  ~100 MB params (25.6M)     284 MB      0.946 s 0.090 s (9.5%)  0.454 s  0.088 + 0.059 s (32%)
 
 The manifest runs on orbax's finalising thread, so an async save's training steps do not wait
 for it (it delays the commit and takes a core meanwhile). CRC-32 (zlib, ~2 GB/s a core here;

@@ -26,11 +26,11 @@ from efficientjax.metrics.trace import summarize_trace
 from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.moe.report import ExpertStats
-from efficientjax.train.checkpoint import Checkpointer
+from efficientjax.train.checkpoint import Checkpointer, NonFiniteCheckpoint, check_finite
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
 from efficientjax.train.state import TrainState, init_state, state_shardings
-from efficientjax.train.step import all_finite, make_eval_step, make_train_step
+from efficientjax.train.step import make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,6 +204,14 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                       energy_meter=meter)
     window = MeasurementWindow(meter, sampler)
     expert_stats = None  # created at the first step whose layers report expert statistics
+
+    def stop_measuring():
+      """Ends the trace, the window and pending saves on the way out of a stopped run."""
+      trace.stop(state)
+      if window.is_open:
+        window.close()
+      if checkpointer:
+        checkpointer.close()
     for step in range(start_step + 1, last + 1):
       trace.before(step, state)
       if step == first_measured:
@@ -232,11 +240,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
         skipped.append(step)
         _log_line(log_path, {**line, 'nonfinite': True, 'applied': False})
         if cfg_train['on_nonfinite'] == 'stop' or len(skipped) > cfg_train['max_skipped_steps']:
-          trace.stop(state)
-          if window.is_open:
-            window.close()
-          if checkpointer:
-            checkpointer.close()
+          stop_measuring()
           what = (f'step {step} was not finite (loss {loss}, gradient norm '
                   f'{line["grad_norm"]}); its update was not applied'
                   if cfg_train['on_nonfinite'] == 'stop' else
@@ -260,17 +264,16 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
                       f'perplexity {math.exp(eval_losses[step]):.2f}')
       if bar:
         bar.update(step, loss, tokens_per_step / dt)
-      if do_save and not bool(_state_finite(state)):
-        # A finite update that overflowed the state (the step checks loss and gradients):
-        # never saved, and the run cannot go on from it.
-        trace.stop(state)
-        if window.is_open:
-          window.close()
-        checkpointer.close()
-        raise TrainingDiverged(_diverged_message(
-            cfg_train, f'the state after step {step} is not finite (a finite update overflowed '
-            'it); it was not saved', last_good, checkpointer))
       if do_save:
+        try:
+          check_finite(state)
+        except NonFiniteCheckpoint as e:
+          # A finite update that overflowed the state (the step checks loss and gradients):
+          # never saved, and the run cannot go on from it.
+          stop_measuring()
+          raise TrainingDiverged(_diverged_message(
+              cfg_train, f'the state after step {step} is not finite ({e}: a finite update '
+              'overflowed it); it was not saved', last_good, checkpointer)) from None
         meta['data'] = data.train.state()
         meta['skipped_steps'] = skipped
         checkpointer.save(step, state, meta)
@@ -321,9 +324,6 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       sampler=sampler.summary(),
       trace=_trace_summary(trace.logdir, profile_steps, trace.seconds, train_step),
   )
-
-
-_state_finite = jax.jit(all_finite)
 
 
 def _log_line(path: str, line: dict[str, Any]) -> None:

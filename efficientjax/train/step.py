@@ -46,13 +46,6 @@ def update_routing_bias(model_state: Mapping[str, Any], moe_stats: Mapping[str, 
       update, model_state['moe_state'])}
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every floating-point leaf of `tree` is free of NaN and inf (a scalar bool)."""
-  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.stack(checks).all() if checks else jnp.asarray(True)
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum_steps: int,
                     schedule: optax.Schedule | None = None
                     ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Any]]]:

@@ -5,7 +5,7 @@ implementation:
               fp16 operands, 'triton' on other NVIDIA GPUs and dtypes, 'xla' elsewhere. On an
               H100 both are exact, forward and gradients, at the Mixtral, DeepSeek-V2-Lite and
               -V3 shapes with even and skewed groups; Mosaic's defaults are 1.3-1.45x
-              Triton's forward and 1.1-1.5x its forward+backward there, and Triton is 4-17x
+              Triton's forward and 1.1-1.5x its forward+backward there, and Triton was 4-10x
               ragged_dot (experiments/results/h100/README.md). With tiling='autotune' on a GPU,
               every implementation that can run competes per shape (see below);
   'xla'       `jax.lax.ragged_dot` (any backend; JAX differentiates it);

@@ -15,6 +15,7 @@ import efficientjax.train.loop as loop_module
 from efficientjax import parallel
 from efficientjax.metrics import record as records
 from efficientjax.model import ModelConfig, Transformer
+from efficientjax.train.checkpoint import NonFiniteCheckpoint
 from efficientjax.train.loop import TrainingDiverged, train
 from efficientjax.train.optimizer import make_optimizer
 from efficientjax.train.state import init_state, state_shardings
@@ -153,16 +154,18 @@ def test_too_many_skips_stop_the_run(tmp_path, monkeypatch):
 def test_a_state_that_overflowed_is_never_saved(tmp_path, monkeypatch):
   # The step checks loss and gradients; a finite update that overflows the parameters is
   # caught where the state would be saved. Simulated: the check fails at the save of step 4.
-  real = loop_module._state_finite  # pylint: disable=protected-access
+  real = loop_module.check_finite
   calls = []
 
   def check(state):
     calls.append(int(state.step))
-    return real(state) & (int(state.step) != 4)
-  monkeypatch.setattr(loop_module, '_state_finite', check)
+    real(state)
+    if int(state.step) == 4:
+      raise NonFiniteCheckpoint('params[embed] holds 1 non-finite value(s) of 49152')
+  monkeypatch.setattr(loop_module, 'check_finite', check)
   c = smoke_config(**{'train.checkpoint_every': 2, 'train.eval_every': 0})
-  with pytest.raises(TrainingDiverged, match='the state after step 4 is not finite .* it was '
-                     'not saved; the newest checkpoint, step 2 in'):
+  with pytest.raises(TrainingDiverged, match=r'the state after step 4 is not finite \(params\[embed\] '
+                     r'holds 1 .* it was not saved; the newest checkpoint, step 2 in'):
     train(c, str(tmp_path), devices=ONE, progress=False)
   assert calls == [2, 4]
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
