@@ -1,6 +1,7 @@
 """The command a user types, end to end, in a fresh process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +47,20 @@ def test_smoke_run_writes_a_complete_record(tmp_path):
   assert step_ms['count'] == 7 - 2 - 2  # warm-up and profiled steps are left out
   assert m['latency']['window_steps'] == 3 and m['latency']['window_s'] > 0
   assert 0 < step_ms['p50'] <= step_ms['p90'] <= step_ms['p99']
-  assert m['throughput']['tokens_per_s'] > 0
+  # The window holds the measured steps and the few host lines between them, never the
+  # compilation: its length minus the steps' own time is far below the compile time (a window
+  # opened before compiling, or the compile time added to it, breaks this by compile_s).
+  steps_s = step_ms['mean'] * step_ms['count'] / 1e3
+  assert steps_s <= m['latency']['window_s'] < steps_s + 0.25 * m['latency']['compile_s']
+  assert m['throughput']['tokens_per_s'] == pytest.approx(
+      record['steps']['tokens_per_step'] * 3 / m['latency']['window_s'])
+  # Quality as the README defines it, from the run's own per-step log.
+  with open(workdir / 'train_log.jsonl') as f:
+    log = [json.loads(line) for line in f]
+  assert [line['step'] for line in log] == list(range(1, 8))
+  assert q['train_loss'] == pytest.approx(sum(line['loss'] for line in log) / 7)  # <= 10 steps
+  assert q['eval_perplexity'] == pytest.approx(math.exp(q['eval_loss']))
+  assert q['initial_eval_perplexity'] == pytest.approx(math.exp(q['initial_eval_loss']))
   # The quickstart's record on CPU: MFU needs a peak, which a CPU does not have in the table.
   assert m['compute']['mfu_analytic'] is None and 'peak_flops_per_s' in m['compute']['reason']
   assert m['compute']['achieved_flops_per_s_analytic'] > 0

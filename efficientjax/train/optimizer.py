@@ -25,6 +25,16 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def updates_applied(opt_state: Any) -> jax.Array | None:
+  """The count the optimizer's learning-rate schedule reads: updates applied so far. Behind
+  the train state's step by the steps skipped as non-finite (their optimizer state is kept, as
+  optax.apply_if_finite keeps it); None for an optimizer without a schedule."""
+  counts = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  return counts[0] if counts else None
+
+
 def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
   parts = []
   if train['grad_clip_norm'] > 0:

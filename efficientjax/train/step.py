@@ -10,6 +10,7 @@ import optax
 
 from efficientjax.model import auxiliary_loss
 from efficientjax.moe import balance
+from efficientjax.train.optimizer import updates_applied
 from efficientjax.train.state import TrainState
 
 # What the layers report during a training step (see efficientjax.model.LAYER_COLLECTIONS).
@@ -104,7 +105,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
       metrics['aux_loss'] = aux
       metrics['moe_stats'] = stats
     if schedule is not None:
-      metrics['learning_rate'] = schedule(state.step)
+      # The rate this step's update used: the schedule at the optimizer's own count, which
+      # skipped (non-finite) steps do not advance.
+      applied = updates_applied(state.opt_state)
+      metrics['learning_rate'] = schedule(state.step if applied is None else applied)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state), metrics
 

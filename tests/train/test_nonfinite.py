@@ -134,6 +134,12 @@ def test_skip_drops_a_poisoned_batch_and_the_record_counts_it(tmp_path, monkeypa
   assert [r['step'] for r in log] == [1, 2, 3, 4, 5, 6]
   assert not log[3]['applied'] and log[3]['loss'] is None
   assert not any(r.get('nonfinite') for r in log[:3] + log[4:])
+  # The skipped update did not advance the optimizer's schedule: step 5 used the rate step 4
+  # would have (warm-up over 2 updates, then the cosine over the 4 left), and the log says so.
+  def rate(t):  # smoke: peak 3e-3, floor 3e-4
+    return 3e-3 * t / 2 if t < 2 else 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 4))
+  rates = [rate(t) for t in (0, 1, 2, 3, 3, 4)]
+  assert [r['learning_rate'] for r in log] == pytest.approx(rates, rel=1e-6)
 
 
 def test_too_many_skips_stop_the_run(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Training: it learns, it shards without changing the numbers (resumption: test_kill_resume.py)."""
+"""Training: it learns, it shards without changing the numbers (the step's gradients and the
+optimizer: test_optimizer.py; resumption: test_kill_resume.py)."""
 
 
 import jax
@@ -38,23 +39,6 @@ def test_weight_decay_skips_norms_and_biases():
   mask = decay_mask(params)
   assert mask == {'blocks': {'attn_norm': {'scale': False}, 'q': {'kernel': True, 'bias': False}},
                   'final_norm': {'scale': False}}
-
-
-def test_gradient_accumulation_matches_one_big_batch():
-  c = smoke_config()
-  model = Transformer(ModelConfig.from_config(c['model'], tokenizer_vocab_size=257))
-  tx = make_optimizer(c['train'])
-  mesh = parallel.make_mesh(c['mesh'], jax.devices()[:1])
-  _, shardings = state_shardings(model, tx, mesh, 16)
-  batch = jax.random.randint(jax.random.key(2), (8, 17), 0, 257)
-  out = []
-  for accum in (1, 4):
-    state = init_state(model, tx, mesh, 16, 0, shardings)
-    with parallel.activate(mesh):
-      state, m = jax.jit(make_train_step(model, tx, accum))(state, batch)
-    out.append((float(m['loss']), state.params))
-  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][1], out[1][1])
 
 
 def _first_losses(mesh_axes, devices, steps=2):
