@@ -6,6 +6,7 @@ most specific first (an 'H100 PCIe' must not match the SXM entry).
 
 PEAK_BF16_FLOPS_PER_S: tuple[tuple[str, float], ...] = (
     ('GH200', 989.4e12),        # Grace-Hopper superchip: the H100 SXM tensor cores
+    ('H200 NVL', 835.0e12),     # the PCIe card at its lower power: 1,671 with sparsity
     ('H200', 989.4e12),         # same chip as H100 SXM, more and faster memory
     ('H100 PCIe', 756.0e12),
     ('H100 NVL', 835.0e12),

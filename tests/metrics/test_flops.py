@@ -47,12 +47,27 @@ def test_analytic_terms_by_hand():
   per_layer = 8 * 2 * 4 + 2 * 8 * 1 * 4 + 2 * 4 * 8 + 3 * 8 * 16
   assert f['matmul'] == 6 * 15 * (2 * per_layer + 8 * 10)
   assert f['attention_as_executed'] == 3 * 2 * 3 * 2 * (2 * 5 * 5 * 4 * 2)
+  # docs/metrics.md: 3 x layers x batch x 2 x 2·T²·d·heads / 2, the causal half counted once.
+  assert f['attention'] == 3 * 2 * 3 * 2 * (2 * 5 * 5 * 4 * 2) / 2 == 7200
+  assert f['total'] == f['matmul'] + 7200
+  # The embedding lookup is free and the head a matmul either way; recomputation under remat
+  # is not model FLOPs (MFU, not HFU).
+  for same in (dict(tie_embeddings=True), dict(remat='full'), dict(scan_layers=False)):
+    assert flops.analytic_flops_per_step(dataclasses.replace(cfg, **same), seq_len=5,
+                                         batch=3) == f, same
+  # Per optimizer step over the global batch: twice the batch, twice every term.
+  doubled = flops.analytic_flops_per_step(cfg, seq_len=5, batch=6)
+  assert doubled == {k: 2 * v for k, v in f.items()}
 
 
 @pytest.mark.parametrize('kind, peak', [
     ('NVIDIA H100 80GB HBM3', 989.4e12), ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H200', 989.4e12),
     ('NVIDIA GH200 480GB', 989.4e12), ('NVIDIA A100-SXM4-80GB', 312e12), ('TPU v4', 275e12),
-    ('TPU v5 lite', 197e12), ('TPU v5', 459e12), ('TPU v6 lite', 918e12)])
+    ('TPU v5 lite', 197e12), ('TPU v5', 459e12), ('TPU v6 lite', 918e12),
+    # The rest of docs/metrics.md's list. NVL and v5e also contain a shorter key ('H100',
+    # 'TPU v5') with another peak: the table must try the specific one first.
+    ('NVIDIA H100 NVL', 835e12), ('NVIDIA H200 NVL', 835e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v6e', 918e12),
+    ('NVIDIA A100 80GB PCIe', 312e12)])
 def test_peak_table(kind, peak):
   assert peaks.peak_flops_per_s(kind) == (peak, pytest.approx(peaks.peak_flops_per_s(kind)[1]))
   assert peaks.peak_flops_per_s(kind)[0] == peak

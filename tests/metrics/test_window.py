@@ -103,6 +103,36 @@ def test_window_long_is_reliable_and_power_is_exact():
   }
 
 
+@pytest.mark.parametrize('seconds, reliable', [(0.99, False), (1.0, True), (1.01, True)])
+def test_reliable_from_exactly_ten_update_periods(seconds, reliable):
+  # docs/metrics.md: a window under 10 update periods (here 10 x 0.1 s) is flagged; 10 is not.
+  clock = FakeClock(0.0)
+  window = MeasurementWindow(_clocked_meter(clock), clock=clock)
+  window.open()
+  clock.t = seconds
+  window.close()
+  out = _energy(window)
+  assert out['reliable'] is reliable
+  assert (out['reason'] is None) is reliable
+
+
+def test_reliability_is_judged_on_the_window_without_its_pauses():
+  # 3 s of wall time of which 2.5 s evaluation: 0.5 s of training, under 10 x 0.1 s.
+  clock = FakeClock(0.0)
+  window = MeasurementWindow(_clocked_meter(clock), clock=clock)
+  window.open()
+  clock.t = 0.25
+  window.pause()
+  clock.t = 2.75
+  window.resume()
+  clock.t = 3.0
+  window.close()
+  out = _energy(window)
+  assert window.seconds == 0.5 and window.paused_s == 2.5
+  assert out['energy_j'] == 150.0 and out['avg_power_w'] == 300.0
+  assert out['reliable'] is False and 'window of 0.5 s' in out['reason']
+
+
 def test_window_unknown_update_period_is_not_reliable():
   clock = FakeClock(0.0)
   window = MeasurementWindow(_clocked_meter(clock, period=None), clock=clock)
