@@ -48,7 +48,9 @@ def test_parameter_counts_as_documented():
     assert abs(counts[v] - gqa) / gqa < 0.05, (v, counts[v], gqa)
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
+# One run per attention module: gqa and mqa are mha's module with fewer K/V heads (their
+# record's numbers are worked out by hand in tests/metrics/test_architecture.py).
+@pytest.mark.parametrize('variant', ['mha', 'mla', 'nsa'])
 def test_smoke_preset_runs_through_the_cli(variant, tmp_path):
   proc = _main(f'--config=configs/attention_{variant}.py:smoke', f'--workdir={tmp_path}',
                '--config.train.checkpoint_every=0')

@@ -74,25 +74,19 @@ def test_smoke_run_writes_a_complete_record(tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6', '7']
 
 
-def test_peak_from_the_config_gives_an_mfu(tmp_path):
-  workdir = tmp_path / 'run'
-  proc = _main('--config=configs/quickstart.py:smoke', f'--workdir={workdir}',
-               '--config.train.steps=4', '--config.metrics.peak_flops_per_s=1e12',
-               '--config.train.checkpoint_every=0')
+def test_peak_from_the_config_gives_an_mfu_and_the_default_workdir(tmp_path):
+  # One run for both: the workdir named after the config and the time, and a configured peak.
+  proc = _main(f'--config={ROOT}/configs/quickstart.py:smoke', '--config.train.steps=4',
+               '--config.metrics.peak_flops_per_s=1e12', '--config.train.checkpoint_every=0',
+               cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
-  (record,) = read_records(workdir / 'results.jsonl')
+  (run,) = os.listdir(tmp_path / 'runs')
+  assert run.startswith('quickstart_smoke-')
+  (record,) = read_records(tmp_path / 'runs' / run / 'results.jsonl')
   validate_record(record)
   c = record['metrics']['compute']
   assert c['peak_source'] == 'config: metrics.peak_flops_per_s'
   assert c['mfu_analytic'] == pytest.approx(c['achieved_flops_per_s_analytic'] / 1e12)
-
-
-def test_default_workdir_is_named_after_config_and_time(tmp_path):
-  proc = _main(f'--config={ROOT}/configs/quickstart.py:smoke', '--config.train.steps=3',
-               '--config.train.checkpoint_every=0', cwd=tmp_path)
-  assert proc.returncode == 0, proc.stderr
-  (run,) = os.listdir(tmp_path / 'runs')
-  assert run.startswith('quickstart_smoke-')
 
 
 @pytest.mark.parametrize('args, message', [

@@ -43,7 +43,9 @@ def test_parameter_counts_as_documented(name, total, active):
   assert n == pytest.approx(total, rel=5e-3) and got_active == pytest.approx(active, rel=5e-3)
 
 
-@pytest.mark.parametrize('name', ['moe_0p5bx8', 'moe_1p5bx8', 'moe_16b'])
+# moe_0p5bx8 is moe_1p5bx8's layer at a smaller width (its preset validates above): the two
+# runs cover both kinds of MoE config, Mixtral-style and DeepSeek-style.
+@pytest.mark.parametrize('name', ['moe_1p5bx8', 'moe_16b'])
 def test_smoke_preset_runs_and_records_expert_statistics(name, tmp_path):
   proc = _main(f'--config=configs/{name}.py:smoke', f'--workdir={tmp_path}',
                '--config.train.checkpoint_every=0')

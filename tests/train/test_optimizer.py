@@ -8,6 +8,7 @@ against a hand-written schedule, a hand-written decay rule and optax's own trans
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ from efficientjax import parallel
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.train.loop import evaluate
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
-from efficientjax.train.state import init_state, state_shardings
+from efficientjax.train.state import TrainState
 from efficientjax.train.step import make_eval_step, make_train_step
 from tests.helpers import smoke_config
 
@@ -26,15 +27,25 @@ SEQ = 16
 
 
 def _model(**overrides):
-  c = smoke_config(**overrides)
+  # One layer: compiling is most of these tests' time, and one layer shows every kind of leaf.
+  c = smoke_config(**{'model.num_layers': 1, **overrides})
   return c, Transformer(ModelConfig.from_config(c['model'], tokenizer_vocab_size=257))
 
 
 def _state(model, tx, seed=0):
-  mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1},
-                            jax.devices()[:1])
-  _, shardings = state_shardings(model, tx, mesh, SEQ)
-  return init_state(model, tx, mesh, SEQ, seed, shardings)
+  """A train state with random params on init's shapes (norm gains around 1), built without
+  compiling the real init (tested in tests/train/test_train.py and tests/test_model.py)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    mean = 1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0
+    return jnp.asarray(rng.normal(mean, 0.1, s.shape), s.dtype)
+  params = jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes['params']))
+  model_state = {k: nn.unbox(v) for k, v in shapes.items() if k == 'moe_state'}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jnp.zeros((2,), jnp.uint32),
+                    model_state=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), model_state))
 
 
 def _keep_gradients() -> optax.GradientTransformation:
@@ -67,7 +78,8 @@ def test_step_gradients_loss_and_grad_norm_equal_the_whole_batch_ones(accum):
   batch = jax.random.randint(jax.random.key(7), (8, SEQ + 1), 0, 257)
   new, metrics = jax.jit(make_train_step(model, tx, accum))(state, batch)
 
-  loss, grads = jax.value_and_grad(_plain_loss, argnums=1)(model, state.params, batch)
+  loss, grads = jax.jit(jax.value_and_grad(lambda p, b: _plain_loss(model, p, b)))(
+      state.params, batch)
   # fp32 throughout; summing 4 micro-batch means vs one mean differs by rounding only.
   np.testing.assert_allclose(float(metrics['loss']), float(loss), rtol=1e-6)
   jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7),
@@ -197,7 +209,7 @@ def test_evaluation_is_the_mean_over_every_held_out_token():
              for k in range(3)]
   mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}, jax.devices()[:1])
   got = evaluate(jax.jit(make_eval_step(model)), state, batches, parallel.batch_sharding(mesh))
-  want = _plain_loss(model, state.params, jnp.concatenate(batches))
+  want = jax.jit(lambda p, b: _plain_loss(model, p, b))(state.params, jnp.concatenate(batches))
   assert got == pytest.approx(float(want), rel=1e-6)
 
 
@@ -220,8 +232,8 @@ def test_moe_accumulation_averages_losses_and_gradients_and_sums_the_expert_load
     ce = -jnp.take_along_axis(logp, micro[:, 1:, None], axis=-1).mean()
     aux = sum(jnp.sum(x) for x in jax.tree.leaves(reported['losses']))
     return ce + aux, (ce, aux)
-  parts = [jax.value_and_grad(micro_loss, has_aux=True)(state.params, batch[i::k])
-           for i in range(k)]
+  grad_fn = jax.jit(jax.value_and_grad(micro_loss, has_aux=True))
+  parts = [grad_fn(state.params, batch[i::k]) for i in range(k)]
   ce = np.mean([float(p[0][1][0]) for p in parts])
   aux = np.mean([float(p[0][1][1]) for p in parts])
   grads = jax.tree.map(lambda *g: sum(g) / k, *[p[1] for p in parts])
