@@ -41,6 +41,12 @@ def get_config() -> config_dict.ConfigDict:
   y.mscale = 1.0
   y.mscale_all_dim = 0.0
   y.truncate = True                 # round YaRN's ramp ends to whole dims (HF's default)
+  l3 = m.llama3_rope = config_dict.ConfigDict()  # Llama 3.1's RoPE scaling (HF's llama3)
+  l3.factor = 1.0                   # long wavelengths / this; 1 = off (Llama 3.1: 8, 3.2: 32)
+  l3.low_freq_factor = 1.0          # wavelengths > original_max_len / this are scaled fully
+  l3.high_freq_factor = 4.0         # wavelengths < original_max_len / this are kept
+  l3.original_max_len = 8192        # the context the model was trained at before scaling
+  m.linear_rope_factor = 1.0        # HF's linear RoPE scaling: frequencies / this; 1 = off
   r = m.relative = config_dict.ConfigDict()  # position='relative': T5 bucketed bias
   r.num_buckets = 32
   r.max_distance = 128
@@ -63,6 +69,8 @@ def get_config() -> config_dict.ConfigDict:
   e.top_k = 2
   e.expert_dim = placeholder(int)   # each routed expert's hidden width; None: model.mlp_dim
   e.num_shared_experts = 0          # always-on experts (DeepSeek), computed as one MLP
+  e.shared_expert_dim = placeholder(int)  # that MLP's width; None: num_shared_experts·expert_dim
+  e.shared_expert_gate = False      # scale the shared MLP by sigmoid(x·w) (Qwen2-MoE)
   e.first_dense_layers = 0          # leading layers with a dense FFN of model.mlp_dim (DeepSeek)
   e.router = 'softmax'              # softmax (Mixtral, DeepSeek-V2) | sigmoid (DeepSeek-V3)
   e.norm_topk_prob = True           # renormalise the top-k weights to sum to 1
@@ -88,8 +96,9 @@ def get_config() -> config_dict.ConfigDict:
 
   d = c.data = config_dict.ConfigDict()
   d.corpus = 'stdlib'               # stdlib | text:GLOB | hf:NAME[:CONFIG] | synthetic
-  d.tokenizer = 'byte'              # byte | path to a Hugging Face tokenizer.json
-  d.eos_token = placeholder(str)    # HF tokenizers: the separator token when not guessable
+  d.tokenizer = 'byte'              # byte | a Hugging Face tokenizer.json | checkpoint directory
+  d.eos_token = placeholder(str)    # HF tokenizers: the separator token (default: eos_token of
+                                    # tokenizer_config.json, else guessed)
   d.seq_len = 1024
   d.eval_fraction = 0.02            # share of documents held out (by a hash of their name)
   d.max_documents = placeholder(int)

@@ -59,6 +59,17 @@ class YarnConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeConfig:
+  """Llama 3.1's RoPE frequency scaling (Hugging Face's `rope_type: llama3`): wavelengths
+  longer than original_max_len / low_freq_factor are divided by `factor`, those shorter than
+  original_max_len / high_freq_factor kept, and the band between blended smoothly."""
+  factor: float = 1.0            # 1: plain RoPE
+  low_freq_factor: float = 1.0   # Llama 3.1's 1
+  high_freq_factor: float = 4.0  # Llama 3.1's 4; must exceed low_freq_factor
+  original_max_len: int = 8192   # the context the model was trained at before scaling
+
+
+@dataclasses.dataclass(frozen=True)
 class RelativeConfig:
   """T5's bucketed relative-position bias (Raffel et al. 2020, §2.1)."""
   num_buckets: int = 32
@@ -72,6 +83,10 @@ class MoEConfig:
   top_k: int = 2
   expert_dim: int | None = None  # None: the dense mlp_dim
   num_shared_experts: int = 0
+  # The shared experts' summed width; None: num_shared_experts × expert_dim (Qwen2-MoE's is not
+  # a multiple of its experts' width).
+  shared_expert_dim: int | None = None
+  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x·w) (Qwen2-MoE)
   first_dense_layers: int = 0
   router: str = 'softmax'
   norm_topk_prob: bool = True
@@ -89,7 +104,7 @@ class MoEConfig:
 
 
 _NESTED = {'mla': MLAConfig, 'nsa': NSAConfig, 'yarn': YarnConfig, 'relative': RelativeConfig,
-           'moe': MoEConfig}
+           'moe': MoEConfig, 'llama3_rope': Llama3RopeConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +126,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   max_seq_len: int = 2048       # the longest sequence learned absolute positions can embed
   yarn: YarnConfig = YarnConfig()
+  llama3_rope: Llama3RopeConfig = Llama3RopeConfig()
+  linear_rope_factor: float = 1.0  # position interpolation: RoPE's frequencies / this; 1: off
   relative: RelativeConfig = RelativeConfig()
   mla: MLAConfig = MLAConfig()
   nsa: NSAConfig = NSAConfig()

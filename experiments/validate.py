@@ -262,6 +262,14 @@ RULES: dict[str, Rule] = {
     'model.yarn.mscale': AtLeast(0.0, note='0 or 1: off'),
     'model.yarn.mscale_all_dim': AtLeast(0.0, note='0: off'),
     'model.yarn.truncate': Free(),
+    'model.llama3_rope.factor': AtLeast(1.0, note='1: plain RoPE; Llama 3.1 uses 8, 3.2 32'),
+    # Both divide original_max_len into the wavelengths bounding the smoothed band.
+    'model.llama3_rope.low_freq_factor': Positive(note='Llama 3.1 uses 1'),
+    'model.llama3_rope.high_freq_factor': Positive(note='Llama 3.1 uses 4'),
+    'model.llama3_rope.original_max_len': AtLeast(1, note='the context length the model was '
+                                                  'trained at'),
+    'model.linear_rope_factor': AtLeast(1.0, note='1: plain RoPE; positions are interpolated '
+                                        'by this factor'),
     'model.relative.num_buckets': AtLeast(2, unit=' buckets', note='half exact, half '
                                           'logarithmic; T5 uses 32'),
     'model.relative.max_distance': AtLeast(1, note='T5 uses 128'),
@@ -281,6 +289,9 @@ RULES: dict[str, Rule] = {
     'model.moe.top_k': AtLeast(1),
     'model.moe.expert_dim': Optional(AtLeast(1), 'use model.mlp_dim'),
     'model.moe.num_shared_experts': AtLeast(0),
+    'model.moe.shared_expert_dim': Optional(AtLeast(1),
+                                            'use num_shared_experts × model.moe.expert_dim'),
+    'model.moe.shared_expert_gate': Free(),
     'model.moe.first_dense_layers': AtLeast(0),
     'model.moe.router': OneOf(ROUTERS),
     'model.moe.norm_topk_prob': Free(),
@@ -412,6 +423,24 @@ def _head_dim_derives(c, facts):
   return [ConfigError('model.head_dim', f'unset, and model.embed_dim={m["embed_dim"]} does not '
                       f'divide by model.num_heads={m["num_heads"]}; set model.head_dim (e.g. '
                       f'{even}) or change the head count', {'model.head_dim': even})]
+
+
+_ROPE_SCALINGS = ('model.yarn.factor', 'model.llama3_rope.factor', 'model.linear_rope_factor')
+
+
+@_relation(*_ROPE_SCALINGS)
+def _one_rope_scaling(c, facts):
+  """Each scaling replaces RoPE's frequencies, so two cannot both apply."""
+  del facts
+  leaves = _leaves(c)
+  factors = {f: leaves[f] for f in _ROPE_SCALINGS}
+  on = [f for f, factor in factors.items() if factor > 1.0]
+  if len(on) < 2:
+    return []
+  kept, dropped = on[0], on[-1]
+  return [ConfigError(dropped, f'{factors[dropped]:g} and {kept}={factors[kept]:g} both rescale '
+                      "RoPE's frequencies, and only one scaling can apply; set "
+                      f'{dropped}=1 to keep {kept}, or the other way round', {dropped: 1.0})]
 
 
 @_relation('model.attention_impl', 'model.dtype')
@@ -562,7 +591,7 @@ def _experts_shard(c, facts):
 
 
 @_relation('mesh', 'model.num_heads', 'model.num_kv_heads', 'model.attention', 'model.mlp_dim',
-           'model.ffn', 'model.moe.expert_dim')
+           'model.ffn', 'model.moe.expert_dim', 'model.moe.shared_expert_dim')
 def _tensor_shards(c, facts):
   """Every weight axis the rules put on `tensor` (efficientjax/parallel/mesh.py) must divide."""
   tp, m, errors = _mesh_sizes(c, facts)['tensor'], c['model'], []
@@ -573,6 +602,8 @@ def _tensor_shards(c, facts):
            ('model.mlp_dim', m['mlp_dim'])]
   if m['ffn'] == 'moe':
     sizes.append(('model.moe.expert_dim', m['moe']['expert_dim'] or m['mlp_dim']))
+    if m['moe']['shared_expert_dim'] is not None:  # the shared MLP's width, sharded like mlp_dim
+      sizes.append(('model.moe.shared_expert_dim', m['moe']['shared_expert_dim']))
   for field, value in sizes:
     if value % tp:
       errors.append(ConfigError(field, f'{value} does not shard over mesh.tensor={tp}; use a '

@@ -120,6 +120,15 @@ TABLE = {
                               'beta_fast > beta_slow', fixed_validates=True),
     'yarn_mscale_negative': Bad({'model.yarn.mscale_all_dim': -1.0}, 'model.yarn.mscale_all_dim',
                                 'at least 0'),
+    'llama3_band_inverted': Bad({'model.llama3_rope.factor': 8.0,
+                                 'model.llama3_rope.high_freq_factor': 1.0},
+                                'model.llama3_rope.high_freq_factor',
+                                'high_freq_factor > low_freq_factor', fixed_validates=True),
+    'linear_rope_shrinks': Bad({'model.linear_rope_factor': 0.5}, 'model.linear_rope_factor',
+                               'at least 1'),
+    'two_rope_scalings': Bad({'model.yarn.factor': 4.0, 'model.llama3_rope.factor': 8.0},
+                             'model.llama3_rope.factor', 'and model.yarn.factor=4 both rescale',
+                             fixed_validates=True),
     'relative_distance_zero': Bad({'model.position': 'relative',
                                    'model.relative.max_distance': 0},
                                   'model.relative.max_distance', 'at least 1'),
@@ -160,6 +169,12 @@ TABLE = {
                                'or unset it to use model.mlp_dim', fixed_validates=True),
     'moe_shared_negative': Bad({**MOE, 'model.moe.num_shared_experts': -1},
                                'model.moe.num_shared_experts', 'at least 0'),
+    'moe_shared_dim_zero': Bad({**MOE, 'model.moe.num_shared_experts': 1,
+                                'model.moe.shared_expert_dim': 0}, 'model.moe.shared_expert_dim',
+                               'or unset it to use num_shared_experts', fixed_validates=True),
+    'moe_shared_gate_alone': Bad({**MOE, 'model.moe.shared_expert_gate': True},
+                                 'model.moe.shared_expert_gate', 'num_shared_experts is 0',
+                                 fixed_validates=True),
     'moe_scaling_zero': Bad({**MOE, 'model.moe.routed_scaling_factor': 0.0},
                             'model.moe.routed_scaling_factor', 'must be positive'),
     'moe_aux_negative': Bad({**MOE, 'model.moe.aux_loss_coef': -0.01}, 'model.moe.aux_loss_coef',
@@ -422,6 +437,7 @@ BASES = {
     'mqa_learned': {'model.attention': 'mqa', 'model.position': 'learned'},
     'yarn': {'model.yarn.factor': 4.0, 'model.yarn.original_max_len': 8,
              'model.yarn.mscale': 1.0, 'model.yarn.mscale_all_dim': 1.0},
+    'llama3': {'model.llama3_rope.factor': 8.0, 'model.llama3_rope.original_max_len': 8},
     'mla': {**MLA, 'model.mla.kv_lora_rank': 8, 'model.mla.qk_nope_head_dim': 4,
             'model.mla.qk_rope_head_dim': 4, 'model.mla.v_head_dim': 4},
     'nsa': {**NSA, 'model.nsa.block_len': 4, 'model.nsa.stride': 2,
@@ -431,6 +447,7 @@ BASES = {
 }
 # Sections a base exercises: the others' fields change nothing it builds.
 SECTIONS = {'gqa_relative': ('model.relative.',), 'yarn': ('model.yarn.',),
+            'llama3': ('model.llama3_rope.',),
             'mla': ('model.mla.',), 'nsa': ('model.nsa.',), 'moe': ('model.moe.',)}
 _SUB = tuple(s for sections in SECTIONS.values() for s in sections)
 HUGE = {int: (2**62, 10**30), float: (1e300, math.inf, math.nan)}

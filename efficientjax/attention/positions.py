@@ -1,7 +1,7 @@
 """Positional encodings and their registry (`model.position`).
 
 An encoding can act in three places, each optional:
-- `rotate(x, positions)`: on queries and keys inside attention (RoPE and its YaRN scaling);
+- `rotate(x, positions)`: on queries and keys inside attention (RoPE and its scalings);
 - `embedding`: a module added to the token embeddings, called as `Embedding(config)(positions)`
   (sinusoidal and learned absolute positions);
 - `attention_bias`: a module giving a bias added to the attention logits, called as
@@ -11,7 +11,8 @@ Every variant calls `rotate` and `attention_bias` and the model calls `embedding
 encoding is one class here and works with every attention variant that can take it. An encoding
 may also have a static `check(model_fields, seq_len)` -> list of `ConfigError`s for its fields.
 
-The entries: `none` (NoPE), `rope` (with YaRN when `model.yarn.factor` > 1), `absolute`
+The entries: `none` (NoPE), `rope` (scaled by YaRN, Llama 3.1's rule or linear interpolation
+when `model.yarn.factor`, `model.llama3_rope.factor` or `model.linear_rope_factor` > 1), `absolute`
 (sinusoidal, Vaswani et al. 2017), `learned` (a trained table of `max_seq_len` rows) and
 `relative` (T5's bucketed bias, Raffel et al. 2020).
 """
@@ -45,7 +46,7 @@ class NoPosition:
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE and YaRN.
+# RoPE and its frequency scalings: YaRN, Llama 3.1's (`llama3`), linear interpolation.
 
 
 @POSITIONS.register('rope')
@@ -54,9 +55,12 @@ class RoPE(NoPosition):
   """Rotary embeddings (Su et al. 2021) in the half-split layout of GPT-NeoX and Hugging Face
   Llama: feature i pairs with feature i + head_dim/2, so HF checkpoints load unpermuted.
 
-  With `yarn.factor` > 1 the frequencies and the cos/sin scale are YaRN's (`yarn_parameters`).
-  The rotated width is x's last dim, so a variant rotating part of a head (MLA's decoupled RoPE
-  features) gets YaRN computed for that width, as Hugging Face does for DeepSeek.
+  With `yarn.factor` > 1 the frequencies and the cos/sin scale are YaRN's (`yarn_parameters`);
+  with `llama3_rope.factor` > 1 the frequencies are Llama 3.1's (`llama3_frequencies`); with
+  `linear_rope_factor` > 1 they are divided by it (position interpolation, Chen et al. 2023).
+  At most one may be on (`rope_scaling`). The rotated width is x's last dim, so a variant
+  rotating part of a head (MLA's decoupled RoPE features) gets the scaling computed for that
+  width, as Hugging Face does for DeepSeek.
   """
 
   @staticmethod
@@ -75,13 +79,21 @@ class RoPE(NoPosition):
                                 f'(rotations bounding the ramp), got {y["beta_fast"]} and '
                                 f'{y["beta_slow"]}; the paper uses 32 and 1',
                                 {'model.yarn.beta_fast': 32.0, 'model.yarn.beta_slow': 1.0}))
+    l3 = m['llama3_rope']
+    if l3['factor'] > 1.0 and not l3['high_freq_factor'] > l3['low_freq_factor']:
+      # Equal, the smoothing divides by zero; swapped, the band and its blend turn inside out.
+      errors.append(ConfigError(
+          'model.llama3_rope.high_freq_factor', 'Llama 3 RoPE scaling needs high_freq_factor > '
+          f'low_freq_factor (original_max_len over each bounds the smoothed band), got '
+          f'{l3["high_freq_factor"]} and {l3["low_freq_factor"]}; Llama 3.1 uses 4 and 1',
+          {'model.llama3_rope.high_freq_factor': 4.0, 'model.llama3_rope.low_freq_factor': 1.0}))
     return errors
 
   def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     cfg = self.config
-    if cfg.yarn.factor <= 1.0:
+    if rope_scaling(cfg) is None:
       return apply_rope(x, positions, cfg.rope_theta)
-    inv_freq, attention_factor = yarn_parameters(x.shape[-1], cfg.rope_theta, cfg.yarn)
+    inv_freq, attention_factor = rope_frequencies(cfg, x.shape[-1])
     return apply_rope(x, positions, cfg.rope_theta, jnp.asarray(inv_freq), attention_factor)
 
 
@@ -89,7 +101,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
                inv_freq: jax.Array | None = None, attention_factor: float = 1.0) -> jax.Array:
   """x: [batch, length, heads, dim]; positions: [batch, length] integers.
 
-  `inv_freq` ([dim/2]) overrides the plain 1/theta^(2i/dim) frequencies (YaRN); cos and sin are
+  `inv_freq` ([dim/2]) overrides the plain 1/theta^(2i/dim) frequencies (scalings); cos and sin are
   multiplied by `attention_factor`, as Hugging Face applies YaRN's temperature.
   """
   half = x.shape[-1] // 2
@@ -103,14 +115,63 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   return out.astype(x.dtype)
 
 
+def rope_scaling(cfg: Any) -> str | None:
+  """Which frequency scaling `cfg`'s RoPE uses: 'yarn', 'llama3', 'linear', or None.
+
+  Each replaces the frequencies, so at most one factor may exceed 1 (validation refuses two; a
+  ModelConfig built by hand gets this ValueError rather than one of them silently).
+  """
+  factors = {'yarn': cfg.yarn.factor, 'llama3': cfg.llama3_rope.factor,
+             'linear': cfg.linear_rope_factor}
+  on = [name for name, factor in factors.items() if factor > 1.0]
+  if len(on) > 1:
+    raise ValueError(f'RoPE scalings {" and ".join(on)} are both on (factors {factors}); only '
+                     'one can apply')
+  return on[0] if on else None
+
+
 def rope_frequencies(cfg: Any, dim: int | None = None) -> tuple[np.ndarray, float]:
-  """(inv_freq float32 [dim/2], attention_factor) of `cfg`'s RoPE, YaRN included, on the host
-  (checkpoint loaders compare them with stored buffers). `dim` defaults to head_dim."""
+  """(inv_freq float32 [dim/2], attention_factor) of `cfg`'s RoPE, scaling included, on the
+  host (checkpoint loaders compare them with stored buffers). `dim` defaults to head_dim."""
   dim = cfg.head_dim if dim is None else dim
-  if cfg.yarn.factor > 1.0:
+  scaling = rope_scaling(cfg)
+  if scaling == 'yarn':
     return yarn_parameters(dim, cfg.rope_theta, cfg.yarn)
   exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-  return (np.float32(1.0) / np.float32(cfg.rope_theta) ** exponents).astype(np.float32), 1.0
+  inv_freq = (np.float32(1.0) / np.float32(cfg.rope_theta) ** exponents).astype(np.float32)
+  if scaling == 'llama3':
+    return llama3_frequencies(inv_freq, cfg.llama3_rope), 1.0
+  if scaling == 'linear':
+    # Hugging Face's `linear`: positions p / factor, folded into the frequencies.
+    return (inv_freq / np.float32(cfg.linear_rope_factor)).astype(np.float32), 1.0
+  return inv_freq, 1.0
+
+
+def llama3_frequencies(inv_freq: np.ndarray, llama3: Any) -> np.ndarray:
+  """Llama 3.1's scaling of plain RoPE frequencies `inv_freq` (float32 [dim/2]) for `llama3`
+  (a `Llama3RopeConfig`): Meta's `apply_scaling`, computed as Hugging Face's
+  `_compute_llama3_parameters` (transformers 5.x) does, operation for operation in float32, so
+  that the same plain frequencies give the same bits.
+
+  With L = original_max_len, a wavelength 2π/f above L / low_freq_factor (fewer than
+  low_freq_factor turns over the original context) is interpolated (f / factor), one below
+  L / high_freq_factor kept, and in the band between f is blended as (1 - s)·f/factor + s·f with
+  s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor) rising from 0 to 1
+  across the band. Unlike YaRN, no attention temperature.
+  """
+  f32 = np.float32
+  inv_freq = np.asarray(inv_freq, np.float32)
+  factor, low, high = llama3.factor, llama3.low_freq_factor, llama3.high_freq_factor
+  original = llama3.original_max_len
+  # torch compares a float32 tensor with a Python float in float32.
+  low_freq_wavelen, high_freq_wavelen = f32(original / low), f32(original / high)
+  # torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar; so do we, for its bits.
+  wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / f32(factor), inv_freq)
+  smooth = ((f32(1) / wavelen) * f32(original) - f32(low)) / f32(high - low)
+  smoothed = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def yarn_attention_factor(factor: float, mscale: float = 1.0, mscale_all_dim: float = 0.0

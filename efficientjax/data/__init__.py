@@ -1,5 +1,8 @@
-"""Corpora, tokenizers and packing into deterministic, resumable, per-process batches."""
+"""Corpora, tokenizers, chat templates and packing into deterministic, resumable, per-process
+batches."""
 
+from efficientjax.data.chat import encode_chat
+from efficientjax.data.chat import render_chat
 from efficientjax.data.corpora import CORPORA
 from efficientjax.data.corpora import Document
 from efficientjax.data.corpora import load_documents
@@ -9,6 +12,8 @@ from efficientjax.data.pipeline import is_held_out
 from efficientjax.data.pipeline import split_documents
 from efficientjax.data.pipeline import TrainStream
 from efficientjax.data.tokenizers import ByteTokenizer
+from efficientjax.data.tokenizers import CheckpointTokenizer
+from efficientjax.data.tokenizers import GenerationIds
 from efficientjax.data.tokenizers import get_tokenizer
 from efficientjax.data.tokenizers import HFTokenizer
 from efficientjax.data.tokenizers import Tokenizer
@@ -23,6 +28,10 @@ __all__ = [
     'split_documents',
     'TrainStream',
     'ByteTokenizer',
+    'CheckpointTokenizer',
+    'encode_chat',
+    'render_chat',
+    'GenerationIds',
     'get_tokenizer',
     'HFTokenizer',
     'Tokenizer',

@@ -1,8 +1,9 @@
 """From a corpus spec to deterministic, resumable, per-process batches of token windows.
 
 The corpus is split by document into train and held-out parts. Each part is tokenized into
-one stream (every document followed by eos) and cut into windows of `seq_len + 1` tokens
-with stride `seq_len`, so `w[:-1]` / `w[1:]` are inputs / targets and every next-token pair
+one stream (every document followed by the tokenizer's separator: eos, then bos where a
+checkpoint's tokenizer starts texts with one) and cut into windows of `seq_len + 1` tokens with
+stride `seq_len`, so `w[:-1]` / `w[1:]` are inputs / targets and every next-token pair
 of the stream is scored exactly once. The batch at training step `i` is a pure function of
 (data config, seed, i): resuming needs only the step.
 """
@@ -57,10 +58,11 @@ def split_documents(documents: Sequence[Document],
 
 
 def _pack(documents: Sequence[Document], tokenizer: Tokenizer) -> tuple[np.ndarray, list[int]]:
-  """One token stream of `documents`, each followed by eos; and each document's token count."""
+  """One token stream of `documents`, each followed by the tokenizer's separator; and each
+  document's token count."""
   # uint16 halves the memory of the stream for any vocabulary that fits (byte, GPT-2, Llama 2).
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
-  eos = np.array([tokenizer.eos_id], dtype=dtype)
+  separator = np.asarray(tokenizer.separator, dtype=dtype)
   pieces, counts = [], []
   start = 0
   while start < len(documents):
@@ -71,7 +73,7 @@ def _pack(documents: Sequence[Document], tokenizer: Tokenizer) -> tuple[np.ndarr
     chunk = []
     for ids in tokenizer.encode_batch([d.text for d in documents[start:stop]]):
       chunk.append(ids.astype(dtype, copy=False))
-      chunk.append(eos)
+      chunk.append(separator)
       counts.append(int(ids.size))
     pieces.append(np.concatenate(chunk))
     start = stop

@@ -47,11 +47,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from efficientjax.attention.positions import rope_scaling
 from efficientjax.errors import ConfigError
 from efficientjax.hf.safetensors_io import (Family, OneOf, Params, Redundant, TensorRule,
                                             load_checkpoint, refuse_if, register, require,
                                             save_checkpoint)
+from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
+from efficientjax.moe.layer import shared_width
 
 # transformers' DeepseekV2Config defaults (5.x), for keys a config.json leaves out: the model
 # transformers would build from it is the one we must match.
@@ -77,7 +80,7 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   kind = spec.get('rope_type', spec.get('type', 'default'))
   refuse_if(kind not in ('default', 'yarn'),
             f'RoPE scaling {kind!r} is not supported (rope_scaling / rope_parameters = {spec}); '
-            'DeepSeek-V2 loads with plain RoPE or YaRN')
+            'DeepSeek checkpoints load with plain RoPE or YaRN')
   factor = spec.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
   refuse_if(factor != 1.0, f'partial_rotary_factor={factor} is not supported; MLA rotates all '
             'qk_rope_head_dim features')
@@ -212,6 +215,14 @@ def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
     # MoE layers start at first_k_dense_replace, here past the last layer.
     return dict(first_k_dense_replace=cfg.num_layers, n_routed_experts=0)
   moe = cfg.moe
+  if moe.shared_expert_gate:
+    raise ConfigError('model.moe.shared_expert_gate', 'True has no DeepSeek equivalent (its '
+                      'shared experts are not gated; Qwen2-MoE\'s is: export with '
+                      'save_qwen2_moe); a DeepSeek export needs model.moe.shared_expert_gate=False')
+  if moe.num_shared_experts and shared_width(moe) != moe.num_shared_experts * moe.expert_dim:
+    raise ConfigError('model.moe.shared_expert_dim', f'{moe.shared_expert_dim} is not '
+                      f'num_shared_experts x expert_dim = {moe.num_shared_experts} x '
+                      f'{moe.expert_dim}: DeepSeek sizes its shared experts so; unset it')
   for field, value, want, why in (
       ('router', moe.router, 'softmax', 'DeepSeek-V2 routes by softmax (sigmoid is V3)'),
       ('norm_topk_prob', moe.norm_topk_prob, False,
@@ -258,6 +269,11 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
                         f'DeepSeek-V2 export needs model.{field}={want!r}')
   if cfg.num_kv_heads != cfg.num_heads:
     raise ConfigError('model.num_kv_heads', 'MLA has no K/V head count; leave it unset')
+  scaling = rope_scaling(cfg)
+  if scaling not in (None, 'yarn'):
+    field = 'llama3_rope.factor' if scaling == 'llama3' else 'linear_rope_factor'
+    raise ConfigError(f'model.{field}', f'RoPE scaling {scaling!r} has no DeepSeek equivalent '
+                      f'(its configs scale RoPE by YaRN only); an export needs model.{field}=1')
   m, yarn = cfg.mla, cfg.yarn
   rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
   max_positions = _DEFAULT_MAX_POSITIONS
@@ -389,8 +405,10 @@ def load_deepseek_v2(path: str | Path, param_dtype: Any = jnp.float32, scan_laye
 
 def save_deepseek_v2(path: str | Path, params: Mapping[str, Any],
                      model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
-                     extra_config: Mapping[str, Any] | None = None) -> Path:
+                     extra_config: Mapping[str, Any] | None = None,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
   """Writes an `mla` model (`dense` or softmax-routed `moe` FFN) as a `DeepseekV2ForCausalLM`
   checkpoint that transformers' `from_pretrained` loads, experts one tensor each as
   save_pretrained writes them; arguments as `save_llama`."""
-  return save_checkpoint(path, params, model, DEEPSEEK_V2, dtype=dtype, extra_config=extra_config)
+  return save_checkpoint(path, params, model, DEEPSEEK_V2, dtype=dtype, extra_config=extra_config,
+                         max_shard_bytes=max_shard_bytes)

@@ -2,7 +2,9 @@
 
 Our `mha` + `rope` + `dense` model is Llama's architecture: pre-norm RMSNorm blocks, grouped
 K/V heads, half-split RoPE, a SwiGLU MLP, no biases. Weights map one to one; torch `Linear`
-stores [out, in], our kernels [in..., out...].
+stores [out, in], our kernels [in..., out...]. RoPE's scaling maps both ways: Llama 3.1-3.3's
+`llama3` (`model.llama3_rope`), `linear` (`model.linear_rope_factor`) and YaRN (`model.yarn`),
+each of which transformers' Llama runs (`ROPE_INIT_FUNCTIONS`).
 """
 
 from collections.abc import Mapping
@@ -16,8 +18,9 @@ from efficientjax.attention import kv_head_variant
 from efficientjax.attention.positions import rope_frequencies
 from efficientjax.errors import ConfigError
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
-                                            refuse_if, register, require, rope_config, rope_theta,
-                                            save_checkpoint)
+                                            max_positions, refuse_if, register, require,
+                                            rope_config, rope_fields, save_checkpoint)
+from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
 # transformers' LlamaConfig defaults, for keys an older config.json leaves out.
@@ -38,7 +41,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   refuse_if(hf.get('quantization_config') is not None,
             'quantized checkpoints (quantization_config set) are not supported; load the '
             'float16/bfloat16/float32 checkpoint and quantise with efficientjax.quant')
-  theta = rope_theta(hf)
+  rope = rope_fields(hf)  # refuses what our RoPE cannot compute
 
   embed_dim = int(require(hf, 'hidden_size'))
   num_heads = int(require(hf, 'num_attention_heads'))
@@ -64,7 +67,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       num_kv_heads=num_kv_heads,
       head_dim=head_dim,
       mlp_dim=int(require(hf, 'intermediate_size')),
-      rope_theta=theta,
+      **rope,
       norm_eps=float(hf.get('rms_norm_eps', _DEFAULT_RMS_NORM_EPS)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       attention=kv_head_variant(num_heads, num_kv_heads),
@@ -73,9 +76,12 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
-# What a LlamaForCausalLM computes besides a K/V-head-family attention; `refuse_inexpressible`.
+# What Llama-style exports fix besides a K/V-head-family attention; `refuse_inexpressible`.
+# Each family drops what it can express (Qwen2 and Mixtral: the window and YaRN).
 LLAMA_FIELDS = {'position': 'rope', 'ffn': 'dense', 'qkv_bias': False, 'qk_norm': False,
                 'sliding_window': None, 'yarn.factor': 1.0}
+# Llama's own: transformers' Llama runs every RoPE scaling we have (YaRN, llama3, linear).
+_LLAMA_EXPORT_FIELDS = {k: v for k, v in LLAMA_FIELDS.items() if k != 'yarn.factor'}
 
 
 def refuse_inexpressible(cfg: ModelConfig, architecture: str, fields: Mapping[str, Any],
@@ -120,14 +126,15 @@ def decoder_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
   """Our config -> `config.json` keys of a `LlamaConfig`, refusing what Llama cannot express."""
-  refuse_inexpressible(cfg, 'LlamaForCausalLM', LLAMA_FIELDS,
-                       hints={'qkv_bias': ' (Qwen2 has q/k/v biases: export with save_qwen2)'})
+  refuse_inexpressible(cfg, 'LlamaForCausalLM', _LLAMA_EXPORT_FIELDS,
+                       hints={'qkv_bias': ' (Qwen2 has q/k/v biases: export with save_qwen2)',
+                              'sliding_window': ' (Mistral has one window for every layer: '
+                                                'export with save_mistral)'})
   return dict(
       **decoder_config(cfg),
       attention_bias=False,
       mlp_bias=False,
-      # RoPE has no length limit; transformers only uses this to size caches and warn.
-      max_position_embeddings=_DEFAULT_MAX_POSITIONS,
+      max_position_embeddings=max_positions(cfg, _DEFAULT_MAX_POSITIONS),
       pretraining_tp=1,
   )
 
@@ -151,8 +158,8 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
       TensorRule(layer + 'mlp.up_proj.weight', ('mlp', 'up', 'kernel'), linear_in_dims=1),
       TensorRule(layer + 'mlp.down_proj.weight', ('mlp', 'down', 'kernel'), linear_in_dims=1),
       TensorRule('model.norm.weight', ('final_norm', 'scale')),
-      # Older exports (e.g. Llama 2) saved RoPE's frequencies (YaRN's under YaRN); a mismatch
-      # means a scaling the config does not state. rtol covers the buffer stored in bf16/fp16.
+      # Older exports (e.g. Llama 2) saved RoPE's frequencies (scaled ones under a scaling); a
+      # mismatch means a scaling the config does not state. rtol covers a bf16/fp16 buffer.
       Redundant(layer + 'self_attn.rotary_emb.inv_freq', _inv_freq, rtol=1e-2),
   ]
   if cfg.tie_embeddings:
@@ -188,11 +195,13 @@ def load_llama(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bo
 
 def save_llama(path: str | Path, params: Mapping[str, Any],
                model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
-               extra_config: Mapping[str, Any] | None = None) -> Path:
+               extra_config: Mapping[str, Any] | None = None,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
   """Writes params as a `LlamaForCausalLM` checkpoint that transformers' `from_pretrained` loads.
 
   `params` may be scanned or per-layer; `model` is the `ModelConfig` or the `model` fields;
   `dtype` None keeps the params' dtype (a bit-exact round trip with `load_llama`);
   `extra_config` adds keys to config.json (bos/eos token ids, max_position_embeddings).
   """
-  return save_checkpoint(path, params, model, LLAMA, dtype=dtype, extra_config=extra_config)
+  return save_checkpoint(path, params, model, LLAMA, dtype=dtype, extra_config=extra_config,
+                         max_shard_bytes=max_shard_bytes)

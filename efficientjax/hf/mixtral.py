@@ -34,6 +34,7 @@ from efficientjax.hf import llama
 from efficientjax.hf.safetensors_io import (Family, OneOf, Params, Redundant, TensorRule,
                                             load_checkpoint, refuse_if, register, rope_fields,
                                             save_checkpoint)
+from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
 # transformers' MixtralConfig defaults, for keys a config.json leaves out.
@@ -45,7 +46,7 @@ _DEFAULT_MAX_POSITIONS = 4096 * 32
 
 def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """`config.json` -> our `model` fields, refusing what the model cannot compute."""
-  rope = rope_fields(hf, default_theta=1e6)  # refuses scalings other than YaRN
+  rope = rope_fields(hf, default_theta=1e6)  # refuses what our RoPE cannot compute
   # Llama's mapping (activation, biases, heads, head_dim), with the RoPE already read.
   plain = {k: v for k, v in hf.items() if k not in ('rope_parameters', 'rope_scaling')}
   fields = llama.fields_from_hf({**plain, 'rope_theta': rope['rope_theta']})
@@ -151,8 +152,10 @@ def load_mixtral(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: 
 
 def save_mixtral(path: str | Path, params: Mapping[str, Any],
                  model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
-                 extra_config: Mapping[str, Any] | None = None) -> Path:
+                 extra_config: Mapping[str, Any] | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
   """Writes a softmax-routed `moe` model as a `MixtralForCausalLM` checkpoint (experts one
   tensor each, as transformers' save_pretrained writes them) that `from_pretrained` loads;
   arguments as `save_llama`."""
-  return save_checkpoint(path, params, model, MIXTRAL, dtype=dtype, extra_config=extra_config)
+  return save_checkpoint(path, params, model, MIXTRAL, dtype=dtype, extra_config=extra_config,
+                         max_shard_bytes=max_shard_bytes)

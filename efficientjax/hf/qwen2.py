@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 from efficientjax.hf import llama
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
-                                            refuse_if, register, require, rope_fields,
-                                            save_checkpoint)
+                                            max_positions, refuse_if, register, require,
+                                            rope_fields, save_checkpoint)
+from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
 # transformers' Qwen2Config defaults, for keys a config.json leaves out.
@@ -82,25 +83,26 @@ QWEN2_FIELDS = {**llama.LLAMA_FIELDS, 'qkv_bias': True}
 del QWEN2_FIELDS['sliding_window'], QWEN2_FIELDS['yarn.factor']  # both expressible
 
 
-def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
-  """Our config -> `config.json` keys of a `Qwen2Config`, refusing what Qwen2 cannot express."""
-  llama.refuse_inexpressible(
-      cfg, 'Qwen2ForCausalLM', QWEN2_FIELDS,
-      hints={'qkv_bias': ' (Qwen2 always has q/k/v biases; without them export with save_llama)'})
+def window_config(cfg: ModelConfig) -> dict[str, Any]:
+  """config.json's sliding-window keys for one window on every layer, or none (Qwen2, Qwen3)."""
   window = cfg.sliding_window
-  max_positions = _DEFAULT_MAX_POSITIONS
-  if cfg.yarn.factor > 1.0:
-    # transformers warns unless max_position_embeddings = original context x factor.
-    max_positions = round(cfg.yarn.original_max_len * cfg.yarn.factor)
   return dict(
-      **llama.decoder_config(cfg),
-      max_position_embeddings=max_positions,
       use_sliding_window=window is not None,
       sliding_window=window,
       # Layers i >= max_window_layers are windowed: all of them or none.
       max_window_layers=0 if window is not None else cfg.num_layers,
       layer_types=[('sliding' if window is not None else 'full') + '_attention'] * cfg.num_layers,
   )
+
+
+def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
+  """Our config -> `config.json` keys of a `Qwen2Config`, refusing what Qwen2 cannot express."""
+  llama.refuse_inexpressible(
+      cfg, 'Qwen2ForCausalLM', QWEN2_FIELDS,
+      hints={'qkv_bias': ' (Qwen2 always has q/k/v biases; without them export with save_llama)'})
+  return dict(**llama.decoder_config(cfg),
+              max_position_embeddings=max_positions(cfg, _DEFAULT_MAX_POSITIONS),
+              **window_config(cfg))
 
 
 def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
@@ -134,8 +136,10 @@ def load_qwen2(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bo
 
 def save_qwen2(path: str | Path, params: Mapping[str, Any],
                model: ModelConfig | Mapping[str, Any], dtype: Any = None, *,
-               extra_config: Mapping[str, Any] | None = None) -> Path:
+               extra_config: Mapping[str, Any] | None = None,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
   """Writes params (a model with `qkv_bias=True`) as a `Qwen2ForCausalLM` checkpoint that
   transformers' `from_pretrained` loads; arguments as `save_llama`."""
-  return save_checkpoint(path, params, model, QWEN2, dtype=dtype, extra_config=extra_config)
+  return save_checkpoint(path, params, model, QWEN2, dtype=dtype, extra_config=extra_config,
+                         max_shard_bytes=max_shard_bytes)
 

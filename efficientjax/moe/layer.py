@@ -29,11 +29,21 @@ from efficientjax.moe import balance, expert_parallel
 from efficientjax.moe.dispatch import DISPATCH, GROUPED_MATMULS
 from efficientjax.moe.router import ROUTERS, route
 from efficientjax.moe.router import check as check_router
+from efficientjax.nn.linear import Linear
 from efficientjax.nn.mlp import FFN, MLP
 
 LOSSES = 'losses'
 STATS = 'moe_stats'
 STATE = 'moe_state'
+
+
+def shared_width(moe) -> int:
+  """The shared experts' summed hidden width (0 without them); moe: a resolved MoEConfig."""
+  if not moe.num_shared_experts:
+    return 0
+  if moe.shared_expert_dim is not None:
+    return moe.shared_expert_dim
+  return moe.num_shared_experts * moe.expert_dim
 
 
 @FFN.register('moe')
@@ -42,12 +52,14 @@ class MoE(nn.Module):
 
   @staticmethod
   def flops_per_token(cfg) -> float:
-    """Forward model FLOPs per token: the router, the top-k routed experts and the shared ones
-    (what a token needs; the `dense` strategy executes all experts, `capacity` its padding)."""
+    """Forward model FLOPs per token: the router, the top-k routed experts, the shared ones and
+    their gate (what a token needs; the `dense` strategy executes all experts, `capacity` its
+    padding)."""
     moe = cfg.moe
-    expert = 2.0 * 3 * cfg.embed_dim * moe.expert_dim
-    return (2.0 * cfg.embed_dim * moe.num_experts
-            + expert * (moe.top_k + moe.num_shared_experts))
+    swiglu = lambda width: 2.0 * 3 * cfg.embed_dim * width
+    gate = 2.0 * cfg.embed_dim if moe.num_shared_experts and moe.shared_expert_gate else 0.0
+    return (2.0 * cfg.embed_dim * moe.num_experts + swiglu(moe.expert_dim) * moe.top_k
+            + swiglu(shared_width(moe)) + gate)
 
   @staticmethod
   def check(m, seq_len: int) -> list[ConfigError]:
@@ -75,6 +87,16 @@ class MoE(nn.Module):
                                 "model.ffn='dense'", {'model.ffn': 'dense'}))
     if moe['num_shared_experts'] < 0:
       errors.append(ConfigError('model.moe.num_shared_experts', 'must be 0 or more'))
+    if moe['shared_expert_dim'] is not None and moe['shared_expert_dim'] < 1:
+      errors.append(ConfigError('model.moe.shared_expert_dim', 'must be positive, or unset for '
+                                'num_shared_experts × expert_dim'))
+    # Without shared experts these would configure nothing: say so rather than ignore them.
+    for field, unset in (('shared_expert_dim', None), ('shared_expert_gate', False)):
+      if moe['num_shared_experts'] == 0 and moe[field] != unset:
+        errors.append(ConfigError(f'model.moe.{field}', f'{moe[field]!r} shapes the shared '
+                                  'experts, but model.moe.num_shared_experts is 0; set '
+                                  f'num_shared_experts or unset {field}',
+                                  {f'model.moe.{field}': unset}))
     if moe['capacity_factor'] <= 0:
       errors.append(ConfigError('model.moe.capacity_factor', f'must be positive, got '
                                 f'{moe["capacity_factor"]}'))
@@ -124,8 +146,14 @@ class MoE(nn.Module):
     y = y.reshape(batch, length, embed)
     if moe.num_shared_experts:
       # Shared experts see every token, so they are one dense SwiGLU of their summed width.
-      shared_cfg = dataclasses.replace(cfg, mlp_dim=moe.num_shared_experts * f)
-      y = y + MLP(shared_cfg, name='shared')(x)
+      shared = MLP(dataclasses.replace(cfg, mlp_dim=shared_width(moe)), name='shared')(x)
+      if moe.shared_expert_gate:
+        # Qwen2-MoE: a per-token scalar gate sigmoid(x·w), w [embed], on the shared output.
+        gate = Linear((), ('embed',), name='shared_gate', dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype,
+                      kernel_init=nn.initializers.normal(cfg.init_std))(x)
+        shared = jax.nn.sigmoid(gate)[..., None] * shared
+      y = y + shared
 
     if self.is_mutable_collection(LOSSES) or self.is_mutable_collection(STATS):
       self._record(routing, dispatch_stats, batch, length)

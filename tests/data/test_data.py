@@ -99,6 +99,8 @@ def save_word_level(path, special_tokens):
 
 def test_hf_tokenizer_encode_decode_eos(tmp_path):
   vocab = save_word_level(tmp_path / 'tokenizer.json', ['<unk>', '<|endoftext|>'])
+  # A directory is a checkpoint's: it needs tokenizer_config.json too (tests/data/test_chat.py).
+  (tmp_path / 'tokenizer_config.json').write_text('{"eos_token": "<|endoftext|>"}')
   for spec in (str(tmp_path / 'tokenizer.json'), str(tmp_path)):
     tok = get_tokenizer(spec)
     assert isinstance(tok, HFTokenizer) and isinstance(tok, Tokenizer)
@@ -125,8 +127,10 @@ def test_hf_tokenizer_errors(tmp_path):
   expect_config_error('data.tokenizer', 'could not load', get_tokenizer,
                       str(tmp_path / 'bad.json'))
   save_word_level(tmp_path / 'tokenizer.json', ['<unk>'])
-  expect_config_error('data.tokenizer', 'data.eos_token', get_tokenizer, str(tmp_path))
-  expect_config_error('data.eos_token', 'not in the vocabulary', get_tokenizer, str(tmp_path),
+  expect_config_error('data.tokenizer', 'no tokenizer_config.json', get_tokenizer, str(tmp_path))
+  file = str(tmp_path / 'tokenizer.json')
+  expect_config_error('data.tokenizer', 'data.eos_token', get_tokenizer, file)
+  expect_config_error('data.eos_token', 'not in the vocabulary', get_tokenizer, file,
                       eos_token='</s>')
   expect_config_error('data.eos_token', 'fixed eos id', get_tokenizer, 'byte', eos_token='</s>')
 

@@ -47,6 +47,13 @@ def transformer_logits(cfg: ModelConfig, variables: dict, tokens: np.ndarray) ->
   return np.asarray(jitted_apply(cfg)(variables, jnp.asarray(tokens)))
 
 
+def fields_logits(fields: dict, params: dict, tokens: np.ndarray, scan_layers: bool = True
+                  ) -> np.ndarray:
+  """Our logits of a model built from loaded `model` fields (a dense family's parity check)."""
+  cfg = ModelConfig.from_config({**fields, 'scan_layers': scan_layers})
+  return transformer_logits(cfg, {'params': params}, tokens)
+
+
 def moe_model_config(fields: dict, dispatch: str = 'dropless', **changes) -> ModelConfig:
   """The ModelConfig of loaded MoE fields, with the given dispatch."""
   cfg = ModelConfig.from_config(fields)

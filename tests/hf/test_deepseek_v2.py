@@ -212,6 +212,12 @@ def test_export_refusals(q_lora_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match='no DeepseekV2ForCausalLM equivalent') as e:
       save_deepseek_v2(tmp_path, params, fields | {field: value})
     assert e.value.field == f'model.{field}'
+  # RoPE scalings other than YaRN: DeepSeek's configs (and its transformers class) have none.
+  for field, change in (('llama3_rope.factor', {'llama3_rope': {'factor': 8.0}}),
+                        ('linear_rope_factor', {'linear_rope_factor': 2.0})):
+    with pytest.raises(ConfigError, match='has no DeepSeek equivalent') as e:
+      save_deepseek_v2(tmp_path, params, fields | change)
+    assert e.value.field == f'model.{field}'
   assert not (tmp_path / 'model.safetensors').exists()
 
 

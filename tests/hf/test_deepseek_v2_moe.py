@@ -223,6 +223,16 @@ def test_export_refusals(greedy_checkpoint, tmp_path, field, value):
   assert not (tmp_path / 'model.safetensors').exists()
 
 
+@pytest.mark.parametrize('field, value', [('shared_expert_gate', True), ('shared_expert_dim', 48)])
+def test_qwen_style_shared_experts_are_refused_on_export(greedy_checkpoint, tmp_path, field,
+                                                         value):
+  fields, params = load_deepseek_v2(greedy_checkpoint[1])
+  with pytest.raises(ConfigError) as e:
+    save_deepseek_v2(tmp_path, params, with_moe(fields, **{field: value}))
+  assert e.value.field == f'model.moe.{field}'
+  assert not (tmp_path / 'model.safetensors').exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals on import, before any weight is read.
 

@@ -234,9 +234,10 @@ def test_export_refusals(gqa_checkpoint, tmp_path):
 
 @pytest.mark.parametrize('change, phrase', [
     (dict(hidden_act='gelu'), "hidden_act='gelu' is not supported"),
-    (dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}), "RoPE scaling 'linear'"),
+    # Scaled RoPE that loads: tests/hf/test_llama3.py.
+    (dict(rope_scaling={'rope_type': 'longrope', 'factor': 2.0}), "RoPE scaling 'longrope'"),
     (dict(rope_parameters={'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0}),
-     "RoPE scaling 'llama3'"),
+     'llama3 RoPE scaling needs low_freq_factor and high_freq_factor'),
     (dict(rope_scaling={'type': 'dynamic', 'factor': 2.0}), "RoPE scaling 'dynamic'"),
     (dict(attention_bias=True), 'attention_bias=true is not supported'),
     (dict(mlp_bias=True), 'mlp_bias=true is not supported'),

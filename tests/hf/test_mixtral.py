@@ -241,8 +241,8 @@ def test_export_refusals(top2_checkpoint, tmp_path, field, value):
      'num_local_experts=4'),
     (dict(sliding_window=0), 'sliding_window=0 is not a positive number of keys'),
     (dict(hidden_act='gelu'), "hidden_act='gelu' is not supported"),
-    (dict(rope_parameters={'rope_type': 'linear', 'rope_theta': 5000.0, 'factor': 2.0}),
-     "RoPE scaling 'linear' is not supported"),
+    (dict(rope_parameters={'rope_type': 'dynamic', 'rope_theta': 5000.0, 'factor': 2.0}),
+     "RoPE scaling 'dynamic' is not supported"),
     (dict(model_type='llama'), "model_type 'llama', not a Mixtral checkpoint"),
 ], ids=lambda x: '-'.join(map(str, x)) if isinstance(x, dict) else None)
 def test_config_refusals(top2_checkpoint, tmp_path, change, phrase):

@@ -15,7 +15,8 @@ from efficientjax.errors import ConfigError
 from efficientjax.hf import load_checkpoint, load_qwen2, save_llama, save_qwen2
 from efficientjax.model import ModelConfig, YarnConfig
 from tests.hf.common import (assert_same_params, copy_with, hf_logits, random_tokens,
-                             random_variables, read_config, save_pretrained, transformer_logits)
+                             random_variables, read_config, save_pretrained, transformer_logits,
+                             fields_logits as our_logits)
 
 VOCAB, EMBED, HEADS, KV_HEADS, MLP, LENGTH = 128, 64, 4, 2, 96, 24
 # std 0.1 (not 0.02), as in test_llama: attention far from uniform, so layout errors show.
@@ -50,12 +51,6 @@ def hf_model(seed: int = 0, **overrides) -> transformers.Qwen2ForCausalLM:
       for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
         proj.bias.normal_(0.0, 0.5)
   return model
-
-
-def our_logits(fields: dict, params: dict, tokens: np.ndarray, scan_layers: bool = True
-               ) -> np.ndarray:
-  cfg = ModelConfig.from_config({**fields, 'scan_layers': scan_layers})
-  return transformer_logits(cfg, {'params': params}, tokens)
 
 
 @pytest.fixture(scope='module')
@@ -238,8 +233,9 @@ def test_export_refusals(gqa_checkpoint, tmp_path):
      'use_sliding_window is false'),
     (dict(layer_types=['full_attention']), 'layer_types lists 1 layers'),
     (dict(layer_types=['chunked_attention'] * 2), 'not Qwen2 layer kinds'),
-    (dict(rope_parameters={'rope_type': 'linear', 'rope_theta': 5e3, 'factor': 2.0}),
-     "RoPE scaling 'linear'"),
+    # (linear and llama3 scalings load, as for Llama: tests/hf/test_llama3.py)
+    (dict(rope_parameters={'rope_type': 'longrope', 'rope_theta': 5e3, 'factor': 2.0}),
+     "RoPE scaling 'longrope'"),
     (dict(rope_scaling={'type': 'dynamic', 'factor': 2.0}), "RoPE scaling 'dynamic'"),
     (dict(rope_parameters={**YARN, 'attention_factor': 2.0}), 'attention_factor=2.0 differs'),
     (dict(rope_parameters={**YARN, 'factor': 0.5}), 'factor=0.5 is below 1'),

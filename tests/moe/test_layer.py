@@ -175,3 +175,29 @@ def test_analytic_flops_count_the_experts_a_token_uses():
   got = (analytic_flops_per_step(cfg, seq_len=16, batch=2)['matmul']
          - analytic_flops_per_step(dense, seq_len=16, batch=2)['matmul'])
   assert got == 3 * tokens * 2 * (moe_layer - dense_layer)
+
+
+def test_gated_shared_expert_against_its_formula():
+  """Qwen2-MoE's shared expert: one SwiGLU of width shared_expert_dim (not a multiple of the
+  experts' width), scaled per token by sigmoid(x·w), added to the routed output; against plain
+  jnp on the block's own params. Its FLOPs count the shared width and the gate."""
+  from efficientjax.moe.layer import MoE
+  cfg = _with(dataclasses.replace(TINY, num_layers=1), first_dense_layers=0, dispatch='dense',
+              shared_expert_dim=24, shared_expert_gate=True)
+  x = jax.random.normal(jax.random.key(5), (2, 7, 32))
+  block = MoE(cfg)
+  params = nn.unbox(block.init(jax.random.key(6), x)['params'])
+  shared = params['shared']
+  assert shared['gate']['kernel'].shape == (32, 24)
+  assert params['shared_gate']['kernel'].shape == (32,)
+  got = jax.jit(block.apply)({'params': params}, x)
+  routed = jax.jit(MoE(_with(cfg, num_shared_experts=0, shared_expert_dim=None,
+                             shared_expert_gate=False)).apply)(
+      {'params': {k: v for k, v in params.items() if not k.startswith('shared')}}, x)
+  swiglu = (jax.nn.silu(x @ shared['gate']['kernel']) * (x @ shared['up']['kernel'])
+            ) @ shared['down']['kernel']
+  want = routed + jax.nn.sigmoid(x @ params['shared_gate']['kernel'])[..., None] * swiglu
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  e, moe = 32, cfg.moe
+  assert MoE.flops_per_token(cfg) == (2 * e * moe.num_experts + 2 * 3 * e * 16 * moe.top_k
+                                      + 2 * 3 * e * 24 + 2 * e)

@@ -203,3 +203,59 @@ def test_matches_transformers_forward_and_backward(case):
     unlimited = route(jnp.asarray(logits), dataclasses.replace(cfg, num_groups=1),
                       jnp.asarray(bias))
     assert cfg.num_groups == 1 or np.any(np.sort(unlimited.experts, 1) != np.sort(r.experts, 1))
+
+
+# --- sigmoid against a plain numpy formula -----------------------------------------------------
+
+def _numpy_sigmoid_route(logits: np.ndarray, bias: np.ndarray, cfg: MoEConfig):
+  """DeepSeek-V3's routing as transformers' DeepseekV3TopkRouter computes it, token by token in
+  float64: choice c = sigmoid(l) + bias; a group's score is the sum of its two best c; the
+  topk_groups best groups kept, the others' c set to -inf; the top_k best c picked; weights the
+  unbiased sigmoids, over their sum + 1e-20 if norm_topk_prob, times routed_scaling_factor."""
+  per = cfg.num_experts // cfg.num_groups
+  experts, weights = [], []
+  for row in logits.astype(np.float64):
+    s = 1.0 / (1.0 + np.exp(-row))
+    c = (s + bias).reshape(cfg.num_groups, per)
+    group = np.sort(c, axis=1)[:, -2:].sum(axis=1)
+    masked = np.full_like(c, -np.inf)
+    kept = np.argsort(-group, kind='stable')[:cfg.topk_groups]
+    masked[kept] = c[kept]
+    top = np.argsort(-masked.reshape(-1), kind='stable')[:cfg.top_k]
+    w = s[top] / (s[top].sum() + 1e-20) if cfg.norm_topk_prob else s[top]
+    experts.append(top)
+    weights.append(w * cfg.routed_scaling_factor)
+  return np.array(experts), np.array(weights)
+
+
+@pytest.mark.parametrize('kw', [
+    dict(num_experts=16, top_k=4, num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+    dict(num_experts=12, top_k=3, num_groups=1, topk_groups=1, norm_topk_prob=False),
+    # Two groups of two, one kept, top-2: every kept expert is picked, however low its score.
+    dict(num_experts=4, top_k=2, num_groups=2, topk_groups=1, routed_scaling_factor=1.5),
+])
+def test_sigmoid_matches_numpy_formula(kw):
+  cfg = MoEConfig(router='sigmoid', **kw)
+  rng = np.random.default_rng(cfg.num_experts)
+  logits = rng.standard_normal((64, cfg.num_experts)).astype(np.float32)
+  # Biases below -1 make some choice scores negative: masked experts are -inf, not 0 (DeepSeek's
+  # own MoEGate fills 0.0, which would then pick experts of the groups left out).
+  bias = (rng.standard_normal(cfg.num_experts) * 0.6 - 0.4).astype(np.float32)
+  assert (1 / (1 + np.exp(-logits)) + bias < 0).any()
+  r = _route(jnp.asarray(logits), jnp.asarray(bias), router='sigmoid', **kw)
+  want_experts, want_weights = _numpy_sigmoid_route(logits, bias.astype(np.float64), cfg)
+  ours, theirs = np.argsort(r.experts, 1), np.argsort(want_experts, 1)
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(r.experts), ours, 1),
+                                np.take_along_axis(want_experts, theirs, 1))
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(r.weights), ours, 1),
+                             np.take_along_axis(want_weights, theirs, 1), rtol=1e-5, atol=1e-7)
+
+
+def test_sigmoid_masks_left_out_groups_below_negative_scores():
+  # Choice scores ~ -0.4, -0.4 | -1, -1: group {0,1} is kept, and its negative scores still beat
+  # the left-out group's (a 0.0 fill would pick experts 2 and 3).
+  logits = jnp.zeros((1, 4))
+  r = _route(logits, jnp.array([-0.9, -0.9, -1.5, -1.5]), num_experts=4, top_k=2,
+             router='sigmoid', num_groups=2, topk_groups=1)
+  np.testing.assert_array_equal(np.sort(r.experts, 1), [[0, 1]])
+  np.testing.assert_allclose(r.weights, [[0.5, 0.5]], rtol=1e-6)  # s = 1/2 each, renormalised
