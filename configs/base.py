@@ -18,6 +18,10 @@ def get_config() -> config_dict.ConfigDict:
   c.seed = 0
 
   m = c.model = config_dict.ConfigDict()
+  # Trained weights to start from (their architecture replaces the fields below; the optimizer
+  # starts afresh): 'hf:DIR' (a Hugging Face checkpoint) | 'run:WORKDIR[:STEP]' (a run of this
+  # project); None: random initialisation.
+  m.init = placeholder(str)
   m.vocab_size = placeholder(int)  # None: the tokenizer's vocabulary rounded up to 128
   m.embed_dim = 2048
   m.num_layers = 24

@@ -118,6 +118,36 @@ def _config_name(argv: list[str]) -> str:
   return f'{name}_{preset}' if preset else name
 
 
+def _explicit_model_fields(argv: list[str]) -> set[str]:
+  """The `model` fields set on the command line ('num_layers', 'moe.top_k')."""
+  prefix = _CONFIG_FLAG + 'model.'
+  return {a[len(prefix):].split('=', 1)[0] for a in argv[1:] if a.startswith(prefix)}
+
+
+def _resolve_init(config) -> None:
+  """With model.init set, the architecture comes from the weight source: its fields are set in
+  `config` (a command-line value contradicting the source exits 2), before anything is checked
+  or built. Reads the source's config only, never its weights."""
+  if not config.model.init:
+    return
+  from efficientjax.train import init_from  # pylint: disable=g-import-not-at-top
+  try:
+    model, source, replaced = init_from.resolve(
+        config.model.to_dict(), config.data.to_dict(), _explicit_model_fields(sys.argv))
+  except ConfigError as e:
+    fail([e])
+  for path, value in init_from.leaves(model).items():
+    *parents, key = path.split('.')
+    node = config.model
+    for p in parents:
+      node = node[p]
+    if node[key] != value:
+      node[key] = value
+  what = f'{source.family} checkpoint' if source.kind == 'hf' else f'run, step {source.step}'
+  sys.stderr.write(f'model.init: weights and architecture from {source.path} ({what})'
+                   + (f'; set from it: {", ".join(replaced)}' if replaced else '') + '\n')
+
+
 def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail([ConfigError('argv', f'unexpected arguments {argv[1:]}; settings go in '
@@ -134,6 +164,7 @@ def _main(argv: list[str]) -> None:
       'runs', f'{_config_name(sys.argv)}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}')
   # Before anything asks JAX for devices: the checks below need the global device count.
   parallel.maybe_initialize_distributed()
+  _resolve_init(config)
   errors = validate.check_run(config, workdir)
   if errors:
     fail(errors)

@@ -69,7 +69,9 @@ def run(config: ConfigDict, workdir: str) -> str:
       'env': records.environment(result.mesh_shape),
       'model': {'params': result.num_params, 'weight_bytes': result.weight_bytes,
                 'config': result.model_config.to_dict(),
-                'attention_impl': result.attention_impl, 'attention': result.attention},
+                'attention_impl': result.attention_impl, 'attention': result.attention,
+                # Where the initial weights came from (model.init), or None: random.
+                'init': result.init},
       'data': {'corpus': cfg['data']['corpus'], **result.data_stats},  # stats say if synthetic
       'steps': {'start': result.start_step, 'final': result.final_step,
                 'tokens_per_step': result.tokens_per_step,

@@ -33,6 +33,7 @@ from efficientjax.model import DTYPES, REMAT_POLICIES, ModelConfig
 from efficientjax.moe.dispatch import DISPATCH, GROUPED_MATMULS
 from efficientjax.moe.router import ROUTERS
 from efficientjax.nn import FFN
+from efficientjax.train import init_from
 from experiments.registry import EXPERIMENTS
 
 _SCHEMA = base.get_config()
@@ -218,6 +219,18 @@ class DeviceCount(Rule):
     return f'must be a positive device count or -1, got {value}'
 
 
+class WeightSource(Rule):
+  """model.init: the form of a weight source (that it exists and fits is `resolve`'s check,
+  which runs first in experiments.main)."""
+
+  def problem(self, value):
+    try:
+      init_from.parse(value)
+    except ConfigError as e:
+      return e.message
+    return None
+
+
 class Corpus(Rule):
   """A corpus spec whose form is known (that its files exist is checked when they are read)."""
 
@@ -244,6 +257,7 @@ RULES: dict[str, Rule] = {
     'model.num_kv_heads': KVHeads(AtLeast(1), "use model.num_heads (1 for 'mqa')"),
     'model.head_dim': Optional(AtLeast(1), 'derive it as model.embed_dim // model.num_heads'),
     'model.mlp_dim': AtLeast(1),
+    'model.init': Optional(WeightSource(), 'initialise at random'),
     'model.attention': OneOf(ATTENTION),
     'model.attention_impl': OneOf(sorted(IMPLEMENTATIONS)),
     'model.qkv_bias': Free(),

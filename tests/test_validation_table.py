@@ -245,6 +245,8 @@ TABLE = {
     # Measurement.
     'sample_interval_negative': Bad({'metrics.sample_interval_s': -0.1},
                                     'metrics.sample_interval_s', 'must be positive'),
+    'init_not_a_source': Bad({'model.init': 'nowhere'}, 'model.init',
+                             'is not a weight source; use hf:DIR', fixed_validates=True),
     'peak_zero': Bad({'metrics.peak_flops_per_s': 0.0}, 'metrics.peak_flops_per_s',
                      'must be positive', fixed_validates=True),
     'peak_infinite': Bad({'metrics.peak_flops_per_s': math.inf}, 'metrics.peak_flops_per_s',

@@ -26,6 +26,7 @@ from efficientjax.metrics.trace import summarize_trace
 from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.moe.report import ExpertStats
+from efficientjax.train import init_from
 from efficientjax.train.checkpoint import Checkpointer, NonFiniteCheckpoint, check_finite
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
@@ -62,6 +63,8 @@ class TrainResult:
   # Steps whose update was dropped as non-finite (train.on_nonfinite='skip'), over the
   # run's whole life: restarts included (kept in the checkpoints' metadata).
   skipped_steps: list[int] = dataclasses.field(default_factory=list)
+  # model.init's weight source (efficientjax.train.init_from.Source.record), or None.
+  init: dict[str, Any] | None = None
   # What the metrics are made of (efficientjax.metrics.report turns them into the record).
   device_kind: str = ''
   device_count: int = 1
@@ -143,10 +146,25 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     state, meta, resume_step = checkpointer.restore_latest_good(
         abstract, shardings, resume_step=cfg_train['resume_step'],
         on_bad=cfg_train['on_bad_checkpoint'])
+  init_source = None
   if resume_step is not None:
     data.train.restore(meta['data'])
   else:
     state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
+    if config['model'].get('init'):
+      # Trained weights in place of the random ones (the optimizer's moments start at zero
+      # whatever the params, so only params and model state change).
+      t_init = time.perf_counter()
+      init_source = init_from.source(config['model']['init'])
+      variables = init_from.load(init_source, model_cfg)
+      state = state.replace(
+          params=jax.device_put(variables['params'], shardings.params),
+          model_state=({**state.model_state, 'moe_state': jax.device_put(
+              variables['moe_state'], shardings.model_state['moe_state'])}
+              if 'moe_state' in variables else state.model_state))
+      say(f'initialised from {init_source.spec} ({time.perf_counter() - t_init:.1f} s)')
+  if init_source is None and config['model'].get('init'):
+    init_source = init_from.source(config['model']['init'])  # resumed: named in the record
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
   analytic = flop_counts.analytic_flops_per_step(model_cfg, seq_len=seq_len, batch=global_batch)
@@ -309,6 +327,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       data_stats=data.stats,
       checkpoint_dir=checkpointer.directory if checkpointer else None,
       skipped_steps=skipped,
+      init=init_source.record() if init_source else None,
       attention_impl=resolve_implementation(model_cfg.attention_impl, model_cfg.dtype),
       device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(),

@@ -1,0 +1,117 @@
+"""A run starts from trained weights (model.init): a project run's checkpoint through the command,
+a Hugging Face export of it in process; either way its first held-out loss is the source's last
+one, and a source the run cannot use is refused before anything is built."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from efficientjax.errors import ConfigError
+from efficientjax.hf import save_llama
+from efficientjax.metrics.record import read_records, validate_record
+from efficientjax.model import ModelConfig
+from efficientjax.train import init_from
+from efficientjax.train.loop import train
+from tests.helpers import smoke_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ONE = jax.devices()[:1]
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory):
+  """A finished quickstart:smoke run (checkpoints 3 and 6) and its final held-out loss."""
+  workdir = tmp_path_factory.mktemp('source') / 'run'
+  config = smoke_config()
+  result = train(config, str(workdir), devices=ONE, progress=False)
+  # What experiments.main keeps beside the checkpoints, and `resolve` reads.
+  (workdir / 'config.json').write_text(json.dumps(config))
+  return workdir, result.final_eval_loss
+
+
+def _main(*args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  return subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_the_command_continues_from_a_runs_checkpoint(source, tmp_path):
+  workdir, final_loss = source
+  out = tmp_path / 'finetune'
+  # The config file's shape is the quickstart's full size: the source's architecture (smoke)
+  # replaces it, and the run says so.
+  proc = _main('--config=configs/quickstart.py', f'--workdir={out}', '--config.train.steps=3',
+               '--config.train.warmup_steps=1',
+               '--config.data.seq_len=64', '--config.data.max_documents=200',
+               '--config.train.global_batch_size=4', '--config.train.eval_batches=2',
+               '--config.train.checkpoint_every=0',
+               f'--config.model.init=run:{workdir}', '--config.model.scan_layers=false')
+  assert proc.returncode == 0, proc.stderr
+  assert f'weights and architecture from {workdir} (run, step 6)' in proc.stderr
+  assert 'model.embed_dim: 128 -> 64' in proc.stderr
+  (record,) = read_records(out / 'results.jsonl')
+  validate_record(record)
+  assert record['model']['init'] == {'source': f'run:{workdir}', 'kind': 'run',
+                                     'path': str(workdir), 'step': 6, 'family': None}
+  # The same weights and held-out data (and an unscanned layout, converted on load): the first
+  # evaluation is the source's last, to float32 rounding of the other layout's reductions.
+  assert record['quality']['initial_eval_loss'] == pytest.approx(final_loss, rel=1e-6)
+  assert record['steps']['start'] == 0 and record['steps']['final'] == 3
+
+
+def test_the_command_refuses_an_override_that_contradicts_the_source(source, tmp_path):
+  workdir, _ = source
+  proc = _main('--config=configs/quickstart.py:smoke', f'--workdir={tmp_path}/w',
+               f'--config.model.init=run:{workdir}', '--config.model.num_layers=3')
+  assert proc.returncode == 2
+  assert ('config error: model.init: run:' in proc.stderr and
+          'model.num_layers=3 (from the command line) but the source has 2' in proc.stderr)
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_hugging_face_export_starts_at_the_sources_loss(source, tmp_path):
+  workdir, final_loss = source
+  config = smoke_config()
+  cfg = ModelConfig.from_config(config['model'], tokenizer_vocab_size=257)
+  weights = init_from.load(init_from.source(f'run:{workdir}:6'), cfg)
+  export = save_llama(tmp_path / 'hf', weights['params'], cfg)
+
+  model, src, _ = init_from.resolve({**config['model'], 'num_layers': 5,
+                                     'init': f'hf:{export}'}, config['data'])
+  assert src.kind == 'hf' and src.family == 'Llama' and model['num_layers'] == 2
+  assert model['vocab_size'] == cfg.vocab_size  # from config.json, where it was derived
+  run = {**config, 'model': model, 'train': {**config['train'], 'steps': 1,
+                                             'checkpoint_every': 0}}
+  (tmp_path / 'run').mkdir()
+  result = train(run, str(tmp_path / 'run'), devices=ONE, progress=False)
+  assert result.init['source'] == f'hf:{export}' and result.init['family'] == 'Llama'
+  assert result.initial_eval_loss == pytest.approx(final_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('nowhere', 'is not a weight source; use hf:DIR'),
+    ('hf:', 'is not a weight source'),
+    ('hf:/nonexistent/dir', 'is not a directory'),
+])
+def test_bad_sources_are_named(spec, message):
+  with pytest.raises(ConfigError, match=message) as e:
+    init_from.resolve({**smoke_config()['model'], 'init': spec}, smoke_config()['data'])
+  assert e.value.field == 'model.init'
+
+
+def test_run_sources_are_checked_before_anything_is_read(source, tmp_path):
+  workdir, _ = source
+  config = smoke_config()
+  with pytest.raises(ConfigError, match='no checkpoint at step 4 .* has steps 3, 6'):
+    init_from.resolve({**config['model'], 'init': f'run:{workdir}:4'}, config['data'])
+  other_tokenizer = {**config['data'], 'tokenizer': '/some/tokenizer.json'}
+  with pytest.raises(ConfigError, match="tokenised with data.tokenizer='byte'"):
+    init_from.resolve({**config['model'], 'init': f'run:{workdir}'}, other_tokenizer)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ConfigError, match='config.json is missing'):
+    init_from.resolve({**config['model'], 'init': f'run:{tmp_path}/empty'}, config['data'])
