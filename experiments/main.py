@@ -130,10 +130,12 @@ def _resolve_init(config) -> None:
   or built. Reads the source's config only, never its weights."""
   if not config.model.init:
     return
+  from configs import base  # pylint: disable=g-import-not-at-top
   from efficientjax.train import init_from  # pylint: disable=g-import-not-at-top
   try:
     model, source, replaced = init_from.resolve(
-        config.model.to_dict(), config.data.to_dict(), _explicit_model_fields(sys.argv))
+        config.model.to_dict(), config.data.to_dict(), base.get_config().model.to_dict(),
+        _explicit_model_fields(sys.argv))
   except ConfigError as e:
     fail([e])
   for path, value in init_from.leaves(model).items():

@@ -26,7 +26,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import base
 from efficientjax.errors import ConfigError
 from efficientjax.model import ModelConfig, Transformer, scan_params, unscan_params
 
@@ -81,11 +80,9 @@ def leaves(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def _architecture_defaults() -> dict[str, Any]:
-  """base.py's defaults of every architecture field: what a source that does not mention a
-  field (a Llama checkpoint says nothing of MLA) leaves it at."""
-  return {k: v for k, v in leaves(base.get_config().model.to_dict()).items()
-          if k not in RUN_CHOICES}
+def _architecture(model: Mapping[str, Any]) -> dict[str, Any]:
+  """The architecture fields of a `model` section, flattened ('moe.top_k')."""
+  return {k: v for k, v in leaves(model).items() if k not in RUN_CHOICES}
 
 
 def _run_steps(workdir: str) -> list[int]:
@@ -128,11 +125,11 @@ def _source_fields(kind: str, path: str, step: int | None, spec: str, data: Mapp
   if theirs != data.get('tokenizer'):
     raise ConfigError(FIELD, f'{spec}: that run tokenised with data.tokenizer={theirs!r}, this '
                       f'one with {data.get("tokenizer")!r}; set --config.data.tokenizer={theirs}')
-  fields = {k: v for k, v in leaves(source['model']).items() if k not in RUN_CHOICES}
+  fields = _architecture(source['model'])
   return fields, step, None
 
 
-def resolve(model: Mapping[str, Any], data: Mapping[str, Any],
+def resolve(model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping[str, Any],
             explicit: frozenset[str] | set[str] = frozenset()
             ) -> tuple[dict[str, Any], Source | None, list[str]]:
   """The run's `model` section with the architecture of `model['init']`'s source.
@@ -140,6 +137,8 @@ def resolve(model: Mapping[str, Any], data: Mapping[str, Any],
   Args:
     model: the run config's `model` section (plain dict).
     data: its `data` section (a run source must have used the same tokenizer).
+    defaults: the schema's `model` section (configs/base.py): what an architecture field the
+      source does not mention is set to (a Llama checkpoint says nothing of MLA).
     explicit: dotted `model` fields set on the command line ('num_layers'): one that
       contradicts the source is an error; other differing values are replaced.
 
@@ -153,7 +152,7 @@ def resolve(model: Mapping[str, Any], data: Mapping[str, Any],
   if not os.path.isdir(path):
     raise ConfigError(FIELD, f'{spec}: {path} is not a directory')
   fields, step, family = _source_fields(kind, path, step, spec, data)
-  wanted = {**_architecture_defaults(), **fields}
+  wanted = {**_architecture(defaults), **fields}
   current = leaves(model)
   unknown = sorted(set(wanted) - set(current))
   if unknown:  # a field the source names that this version's schema lacks

@@ -10,6 +10,7 @@ import sys
 import jax
 import pytest
 
+from configs import base
 from efficientjax.errors import ConfigError
 from efficientjax.hf import save_llama
 from efficientjax.metrics.record import read_records, validate_record
@@ -20,6 +21,7 @@ from tests.helpers import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE = jax.devices()[:1]
+DEFAULTS = base.get_config().model.to_dict()
 
 
 @pytest.fixture(scope='module')
@@ -82,7 +84,7 @@ def test_a_hugging_face_export_starts_at_the_sources_loss(source, tmp_path):
   export = save_llama(tmp_path / 'hf', weights['params'], cfg)
 
   model, src, _ = init_from.resolve({**config['model'], 'num_layers': 5,
-                                     'init': f'hf:{export}'}, config['data'])
+                                     'init': f'hf:{export}'}, config['data'], DEFAULTS)
   assert src.kind == 'hf' and src.family == 'Llama' and model['num_layers'] == 2
   assert model['vocab_size'] == cfg.vocab_size  # from config.json, where it was derived
   run = {**config, 'model': model, 'train': {**config['train'], 'steps': 1,
@@ -100,7 +102,8 @@ def test_a_hugging_face_export_starts_at_the_sources_loss(source, tmp_path):
 ])
 def test_bad_sources_are_named(spec, message):
   with pytest.raises(ConfigError, match=message) as e:
-    init_from.resolve({**smoke_config()['model'], 'init': spec}, smoke_config()['data'])
+    init_from.resolve({**smoke_config()['model'], 'init': spec}, smoke_config()['data'],
+                      DEFAULTS)
   assert e.value.field == 'model.init'
 
 
@@ -108,10 +111,11 @@ def test_run_sources_are_checked_before_anything_is_read(source, tmp_path):
   workdir, _ = source
   config = smoke_config()
   with pytest.raises(ConfigError, match='no checkpoint at step 4 .* has steps 3, 6'):
-    init_from.resolve({**config['model'], 'init': f'run:{workdir}:4'}, config['data'])
+    init_from.resolve({**config['model'], 'init': f'run:{workdir}:4'}, config['data'], DEFAULTS)
   other_tokenizer = {**config['data'], 'tokenizer': '/some/tokenizer.json'}
   with pytest.raises(ConfigError, match="tokenised with data.tokenizer='byte'"):
-    init_from.resolve({**config['model'], 'init': f'run:{workdir}'}, other_tokenizer)
+    init_from.resolve({**config['model'], 'init': f'run:{workdir}'}, other_tokenizer, DEFAULTS)
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ConfigError, match='config.json is missing'):
-    init_from.resolve({**config['model'], 'init': f'run:{tmp_path}/empty'}, config['data'])
+    init_from.resolve({**config['model'], 'init': f'run:{tmp_path}/empty'}, config['data'],
+                      DEFAULTS)
