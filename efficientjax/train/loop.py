@@ -30,7 +30,8 @@ from efficientjax.train import init_from
 from efficientjax.train.checkpoint import Checkpointer, NonFiniteCheckpoint, check_finite
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
-from efficientjax.train.state import TrainState, init_state, state_shardings
+from efficientjax.train.state import (TrainState, init_state, state_from_variables,
+                                      state_shardings)
 from efficientjax.train.step import make_eval_step, make_train_step
 
 
@@ -149,20 +150,15 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
   init_source = None
   if resume_step is not None:
     data.train.restore(meta['data'])
+  elif config['model'].get('init'):
+    # Trained weights (model.init), the optimizer starting afresh: no random init is built.
+    t_init = time.perf_counter()
+    init_source = init_from.source(config['model']['init'])
+    state = state_from_variables(tx, mesh, config['seed'], shardings, abstract,
+                                 init_from.load(init_source, model_cfg))
+    say(f'initialised from {init_source.spec} ({time.perf_counter() - t_init:.1f} s)')
   else:
     state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
-    if config['model'].get('init'):
-      # Trained weights in place of the random ones (the optimizer's moments start at zero
-      # whatever the params, so only params and model state change).
-      t_init = time.perf_counter()
-      init_source = init_from.source(config['model']['init'])
-      variables = init_from.load(init_source, model_cfg)
-      state = state.replace(
-          params=jax.device_put(variables['params'], shardings.params),
-          model_state=({**state.model_state, 'moe_state': jax.device_put(
-              variables['moe_state'], shardings.model_state['moe_state'])}
-              if 'moe_state' in variables else state.model_state))
-      say(f'initialised from {init_source.spec} ({time.perf_counter() - t_init:.1f} s)')
   if init_source is None and config['model'].get('init'):
     init_source = init_from.source(config['model']['init'])  # resumed: named in the record
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -63,3 +64,27 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, s
                       rng=jax.random.key_data(state_key), model_state=nn.unbox(model_state))
   with parallel.activate(mesh):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def state_from_variables(tx: optax.GradientTransformation, mesh: Mesh, seed: int,
+                         shardings: TrainState, abstract: TrainState,
+                         variables: dict[str, Any]) -> TrainState:
+  """A fresh train state (step 0, new optimizer moments) around given weights (model.init):
+  `variables` holds host arrays, {'params': ..., and 'moe_state' where the source has one}.
+  Each leaf goes straight to its place on the mesh, and no random init is built, so the
+  params are never held twice. Model state the source lacks starts at zeros, as `init`
+  starts it; the RNG is what `init_state` would give for `seed`."""
+  params = jax.device_put(variables['params'], shardings.params)
+  model_state = {name: (variables[name] if name in variables else
+                        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree))
+                 for name, tree in abstract.model_state.items()}
+  model_state = jax.device_put(model_state, shardings.model_state)
+
+  def rest(params, key):
+    _, state_key = jax.random.split(key)  # init_state's split: the state's key is the second
+    return tx.init(params), jax.random.key_data(state_key)
+  with parallel.activate(mesh):
+    opt_state, rng = jax.jit(rest, out_shardings=(shardings.opt_state, shardings.rng))(
+        params, jax.random.key(seed))
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                    params=params, opt_state=opt_state, rng=rng, model_state=model_state)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs import base
@@ -119,3 +120,29 @@ def test_run_sources_are_checked_before_anything_is_read(source, tmp_path):
   with pytest.raises(ConfigError, match='config.json is missing'):
     init_from.resolve({**config['model'], 'init': f'run:{tmp_path}/empty'}, config['data'],
                       DEFAULTS)
+
+
+def test_a_state_around_given_weights_is_init_states_but_for_the_params():
+  """state_from_variables: the same step, RNG, optimizer state (zero moments) and placement as
+  init_state for the seed, with the given params; a missing routing bias starts at zeros."""
+  from efficientjax import parallel  # pylint: disable=g-import-not-at-top
+  from efficientjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from efficientjax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from efficientjax.train.state import (init_state, state_from_variables,  # pylint: disable=g-import-not-at-top
+                                        state_shardings)
+  c = smoke_config(**{'model.ffn': 'moe', 'model.moe.num_experts': 4, 'model.moe.aux_free': True,
+                      'model.num_layers': 1})
+  model = Transformer(ModelConfig.from_config(c['model'], tokenizer_vocab_size=257))
+  tx = make_optimizer(c['train'])
+  mesh = parallel.make_mesh(c['mesh'], ONE)
+  abstract, shardings = state_shardings(model, tx, mesh, 16)
+  reference = init_state(model, tx, mesh, 16, 3, shardings)
+  weights = jax.tree.map(lambda x: np.asarray(x) + 1.0, reference.params)
+  state = state_from_variables(tx, mesh, 3, shardings, abstract, {'params': weights})
+  assert int(state.step) == 0 and np.array_equal(state.rng, reference.rng)
+  jax.tree.map(np.testing.assert_array_equal, state.params, weights)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, tx.init(weights))
+  jax.tree.map(np.testing.assert_array_equal, state.model_state, reference.model_state)
+  assert jax.tree.structure(state) == jax.tree.structure(reference)
+  assert jax.tree.map(lambda a: a.sharding, state) == jax.tree.map(lambda a: a.sharding,
+                                                                   reference)
