@@ -683,7 +683,8 @@ def _dequantize(weight: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -
 
 def load_checkpoint(path: str | Path, family: Family | None = None, *,
                     param_dtype: Any = jnp.float32, scan_layers: bool = True,
-                    collections: bool = False) -> tuple[dict[str, Any], Params]:
+                    collections: bool = False, host: bool = False
+                    ) -> tuple[dict[str, Any], Params]:
   """Reads a Hugging Face checkpoint directory into our `model` fields and params.
 
   Block-wise fp8 weights (quantization_config quant_method 'fp8': a float8 `X` beside its
@@ -701,6 +702,8 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
       model's non-trained state when it has one ({'moe_state': ...}: DeepSeek-V3's routing
       bias, float32, in the same layout). A checkpoint holding such state is refused without
       it, since params alone would route differently.
+    host: return numpy arrays in host memory (a caller that places them on a mesh itself:
+      jnp arrays would first gather the whole model on one device).
 
   Returns:
     (model_fields, params): fields for the run config's `model` section, and the params tree
@@ -813,7 +816,9 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
     refuse_if(not ok, f'tensor {name!r} does not match what config.json implies (it should '
               'repeat other weights or follow from the config); config and weights disagree')
 
-  variables = jax.tree.map(jnp.asarray, _nest(flat, cfg, scan_layers))
+  variables = _nest(flat, cfg, scan_layers)
+  if not host:
+    variables = jax.tree.map(jnp.asarray, variables)
   if not collections:
     return fields, variables
   params = {k: v for k, v in variables.items() if k not in STATE_COLLECTIONS}

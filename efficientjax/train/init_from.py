@@ -207,8 +207,8 @@ def load(source: Source, cfg: ModelConfig) -> dict[str, Any]:
     from efficientjax.hf.safetensors_io import load_checkpoint  # pylint: disable=g-import-not-at-top
     # The variables: params, and the routing bias where the checkpoint has one (DeepSeek-V3).
     _, variables = load_checkpoint(source.path, param_dtype=cfg.param_dtype,
-                                   scan_layers=cfg.scan_layers, collections=True)
-    return jax.tree.map(np.asarray, dict(variables))
+                                   scan_layers=cfg.scan_layers, collections=True, host=True)
+    return dict(variables)
   return _load_run_params(source, cfg)
 
 
