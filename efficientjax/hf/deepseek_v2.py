@@ -39,7 +39,6 @@ renormalises) while DeepSeek's code renormalises and then does not scale, so the
 no single meaning (every released V2 / V2-Lite / V2.5 config sets it false).
 """
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,8 @@ import numpy as np
 from efficientjax.attention.positions import rope_scaling
 from efficientjax.errors import ConfigError
 from efficientjax.hf.safetensors_io import (Family, OneOf, Params, Redundant, TensorRule,
-                                            load_checkpoint, refuse_if, register, require,
-                                            save_checkpoint)
+                                            load_checkpoint, max_positions, refuse_if, register,
+                                            require, rope_config, save_checkpoint)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 from efficientjax.moe.layer import shared_width
@@ -109,7 +108,7 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   return fields
 
 
-def _moe_fields(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   """Our `moe` fields for a checkpoint with MoE layers (module docstring)."""
   experts = int(_get(hf, 'n_routed_experts'))
   freq = hf.get('moe_layer_freq', 1)
@@ -172,8 +171,9 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               f'{key}=true is not supported: our projections have no biases; use a checkpoint '
               f'with {key} false')
   refuse_if(hf.get('quantization_config') is not None,
-            'quantized checkpoints (quantization_config set) are not supported; load the '
-            'float16/bfloat16/float32 checkpoint and quantise with efficientjax.quant')
+            'quantized checkpoints (quantization_config set) are not supported for DeepSeek-V2; '
+            'load the bfloat16/float16/float32 checkpoint (block-wise fp8 is read for '
+            'DeepSeek-V3 only, by load_deepseek_v3)')
   num_heads = int(require(hf, 'num_attention_heads'))
   num_kv_heads = hf.get('num_key_value_heads') or num_heads
   # transformers would repeat the per-head keys and values that kv_b_proj already gives every
@@ -184,7 +184,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   rope = int(_get(hf, 'qk_rope_head_dim'))
   refuse_if(rope % 2 != 0, f'qk_rope_head_dim={rope} is odd; RoPE rotates pairs of features')
   q_lora_rank = _get(hf, 'q_lora_rank')
-  ffn = dict(ffn='moe', moe=_moe_fields(hf, num_layers)) if moe_layers else dict(ffn='dense')
+  ffn = dict(ffn='moe', moe=_moe_fields(hf)) if moe_layers else dict(ffn='dense')
   return dict(
       vocab_size=int(require(hf, 'vocab_size')),
       embed_dim=int(require(hf, 'hidden_size')),
@@ -274,15 +274,12 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
     field = 'llama3_rope.factor' if scaling == 'llama3' else 'linear_rope_factor'
     raise ConfigError(f'model.{field}', f'RoPE scaling {scaling!r} has no DeepSeek equivalent '
                       f'(its configs scale RoPE by YaRN only); an export needs model.{field}=1')
-  m, yarn = cfg.mla, cfg.yarn
-  rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
-  max_positions = _DEFAULT_MAX_POSITIONS
-  if yarn.factor > 1.0:
-    rope = {'rope_type': 'yarn', 'rope_theta': cfg.rope_theta, 'factor': yarn.factor,
-            'original_max_position_embeddings': yarn.original_max_len,
-            'beta_fast': yarn.beta_fast, 'beta_slow': yarn.beta_slow, 'mscale': yarn.mscale,
-            'mscale_all_dim': yarn.mscale_all_dim, 'truncate': yarn.truncate}
-    max_positions = int(math.ceil(yarn.original_max_len * yarn.factor))
+  m = cfg.mla
+  # Both spellings: transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling.
+  rope = rope_config(cfg)
+  if rope['rope_scaling'] is not None:
+    # DeepSeek's own modelling code (trust_remote_code) reads rope_scaling['type'].
+    rope['rope_scaling']['type'] = rope['rope_scaling']['rope_type']
   return dict(
       vocab_size=cfg.vocab_size,
       hidden_size=cfg.embed_dim,
@@ -298,15 +295,13 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
       head_dim=m.qk_rope_head_dim,
       hidden_act='silu',
       rms_norm_eps=cfg.norm_eps,
-      # transformers 5.x reads rope_parameters; rope_theta for older readers.
-      rope_theta=cfg.rope_theta,
-      rope_parameters=rope,
+      **rope,
       attention_bias=False,
       mlp_bias=False,
       attention_dropout=0.0,
       tie_word_embeddings=cfg.tie_embeddings,
       initializer_range=cfg.init_std,
-      max_position_embeddings=max_positions,
+      max_position_embeddings=max_positions(cfg, _DEFAULT_MAX_POSITIONS),
       use_cache=True,
       **_moe_config(cfg),
   )
@@ -351,7 +346,9 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule | OneOf | Redundant]:
     rules.append(TensorRule(attn + 'q_proj.weight', ('attn', 'q', 'kernel'), linear_in_dims=1,
                             permute=q_order))
   if cfg.tie_embeddings:
-    rules.append(Redundant('lm_head.weight', lambda cfg, read: read('model.embed_tokens.weight')))
+    rules.append(Redundant('lm_head.weight', lambda cfg, read: read('model.embed_tokens.weight'),
+                           hint='the head is not tied: set tie_word_embeddings false in '
+                                'config.json'))
   else:
     rules.append(TensorRule('lm_head.weight', ('lm_head', 'kernel'), linear_in_dims=1))
   return rules
@@ -378,7 +375,9 @@ def _moe_rules(cfg: ModelConfig) -> list[TensorRule | OneOf | Redundant]:
     # transformers builds an MLP of width 0 for n_shared_experts=0 and saves its empty weights.
     rules += [Redundant(mlp + f'shared_experts.{name}_proj.weight',
                         lambda cfg, read, name=name: np.zeros(
-                            (cfg.embed_dim, 0) if name == 'down' else (0, cfg.embed_dim)))
+                            (cfg.embed_dim, 0) if name == 'down' else (0, cfg.embed_dim)),
+                        hint='the checkpoint has shared experts: set n_shared_experts in '
+                             'config.json')
               for name in names]
   return rules
 

@@ -162,10 +162,10 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
         ('aux_free', moe.aux_free, True,
          "DeepSeek-V3's router always adds its bias; save_deepseek_v3 writes a zero one for a "
          'model without it'),
-        # Qwen2-MoE's shared-expert options (getattr: fields newer than this family).
-        ('shared_expert_gate', getattr(moe, 'shared_expert_gate', False), False,
+        # Qwen2-MoE's shared-expert options.
+        ('shared_expert_gate', moe.shared_expert_gate, False,
          'DeepSeek-V3 does not gate its shared experts'),
-        ('shared_expert_dim', getattr(moe, 'shared_expert_dim', None), None,
+        ('shared_expert_dim', moe.shared_expert_dim, None,
          "DeepSeek-V3's shared experts are n_shared_experts x moe_intermediate_size wide")):
       if value != want:
         raise ConfigError(f'model.moe.{field}', f'{value!r} has no DeepseekV3ForCausalLM '

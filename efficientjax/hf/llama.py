@@ -25,11 +25,17 @@ from efficientjax.model import ModelConfig
 
 # transformers' LlamaConfig defaults, for keys an older config.json leaves out.
 _DEFAULT_RMS_NORM_EPS = 1e-6
+_DEFAULT_ROPE_THETA = 10000.0
 _DEFAULT_MAX_POSITIONS = 2048
 
 
-def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-  """`config.json` -> our `model` fields, refusing what the model cannot compute."""
+def fields_from_hf(hf: Mapping[str, Any], *, default_eps: float = _DEFAULT_RMS_NORM_EPS,
+                   default_theta: float = _DEFAULT_ROPE_THETA) -> dict[str, Any]:
+  """`config.json` -> our `model` fields, refusing what the model cannot compute.
+
+  `default_eps` and `default_theta`: the rms_norm_eps and rope_theta a config.json without them
+  means, its transformers config class's defaults (Llama's here; Mixtral's and Phi-3's differ).
+  """
   act = hf.get('hidden_act', 'silu')
   refuse_if(act not in ('silu', 'swish'),
             f'hidden_act={act!r} is not supported: our dense FFN is SwiGLU (silu); use a '
@@ -39,9 +45,10 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               f'{key}=true is not supported: our projections have no biases; use a checkpoint '
               f'with {key} false')
   refuse_if(hf.get('quantization_config') is not None,
-            'quantized checkpoints (quantization_config set) are not supported; load the '
-            'float16/bfloat16/float32 checkpoint and quantise with efficientjax.quant')
-  rope = rope_fields(hf)  # refuses what our RoPE cannot compute
+            'quantized checkpoints (quantization_config set) are not supported for this family; '
+            'load the bfloat16/float16/float32 checkpoint (the one quantised format read is '
+            "DeepSeek-V3's block-wise fp8, by load_deepseek_v3)")
+  rope = rope_fields(hf, default_theta)  # refuses what our RoPE cannot compute
 
   embed_dim = int(require(hf, 'hidden_size'))
   num_heads = int(require(hf, 'num_attention_heads'))
@@ -68,7 +75,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       head_dim=head_dim,
       mlp_dim=int(require(hf, 'intermediate_size')),
       **rope,
-      norm_eps=float(hf.get('rms_norm_eps', _DEFAULT_RMS_NORM_EPS)),
+      norm_eps=float(hf.get('rms_norm_eps', default_eps)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       attention=kv_head_variant(num_heads, num_kv_heads),
       position='rope',
@@ -76,12 +83,11 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
-# What Llama-style exports fix besides a K/V-head-family attention; `refuse_inexpressible`.
-# Each family drops what it can express (Qwen2 and Mixtral: the window and YaRN).
+# What a Llama export fixes besides a K/V-head-family attention (`refuse_inexpressible`); RoPE's
+# scalings (YaRN, llama3, linear) are all expressible, transformers' Llama runs each. The other
+# Llama-style families start from these, dropping what they express (Mistral: the window).
 LLAMA_FIELDS = {'position': 'rope', 'ffn': 'dense', 'qkv_bias': False, 'qk_norm': False,
-                'sliding_window': None, 'yarn.factor': 1.0}
-# Llama's own: transformers' Llama runs every RoPE scaling we have (YaRN, llama3, linear).
-_LLAMA_EXPORT_FIELDS = {k: v for k, v in LLAMA_FIELDS.items() if k != 'yarn.factor'}
+                'sliding_window': None}
 
 
 def refuse_inexpressible(cfg: ModelConfig, architecture: str, fields: Mapping[str, Any],
@@ -104,8 +110,8 @@ def refuse_inexpressible(cfg: ModelConfig, architecture: str, fields: Mapping[st
 
 
 def decoder_config(cfg: ModelConfig) -> dict[str, Any]:
-  """The `config.json` keys Llama-style decoders (Llama, Qwen2) share, RoPE's included
-  (rope_theta / rope_parameters / rope_scaling)."""
+  """The `config.json` keys Llama-style decoders share (Llama, Mistral, Mixtral, Qwen2, Qwen3,
+  Qwen-MoE, Phi-3), RoPE's included (rope_theta / rope_parameters / rope_scaling)."""
   return dict(
       vocab_size=cfg.vocab_size,
       hidden_size=cfg.embed_dim,
@@ -126,7 +132,7 @@ def decoder_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
   """Our config -> `config.json` keys of a `LlamaConfig`, refusing what Llama cannot express."""
-  refuse_inexpressible(cfg, 'LlamaForCausalLM', _LLAMA_EXPORT_FIELDS,
+  refuse_inexpressible(cfg, 'LlamaForCausalLM', LLAMA_FIELDS,
                        hints={'qkv_bias': ' (Qwen2 has q/k/v biases: export with save_qwen2)',
                               'sliding_window': ' (Mistral has one window for every layer: '
                                                 'export with save_mistral)'})
@@ -160,11 +166,14 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule | Redundant]:
       TensorRule('model.norm.weight', ('final_norm', 'scale')),
       # Older exports (e.g. Llama 2) saved RoPE's frequencies (scaled ones under a scaling); a
       # mismatch means a scaling the config does not state. rtol covers a bf16/fp16 buffer.
-      Redundant(layer + 'self_attn.rotary_emb.inv_freq', _inv_freq, rtol=1e-2),
+      Redundant(layer + 'self_attn.rotary_emb.inv_freq', _inv_freq, rtol=1e-2,
+                hint="config.json's rope_scaling is missing or wrong for these weights"),
   ]
   if cfg.tie_embeddings:
     # Some exports keep the tied head's copy; it must be the embedding table itself.
-    rules.append(Redundant('lm_head.weight', lambda cfg, read: read('model.embed_tokens.weight')))
+    rules.append(Redundant('lm_head.weight', lambda cfg, read: read('model.embed_tokens.weight'),
+                           hint='the head is not tied: set tie_word_embeddings false in '
+                                'config.json'))
   else:
     rules.append(TensorRule('lm_head.weight', ('lm_head', 'kernel'), linear_in_dims=1))
   return rules

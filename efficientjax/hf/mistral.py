@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from efficientjax.hf import llama
 from efficientjax.hf.safetensors_io import (Family, Params, load_checkpoint, max_positions,
-                                            refuse_if, register, require, save_checkpoint)
+                                            refuse_if, register, require, save_checkpoint,
+                                            window_value)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
@@ -39,11 +40,7 @@ _DEFAULT_MAX_POSITIONS = 4096 * 32
 def sliding_window(hf: Mapping[str, Any]) -> int | None:
   """The window every layer uses, as transformers' Mistral applies it (None: full attention),
   refusing `layer_types` that say otherwise."""
-  window = hf.get('sliding_window', _DEFAULT_SLIDING_WINDOW)
-  refuse_if(window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                    or window < 1),
-            f'sliding_window={window!r} is not a positive number of keys (or null: full '
-            'attention)')
+  window = window_value(hf, _DEFAULT_SLIDING_WINDOW)
   layer_types = hf.get('layer_types')
   if layer_types is not None:
     num_layers = int(require(hf, 'num_hidden_layers'))
@@ -68,8 +65,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # What a MistralForCausalLM computes besides a K/V-head-family attention, a window and RoPE.
-MISTRAL_FIELDS = {k: v for k, v in llama.LLAMA_FIELDS.items()
-                  if k not in ('sliding_window', 'yarn.factor')}
+MISTRAL_FIELDS = {k: v for k, v in llama.LLAMA_FIELDS.items() if k != 'sliding_window'}
 
 
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from efficientjax.hf import llama
 from efficientjax.hf.safetensors_io import (Family, OneOf, Params, Redundant, TensorRule,
-                                            load_checkpoint, refuse_if, register, rope_fields,
-                                            save_checkpoint)
+                                            load_checkpoint, max_positions, refuse_if, register,
+                                            save_checkpoint, window_value)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
@@ -41,23 +41,22 @@ from efficientjax.model import ModelConfig
 _DEFAULT_EXPERTS = 8
 _DEFAULT_TOP_K = 2
 _DEFAULT_AUX_LOSS_COEF = 0.001
+_DEFAULT_RMS_NORM_EPS = 1e-5
+_DEFAULT_ROPE_THETA = 1e6
 _DEFAULT_MAX_POSITIONS = 4096 * 32
 
 
 def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """`config.json` -> our `model` fields, refusing what the model cannot compute."""
-  rope = rope_fields(hf, default_theta=1e6)  # refuses what our RoPE cannot compute
-  # Llama's mapping (activation, biases, heads, head_dim), with the RoPE already read.
-  plain = {k: v for k, v in hf.items() if k not in ('rope_parameters', 'rope_scaling')}
-  fields = llama.fields_from_hf({**plain, 'rope_theta': rope['rope_theta']})
-  fields.update(rope)
+  # Llama's mapping (activation, biases, heads, head_dim, RoPE and its scaling), with
+  # MixtralConfig's defaults.
+  fields = llama.fields_from_hf(hf, default_eps=_DEFAULT_RMS_NORM_EPS,
+                                default_theta=_DEFAULT_ROPE_THETA)
   experts = int(hf.get('num_local_experts', _DEFAULT_EXPERTS))
   top_k = int(hf.get('num_experts_per_tok', _DEFAULT_TOP_K))
   refuse_if(not 1 <= top_k <= experts,
             f'num_experts_per_tok={top_k} must be between 1 and num_local_experts={experts}')
-  window = hf.get('sliding_window')
-  refuse_if(window is not None and (not isinstance(window, int) or window < 1),
-            f'sliding_window={window!r} is not a positive number of keys')
+  window = window_value(hf, None)  # MixtralConfig's default: full attention
   coef = float(hf.get('router_aux_loss_coef', _DEFAULT_AUX_LOSS_COEF))
   fields.update(
       ffn='moe',
@@ -70,12 +69,13 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   return fields
 
 
-# What a MixtralForCausalLM computes besides a K/V-head-family attention, a window and YaRN.
+# What a MixtralForCausalLM computes besides a K/V-head-family attention, a window and RoPE's
+# scalings.
 MIXTRAL_FIELDS = {**llama.LLAMA_FIELDS, 'ffn': 'moe', 'moe.router': 'softmax',
                   'moe.norm_topk_prob': True, 'moe.routed_scaling_factor': 1.0,
                   'moe.num_groups': 1, 'moe.num_shared_experts': 0, 'moe.first_dense_layers': 0,
                   'moe.aux_free': False}
-del MIXTRAL_FIELDS['sliding_window'], MIXTRAL_FIELDS['yarn.factor']  # both expressible
+del MIXTRAL_FIELDS['sliding_window']  # expressible
 _HINTS = {
     'moe.norm_topk_prob': ' (Mixtral always renormalises the top-k probabilities)',
     'moe.aux_free': (' (the auxiliary-loss-free bias changes which experts are chosen, and '
@@ -90,16 +90,12 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
   express."""
   llama.refuse_inexpressible(cfg, 'MixtralForCausalLM', MIXTRAL_FIELDS, hints=_HINTS)
   moe = cfg.moe
-  max_positions = _DEFAULT_MAX_POSITIONS
-  if cfg.yarn.factor > 1.0:
-    # transformers warns unless max_position_embeddings = original context x factor.
-    max_positions = round(cfg.yarn.original_max_len * cfg.yarn.factor)
   return {
       **llama.decoder_config(cfg),
       # The experts' width; Mixtral has no dense FFN, so model.mlp_dim is not exported.
       'intermediate_size': moe.expert_dim,
   } | dict(
-      max_position_embeddings=max_positions,
+      max_position_embeddings=max_positions(cfg, _DEFAULT_MAX_POSITIONS),
       sliding_window=cfg.sliding_window,
       num_local_experts=moe.num_experts,
       num_experts_per_tok=moe.top_k,

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from efficientjax.hf import llama
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
-                                            refuse_if, register, rope_fields, save_checkpoint)
+                                            refuse_if, register, save_checkpoint, window_value)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
@@ -81,18 +81,10 @@ def _refuse_rope(hf: Mapping[str, Any]) -> None:
 def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """`config.json` -> our `model` fields, refusing what the model cannot compute."""
   _refuse_rope(hf)
-  rope = rope_fields(hf)  # plain RoPE by now: its theta (and per-layer-type RoPE refused)
-  window = hf.get('sliding_window')
-  refuse_if(window is not None and (not isinstance(window, int) or isinstance(window, bool)
-                                    or window < 1),
-            f'sliding_window={window!r} is not a positive number of keys; set it to the window '
-            'or to null (full attention)')
-  # Llama's mapping (activation, biases, heads, head_dim), with Phi-3's defaults and the RoPE
-  # already read (a top-level partial_rotary_factor is overridden by one in rope_parameters).
-  plain = {k: v for k, v in hf.items()
-           if k not in ('rope_parameters', 'rope_scaling', 'partial_rotary_factor')}
-  fields = llama.fields_from_hf({
-      'rms_norm_eps': _DEFAULT_RMS_NORM_EPS, **plain, 'rope_theta': rope['rope_theta']})
+  window = window_value(hf, None)  # Phi3Config's default: full attention
+  # Llama's mapping (activation, biases, heads, head_dim, and RoPE, plain by now: its theta),
+  # with Phi3Config's rms_norm_eps.
+  fields = llama.fields_from_hf(hf, default_eps=_DEFAULT_RMS_NORM_EPS)
   if window is not None:
     fields['sliding_window'] = window
   return fields

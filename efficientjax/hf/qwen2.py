@@ -2,11 +2,10 @@
 
 Our `mha`/`gqa`/`mqa` + `rope` + `dense` model with `qkv_bias=True` is Qwen2's architecture (Qwen2,
 Qwen2.5): Llama's blocks, plus a bias on q_proj, k_proj and v_proj (not o_proj). The config and
-weight mappings are Llama's (efficientjax.hf.llama) with three additions:
+weight mappings are Llama's (efficientjax.hf.llama), RoPE's scalings included (YaRN, as Qwen2.5's
+long-context configs use, llama3 and linear: `rope_fields`), with two additions:
 
 - the biases: torch stores [heads * head_dim], ours are [heads, head_dim] (`Linear`'s `bias`);
-- YaRN (`rope_scaling` / `rope_parameters` of type yarn, as Qwen2.5's long-context configs
-  use) -> `model.yarn`;
 - the sliding window. Qwen2 makes layers i >= max_window_layers sliding-window layers when
   use_sliding_window is true (or lists each layer's kind in layer_types); we have one window for
   every layer, so a checkpoint loads only when the window applies to all layers or to none.
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 from efficientjax.hf import llama
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
                                             max_positions, refuse_if, register, require,
-                                            rope_fields, save_checkpoint)
+                                            save_checkpoint, window_value)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
@@ -37,8 +36,8 @@ def sliding_window(hf: Mapping[str, Any]) -> int | None:
   attention), refusing a mix of windowed and full layers."""
   num_layers = int(require(hf, 'num_hidden_layers'))
   use = bool(hf.get('use_sliding_window', False))
-  # Qwen2Config drops the window unless use_sliding_window is set.
-  window = hf.get('sliding_window', _DEFAULT_SLIDING_WINDOW) if use else None
+  # Qwen2Config drops the window unless use_sliding_window is set (Qwen2-MoE's then saves 0).
+  window = window_value(hf, _DEFAULT_SLIDING_WINDOW) if use else None
   layer_types = hf.get('layer_types')
   if layer_types is None:
     first = hf.get('max_window_layers', _DEFAULT_MAX_WINDOW_LAYERS)
@@ -61,26 +60,22 @@ def sliding_window(hf: Mapping[str, Any]) -> int | None:
             f'{hf.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)}, use_sliding_window=true) '
             'is not supported: our model has one window for every layer; use a config with '
             'use_sliding_window false, or max_window_layers 0 (every layer windowed)')
-  refuse_if(not isinstance(window, int) or window < 1,
-            f'sliding_window={window!r} is not a positive number of keys')
   return window
 
 
 def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """`config.json` -> our `model` fields, refusing what the model cannot compute."""
-  rope = rope_fields(hf)  # refuses scalings other than YaRN
   window = sliding_window(hf)
-  # Llama's mapping, with the RoPE it would refuse (YaRN) already read.
-  plain = {k: v for k, v in hf.items() if k not in ('rope_parameters', 'rope_scaling')}
-  fields = llama.fields_from_hf({**plain, 'rope_theta': rope['rope_theta']})
-  fields.update(rope, qkv_bias=True)
+  # Llama's mapping: activation, heads, head_dim, RoPE and its scaling.
+  fields = llama.fields_from_hf(hf)
+  fields['qkv_bias'] = True
   if window is not None:
     fields['sliding_window'] = window
   return fields
 
 
 QWEN2_FIELDS = {**llama.LLAMA_FIELDS, 'qkv_bias': True}
-del QWEN2_FIELDS['sliding_window'], QWEN2_FIELDS['yarn.factor']  # both expressible
+del QWEN2_FIELDS['sliding_window']  # expressible
 
 
 def window_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -127,9 +122,10 @@ def load_qwen2(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bo
   """Reads a `Qwen2ForCausalLM` checkpoint directory (config.json + *.safetensors).
 
   Returns (model_fields, params) as `load_llama` does; the fields include `qkv_bias=True` and,
-  where the checkpoint has them, `yarn` and `sliding_window`. Raises `ConfigError` for a
-  checkpoint the model cannot express (sliding windows on some layers only, RoPE scalings other
-  than YaRN, ...), before reading any weight.
+  where the checkpoint has them, RoPE's scaling (`yarn`, `llama3_rope`, `linear_rope_factor`)
+  and `sliding_window`. Raises `ConfigError` for a checkpoint the model cannot express (sliding
+  windows on some layers only, length-dependent RoPE scalings, ...), before reading any
+  weight.
   """
   return load_checkpoint(path, QWEN2, param_dtype=param_dtype, scan_layers=scan_layers)
 

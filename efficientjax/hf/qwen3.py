@@ -22,8 +22,7 @@ import jax.numpy as jnp
 
 from efficientjax.hf import llama, qwen2
 from efficientjax.hf.safetensors_io import (Family, Params, Redundant, TensorRule, load_checkpoint,
-                                            max_positions, register, rope_fields,
-                                            save_checkpoint)
+                                            max_positions, register, save_checkpoint)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 
@@ -37,13 +36,11 @@ def attention_fields(hf: Mapping[str, Any], default_head_dim: int | None = None
   """Qwen3's attention (Llama's blocks with q/k norm, RoPE as `rope_fields` reads it) as our
   fields, without the window, refusing what the model cannot compute; Qwen3-MoE's is the same.
   `default_head_dim`: the head_dim a config.json without one means (None: hidden / heads)."""
-  rope = rope_fields(hf)  # refuses what our RoPE cannot compute
-  # Llama's mapping (activation, biases, heads), with the RoPE it would refuse already read.
-  plain = {k: v for k, v in hf.items() if k not in ('rope_parameters', 'rope_scaling')}
-  if plain.get('head_dim') is None and default_head_dim is not None:
-    plain['head_dim'] = default_head_dim
-  fields = llama.fields_from_hf({**plain, 'rope_theta': rope['rope_theta']})
-  fields.update(rope, qk_norm=True)
+  # Llama's mapping (activation, biases, heads, RoPE and its scaling), with Qwen3's head_dim.
+  if hf.get('head_dim') is None and default_head_dim is not None:
+    hf = {**hf, 'head_dim': default_head_dim}
+  fields = llama.fields_from_hf(hf)
+  fields['qk_norm'] = True
   return fields
 
 
@@ -57,7 +54,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 QWEN3_FIELDS = {**llama.LLAMA_FIELDS, 'qk_norm': True}
-del QWEN3_FIELDS['sliding_window'], QWEN3_FIELDS['yarn.factor']  # both expressible
+del QWEN3_FIELDS['sliding_window']  # expressible
 HINTS = {
     'qk_norm': ' (without q/k norm export with save_llama, or save_qwen2 with q/k/v biases)',
     'qkv_bias': (' (Qwen3 has no q/k/v biases; its attention_bias would put one on o_proj too; '
@@ -98,7 +95,7 @@ def load_qwen3(path: str | Path, param_dtype: Any = jnp.float32, scan_layers: bo
   """Reads a `Qwen3ForCausalLM` checkpoint directory (config.json + *.safetensors).
 
   Returns (model_fields, params) as `load_llama` does; the fields include `qk_norm=True` and,
-  where the checkpoint has them, `yarn` and `sliding_window`. Raises `ConfigError` for a
+  where the checkpoint has them, RoPE's scaling and `sliding_window`. Raises `ConfigError` for a
   checkpoint the model cannot express (attention biases, sliding windows on some layers only,
   length-dependent RoPE scalings, ...), before reading any weight.
   """

@@ -45,7 +45,7 @@ from efficientjax.errors import ConfigError
 from efficientjax.hf import llama, qwen2, qwen3
 from efficientjax.hf.safetensors_io import (Family, OneOf, Params, Redundant, TensorRule,
                                             load_checkpoint, max_positions, refuse_if, register,
-                                            require, save_checkpoint)
+                                            require, save_checkpoint, window_value)
 from efficientjax.hf.writer import DEFAULT_MAX_SHARD_BYTES
 from efficientjax.model import ModelConfig
 from efficientjax.moe.layer import shared_width
@@ -130,7 +130,7 @@ def moe_config(cfg: ModelConfig) -> dict[str, Any]:
   )
 
 
-def moe_rules(cfg: ModelConfig, shared: bool) -> list[TensorRule | OneOf]:
+def moe_rules(shared: bool) -> list[TensorRule | OneOf]:
   """The feed-forward tensors: dense layers' MLP, sparse layers' router, experts (either
   layout) and, with `shared`, Qwen2-MoE's gated shared expert."""
   mlp = 'model.layers.{layer}.mlp.'
@@ -171,10 +171,7 @@ def qwen3_moe_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   # Qwen3MoeConfig has no head_dim default: without one, transformers takes hidden / heads.
   fields = qwen3.attention_fields(hf)
   if hf.get('use_sliding_window', False):
-    window = hf.get('sliding_window', _QWEN3_MOE_DEFAULTS['sliding_window'])
-    refuse_if(not isinstance(window, int) or window < 1,
-              f'sliding_window={window!r} is not a positive number of keys')
-    fields['sliding_window'] = window
+    fields['sliding_window'] = window_value(hf, _QWEN3_MOE_DEFAULTS['sliding_window'])
   fields.update(moe_fields(hf, _QWEN3_MOE_DEFAULTS))
   return fields
 
@@ -204,7 +201,7 @@ def qwen3_moe_hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def qwen3_moe_tensor_rules(cfg: ModelConfig) -> list[TensorRule | OneOf | Redundant]:
-  return _attention_rules(cfg) + qwen3.qk_norm_rules() + moe_rules(cfg, shared=False)
+  return _attention_rules(cfg) + qwen3.qk_norm_rules() + moe_rules(shared=False)
 
 
 QWEN3_MOE = register(Family(
@@ -283,7 +280,7 @@ def qwen2_moe_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 QWEN2_MOE_FIELDS = {k: v for k, v in {**llama.LLAMA_FIELDS, **_MOE_FIELDS,
                                         'moe.shared_expert_gate': True}.items()
-                    if k not in ('sliding_window', 'yarn.factor', 'qkv_bias')}  # expressible
+                    if k not in ('sliding_window', 'qkv_bias')}  # expressible
 _QWEN2_MOE_HINTS = {
     **_MOE_HINTS,
     'qk_norm': ' (q/k norm is Qwen3-MoE\'s: export with save_qwen3_moe)',
@@ -316,7 +313,7 @@ def qwen2_moe_hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def qwen2_moe_tensor_rules(cfg: ModelConfig) -> list[TensorRule | OneOf | Redundant]:
-  rules = _attention_rules(cfg) + moe_rules(cfg, shared=True)
+  rules = _attention_rules(cfg) + moe_rules(shared=True)
   if cfg.qkv_bias:
     attn = 'model.layers.{layer}.self_attn.'
     rules += [TensorRule(attn + f'{name}_proj.bias', ('attn', name, 'bias'), linear_in_dims=0)

@@ -22,6 +22,7 @@ prediction layers) are left unread with a warning.
 import dataclasses
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +37,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
-import safetensors.numpy
 
 from efficientjax.attention.positions import rope_scaling, yarn_attention_factor
 from efficientjax.errors import ConfigError
@@ -125,11 +125,13 @@ class Redundant:
   RoPE's inv_freq buffer): it is checked against what it must equal, then dropped.
 
   `expected(config, read)` gives the value it must have; `read(name)` reads another checkpoint
-  tensor. Exact unless `rtol` is set.
+  tensor. Exact unless `rtol` is set. `hint`, when set, says how to fix a mismatch (added to
+  the refusal).
   """
   hf_name: str
   expected: Callable[[ModelConfig, Callable[[str], np.ndarray]], np.ndarray]
   rtol: float | None = None
+  hint: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +204,18 @@ def require(hf: Mapping[str, Any], key: str) -> Any:
 def refuse_if(condition: bool, message: str) -> None:
   if condition:
     raise ConfigError(FIELD, message)
+
+
+def window_value(hf: Mapping[str, Any], default: int | None) -> int | None:
+  """config.json's `sliding_window` (keys per query, itself included), `default` when the key
+  is absent, None for null (full attention). Refuses what is not a window, as transformers'
+  configs do: `true` (a bool, not a window of 1), other non-integers, and values below 1."""
+  window = hf.get('sliding_window', default)
+  refuse_if(window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                    or window < 1),
+            f'sliding_window={window!r} in config.json is not a window: set it to the number of '
+            'keys each query attends to (an integer, 1 or more), or to null for full attention')
+  return window
 
 
 # RoPE scalings refused by name, with why: each makes a position's rotation depend on how long
@@ -353,8 +367,17 @@ def checkpoint_files(path: Path) -> list[Path]:
   """The safetensors files of a checkpoint: the index's shards, or the single file(s)."""
   index = path / INDEX_FILE
   if index.is_file():
-    with open(index) as f:
-      weight_map = json.load(f).get('weight_map') or {}
+    try:
+      with open(index) as f:
+        content = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, bad UTF-8
+      raise ConfigError(FIELD, f'cannot read {str(index)!r} ({e}); it is damaged or incomplete: '
+                        're-download the checkpoint') from e
+    weight_map = content.get('weight_map') if isinstance(content, dict) else None
+    refuse_if(not isinstance(weight_map, dict) or
+              not all(isinstance(v, str) for v in weight_map.values()),
+              f'{str(index)!r} has no weight_map object (tensor name -> shard file); it is '
+              'damaged or not a safetensors index: re-download the checkpoint')
     files = sorted({path / name for name in weight_map.values()})
     missing = [f.name for f in files if not f.is_file()]
     refuse_if(bool(missing), f'{INDEX_FILE} names shard(s) that are missing: {", ".join(missing)}; '
@@ -522,15 +545,14 @@ def _to_ours(tensor: np.ndarray, piece: _Piece, expected: Mapping[tuple[str, ...
   return array
 
 
-def _to_hf(pieces: Sequence[_Piece], flat: Mapping[tuple[str, ...], np.ndarray],
+def _to_hf(pieces: Sequence[_Piece], flat: Mapping[tuple[str, ...], '_Lazy'],
            dtype: Any = None) -> np.ndarray:
   """One checkpoint tensor from the params its pieces hold (parts concatenated in order)."""
   arrays = []
   for piece in sorted(pieces, key=lambda p: p.rule.part or (0, 1)):
-    array = flat[piece.param] if piece.expert is None else flat[piece.param][piece.expert]
-    # Host arrays (jax ones come over here, one tensor at a time); no copy when the dtype
-    # stays: the writer makes the one contiguous copy a tensor needs.
-    array = np.asarray(array)
+    lazy = flat[piece.param] if piece.expert is None else flat[piece.param][piece.expert]
+    array = lazy.host() if isinstance(lazy, _Lazy) else np.asarray(lazy)
+    # No copy when the dtype stays: the writer makes the one contiguous copy a tensor needs.
     if dtype is not None:
       array = array.astype(jnp.dtype(dtype), copy=False)
     if piece.rule.permute is not None:
@@ -789,6 +811,25 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
     with safetensors.safe_open(infos[name].file, framework='numpy') as f:
       return get(f, name)
 
+  # The redundant tensors (a tied head's copy, RoPE's inv_freq), checked before the bulk read:
+  # a checkpoint they show to contradict its config is refused having read only them and
+  # what they must equal (the embedding); each rule's value is computed once.
+  values: dict[Redundant, np.ndarray] = {}
+  for name, rule in redundant.items():
+    if name not in infos:
+      continue
+    if rule not in values:
+      values[rule] = np.asarray(rule.expected(cfg, read), np.float32)
+    value, fix = values[rule], f'; {rule.hint}' if rule.hint else ''
+    refuse_if(infos[name].shape != value.shape, f'tensor {name!r} has shape '
+              f'{list(infos[name].shape)}, expected {list(value.shape)} from config.json (it '
+              f'should repeat other weights or follow from the config){fix}')
+    got = read(name).astype(np.float32)
+    ok = (np.array_equal(got, value) if rule.rtol is None else
+          np.allclose(got, value, rtol=rule.rtol, atol=0))
+    refuse_if(not ok, f'tensor {name!r} does not match what config.json implies (it should '
+              f'repeat other weights or follow from the config); config and weights disagree{fix}')
+
   for file, names in by_file.items():
     with safetensors.safe_open(file, framework='numpy') as f:
       for name in names:
@@ -802,19 +843,8 @@ def load_checkpoint(path: str | Path, family: Family | None = None, *,
             flat[piece.param] = array
           else:
             if piece.param not in flat:
-              flat[piece.param] = np.empty(expected[piece.param].shape, dtype)
+              flat[piece.param] = np.empty(expected[piece.param].shape, want)
             flat[piece.param][piece.expert] = array
-
-  for name, rule in redundant.items():
-    if name not in infos:
-      continue
-    got = read(name).astype(np.float32)
-    want = np.asarray(rule.expected(cfg, read), np.float32)
-    ok = (got.shape == want.shape and
-          (np.array_equal(got, want) if rule.rtol is None else
-           np.allclose(got, want, rtol=rule.rtol, atol=0)))
-    refuse_if(not ok, f'tensor {name!r} does not match what config.json implies (it should '
-              'repeat other weights or follow from the config); config and weights disagree')
 
   variables = _nest(flat, cfg, scan_layers)
   if not host:
@@ -858,10 +888,34 @@ def _nest(flat: Mapping[tuple[str, ...], np.ndarray], cfg: ModelConfig, scan_lay
 # Writing.
 
 
+class _Lazy:
+  """A param, or a slice of one (a layer of a scanned stack, an expert), brought to the host
+  only by `host()`: an export converts one tensor at a time, and device params (or a stack's
+  other layers) must not all come over first."""
+
+  def __init__(self, array: Any, index: tuple[int, ...] = ()):
+    self.array, self.index = array, index
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.array.shape[len(self.index):])
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(self.array.dtype)
+
+  def __getitem__(self, i: int) -> '_Lazy':
+    return _Lazy(self.array, self.index + (i,))
+
+  def host(self) -> np.ndarray:
+    # Sliced where the array lives (a device slice, or a numpy view), then brought over.
+    return np.asarray(self.array[self.index] if self.index else self.array)
+
+
 def _flatten_params(params: Mapping[str, Any], cfg: ModelConfig
-                    ) -> dict[tuple[str, ...], np.ndarray]:
-  """Params in either layout -> {path: host array} in the per-layer layout; from a variables
-  dict, the non-trained state too (paths led by the collection's name)."""
+                    ) -> dict[tuple[str, ...], '_Lazy']:
+  """Params in either layout -> {path: the param, not yet on the host} in the per-layer layout;
+  from a variables dict, the non-trained state too (paths led by the collection's name)."""
   params = nn.unbox(dict(params))
   trees = {(): params}
   if 'params' in params:  # a variables dict (from `init`, or load_checkpoint(collections=True))
@@ -873,7 +927,7 @@ def _flatten_params(params: Mapping[str, Any], cfg: ModelConfig
   for lead, tree in trees.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       keys = tuple(k.key for k in path)
-      array = np.asarray(leaf)
+      array = _Lazy(leaf)
       stack = stacks.get(keys[0])
       if stack is not None:
         if array.shape[:1] != (stack.num_layers,):
@@ -951,10 +1005,14 @@ def save_checkpoint(path: str | Path, params: Mapping[str, Any],
 
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  with open(path / CONFIG_FILE, 'w') as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-    f.write('\n')
   writer.write_checkpoint(
       path, specs, lambda name: _to_hf(mapped[name], flat, None if is_state[name] else dtype),
       max_shard_bytes=max_shard_bytes)
+  # Last, once the weights are in place: a failed export leaves the earlier config with the
+  # earlier weights.
+  tmp = path / (CONFIG_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path / CONFIG_FILE)
   return path

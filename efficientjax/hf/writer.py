@@ -19,6 +19,7 @@ offsets relative to the end of the header.
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -76,9 +77,8 @@ def _header(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
 
 def write_file(path: Path, specs: Sequence[TensorSpec],
                produce: Callable[[str], np.ndarray], metadata: Mapping[str, str]) -> None:
-  """One safetensors file, each tensor made by `produce` when its turn comes."""
-  tmp = path.with_name(path.name + '.tmp')
-  with open(tmp, 'wb') as f:
+  """One safetensors file at `path`, each tensor made by `produce` when its turn comes."""
+  with open(path, 'wb') as f:
     f.write(_header(specs, metadata))
     for name, shape, dtype in specs:
       array = np.ascontiguousarray(produce(name))
@@ -87,7 +87,10 @@ def write_file(path: Path, specs: Sequence[TensorSpec],
                          f'says {np.dtype(dtype)}{list(shape)}')
       f.write(memoryview(array.reshape(-1).view(np.uint8)))  # little-endian, as x86/ARM hosts
       del array
-  os.replace(tmp, path)  # never a half-written file under the final name
+
+
+# The weight files an export writes; other files in the directory are the user's.
+_OURS = re.compile(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json')
 
 
 def write_checkpoint(directory: Path, specs: Sequence[TensorSpec],
@@ -96,8 +99,11 @@ def write_checkpoint(directory: Path, specs: Sequence[TensorSpec],
                      metadata: Mapping[str, str] | None = None) -> list[Path]:
   """The weight files of a checkpoint (single or sharded with its index); returns them.
 
-  Files of an earlier export in `directory` that this one does not write (a single file where
-  shards are written now, or the reverse) are removed, so the directory holds one checkpoint.
+  Every file is written under a temporary name first and renamed only once all are complete,
+  so an export that fails part-way (a tensor that does not convert, a full disk) leaves an
+  earlier export in `directory` as it was and no partial file. After the renames, weight files
+  of an earlier export that this one does not use (a single file where shards are written now,
+  or the reverse) are removed; other files are left alone.
   """
   if max_shard_bytes < 1:
     raise ValueError(f'max_shard_bytes must be positive, got {max_shard_bytes}')
@@ -107,19 +113,26 @@ def write_checkpoint(directory: Path, specs: Sequence[TensorSpec],
   n = len(shards)
   names = ([WEIGHTS_FILE] if n == 1 else
            [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)])
-  written = []
-  for name, tensors in zip(names, shards):
-    write_file(directory / name, tensors, produce, metadata)
-    written.append(directory / name)
-  stale = [p for p in directory.glob('model*.safetensors') if p not in written]
+  files = {directory / name: directory / (name + '.tmp') for name in names}
   if n > 1:
-    index = {'metadata': {'total_size': sum(_nbytes(s) for s in specs)},
-             'weight_map': {s[0]: name for name, tensors in zip(names, shards) for s in tensors}}
-    with open(directory / INDEX_FILE, 'w') as f:
-      json.dump(index, f, indent=2, sort_keys=True)
-      f.write('\n')
-  else:
-    stale += [p for p in [directory / INDEX_FILE] if p.exists()]
-  for p in stale:
-    p.unlink()
-  return written
+    files[directory / INDEX_FILE] = directory / (INDEX_FILE + '.tmp')
+  try:
+    for name, tensors in zip(names, shards):
+      write_file(files[directory / name], tensors, produce, metadata)
+    if n > 1:
+      index = {'metadata': {'total_size': sum(_nbytes(s) for s in specs)},
+               'weight_map': {s[0]: name for name, tensors in zip(names, shards)
+                              for s in tensors}}
+      with open(files[directory / INDEX_FILE], 'w') as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write('\n')
+  except BaseException:
+    for tmp in files.values():
+      tmp.unlink(missing_ok=True)
+    raise
+  for final, tmp in files.items():
+    os.replace(tmp, final)
+  for p in directory.iterdir():
+    if _OURS.fullmatch(p.name) and p not in files:
+      p.unlink()
+  return [directory / name for name in names]

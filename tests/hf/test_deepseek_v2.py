@@ -168,13 +168,20 @@ def test_generic_loader_dispatches_on_model_type(q_lora_checkpoint):
 
 
 def test_export_loads_in_transformers(checkpoint, tokens, tmp_path):
-  _, model, path = checkpoint
+  name, model, path = checkpoint
   fields, params = load_deepseek_v2(path)
   out = save_deepseek_v2(tmp_path / 'export', params, model_config(fields))
   config = read_config(out)
   assert config['architectures'] == ['DeepseekV2ForCausalLM']
   assert config['model_type'] == 'deepseek_v2'
   assert config['first_k_dense_replace'] == LAYERS  # every layer dense
+  if name == 'q_lora_yarn':
+    # Both spellings: transformers 4.x reads rope_scaling, DeepSeek's own code its 'type'.
+    assert config['rope_scaling']['rope_type'] == config['rope_scaling']['type'] == 'yarn'
+    assert config['rope_scaling'] == config['rope_parameters'] | {'type': 'yarn'}
+    assert config['max_position_embeddings'] == 64  # original context 16 x factor 4
+  else:
+    assert config['rope_scaling'] is None
 
   exported = transformers.DeepseekV2ForCausalLM.from_pretrained(out).eval()
   assert all(type(layer.mlp).__name__ == 'DeepseekV2MLP' for layer in exported.model.layers)

@@ -266,6 +266,8 @@ def test_export_loads_in_transformers_and_round_trips(checkpoint, loaded, tmp_pa
               'moe_intermediate_size', 'q_lora_rank', 'rope_interleave'):
     assert config[key] == getattr(hf, key), key
   assert config['rope_parameters'] == hf.rope_parameters | {'truncate': True}  # YaRN's default
+  # transformers 4.x reads rope_scaling, DeepSeek's own code its 'type'.
+  assert config['rope_scaling'] == config['rope_parameters'] | {'type': 'yarn'}
   assert (config['topk_method'], config['scoring_func'], config['num_nextn_predict_layers']) == (
       'noaux_tc', 'sigmoid', 0)
   # save_pretrained's names; the bias stays float32 even in a bfloat16 export.

@@ -14,7 +14,7 @@ import transformers
 
 from efficientjax.attention import kv_head_variant
 from efficientjax.errors import ConfigError
-from efficientjax.hf import load_checkpoint, load_llama, save_llama
+from efficientjax.hf import load_checkpoint, load_llama, safetensors_io, save_llama
 from efficientjax.model import ModelConfig
 from tests.hf.common import (assert_same_params, copy_with, hf_logits, leaves, random_tokens,
                              random_variables, read_config, save_pretrained, transformer_logits)
@@ -327,11 +327,71 @@ def test_redundant_tensors(tmp_path, tokens):
                                         tensors={'lm_head.weight': embed, **buffers}))
   assert np.abs(our_logits(fields, params, tokens) - hf_logits(model, tokens)).max() < 1e-4
 
-  with pytest.raises(ConfigError, match="'lm_head.weight' does not match"):
+  with pytest.raises(ConfigError, match="'lm_head.weight' does not match.*set "
+                     'tie_word_embeddings false in config.json'):
     load_llama(copy_with(src, tmp_path / 'head', tensors={'lm_head.weight': embed + 1}))
+  # A copy of another shape is refused on its header.
+  narrow = np.ascontiguousarray(embed[:, :32])
+  with pytest.raises(ConfigError, match=r"'lm_head.weight' has shape \[128, 32\], expected "
+                     r'\[128, 64\].*set tie_word_embeddings false'):
+    load_llama(copy_with(src, tmp_path / 'narrow', tensors={'lm_head.weight': narrow}))
   scaled = {k: v / 8 for k, v in buffers.items()}
-  with pytest.raises(ConfigError, match='rotary_emb.inv_freq\' does not match'):
+  with pytest.raises(ConfigError, match="rotary_emb.inv_freq' does not match.*rope_scaling is "
+                     'missing or wrong'):
     load_llama(copy_with(src, tmp_path / 'rope', tensors=scaled))
+
+
+def test_redundant_refusal_comes_before_the_weights(tmp_path, monkeypatch):
+  """A tied head's copy that differs from the embedding is refused having read only the two:
+  every other tensor is unreadable here, so a check after the bulk read would fail on them."""
+  model = hf_model(**CASES['mha_tied'])
+  embed = model.model.embed_tokens.weight.detach().numpy()
+  path = copy_with(save_pretrained(model, tmp_path / 'src'), tmp_path / 'head',
+                   tensors={'lm_head.weight': embed + 1})
+  readable, reads = {'lm_head.weight', 'model.embed_tokens.weight'}, []
+  safe_open = safetensors_io.safetensors.safe_open
+
+  class Unreadable:
+    """safe_open whose tensors but `readable` fail to read (headers read as usual)."""
+
+    def __init__(self, *args, **kwargs):
+      self._file = safe_open(*args, **kwargs)
+
+    def __enter__(self):
+      self._file.__enter__()
+      return self
+
+    def __exit__(self, *exc):
+      return self._file.__exit__(*exc)
+
+    def __getattr__(self, name):
+      return getattr(self._file, name)
+
+    def get_tensor(self, name):
+      reads.append(name)
+      if name not in readable:
+        raise OSError(f'{name} is unreadable')
+      return self._file.get_tensor(name)
+
+  monkeypatch.setattr(safetensors_io.safetensors, 'safe_open', Unreadable)
+  with pytest.raises(ConfigError, match="'lm_head.weight' does not match.*set "
+                     'tie_word_embeddings false in config.json'):
+    load_llama(path)
+  assert set(reads) == readable
+
+
+def test_malformed_index_refused(gqa_checkpoint, tmp_path):
+  """A damaged model.safetensors.index.json is a ConfigError naming it, not a JSON error."""
+  _, path = gqa_checkpoint
+  for i, (text, phrase) in enumerate([
+      ('{"weight_map": {"model.embed_tokens.weight": ', 'cannot read .*index.json'),
+      ('[]', 'index.json.* has no weight_map object'),
+      ('{"weight_map": {"lm_head.weight": 3}}', 'index.json.* has no weight_map object')]):
+    damaged = copy_with(path, tmp_path / str(i))
+    (damaged / 'model.safetensors.index.json').write_text(text)
+    with pytest.raises(ConfigError, match=f'{phrase}.*re-download the checkpoint') as e:
+      load_llama(damaged)
+    assert e.value.field == 'model.hf'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_config_mapping(checkpoints):
     (dict(layer_types=['sliding_attention', 'full_attention']),
      r"layer_types \['sliding_attention', 'full_attention'\] differ .*Ministral"),
     (dict(layer_types=['full_attention'] * 2), 'sliding_window=5 on every one of the 2 layers'),
-    (dict(sliding_window=0), 'sliding_window=0 is not a positive number of keys'),
+    (dict(sliding_window=0), 'sliding_window=0 in config.json is not a window'),
     (dict(rope_parameters={'rope_type': 'dynamic', 'rope_theta': 5e3, 'factor': 2.0}),
      "RoPE scaling 'dynamic' is not supported"),
     (dict(rope_parameters={'sliding_attention': {'rope_type': 'default', 'rope_theta': 5e3}},

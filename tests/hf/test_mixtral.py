@@ -239,7 +239,7 @@ def test_export_refusals(top2_checkpoint, tmp_path, field, value):
 @pytest.mark.parametrize('change, phrase', [
     (dict(num_experts_per_tok=5), 'num_experts_per_tok=5 must be between 1 and '
      'num_local_experts=4'),
-    (dict(sliding_window=0), 'sliding_window=0 is not a positive number of keys'),
+    (dict(sliding_window=0), 'sliding_window=0 in config.json is not a window'),
     (dict(hidden_act='gelu'), "hidden_act='gelu' is not supported"),
     (dict(rope_parameters={'rope_type': 'dynamic', 'rope_theta': 5000.0, 'factor': 2.0}),
      "RoPE scaling 'dynamic' is not supported"),

@@ -69,20 +69,42 @@ def test_a_tensor_larger_than_a_shard_gets_a_file_of_its_own():
   assert [[s[0] for s in f] for f in writer.shard(specs, 100)] == [['x'], ['big'], ['y']]
 
 
-def test_a_new_export_replaces_the_old_layout(tmp_path):
+def test_a_new_export_replaces_the_old_layout_and_leaves_other_files(tmp_path):
   tensors = _tensors()
+  mine = ['model_ema.safetensors', 'model-best.safetensors', 'tokenizer.json']
+  for name in mine:
+    (tmp_path / name).write_text('the user\'s')
   _write(tmp_path, tensors, max_shard_bytes=100)
   _write(tmp_path, tensors)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ['model.safetensors']
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['model.safetensors', *mine])
   _write(tmp_path, tensors, max_shard_bytes=100)
   assert not (tmp_path / 'model.safetensors').exists()
+  assert all((tmp_path / name).read_text() == 'the user\'s' for name in mine)
+
+
+def test_an_export_that_fails_part_way_leaves_the_earlier_one_whole(tmp_path):
+  """A tensor that fails in the last file: no file of the new export is in place, no temporary
+  is left, and the earlier sharded checkpoint still reads back bit for bit."""
+  tensors = _tensors()
+  _write(tmp_path, tensors, max_shard_bytes=190)  # two files and the index
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  changed = {k: v + 1 if v.dtype != np.int64 else v for k, v in tensors.items()}
+
+  def produce(name):
+    if name == 'e.ids':  # in the second file
+      raise OSError('disk full')
+    return changed[name]
+  specs = [(k, v.shape, v.dtype) for k, v in tensors.items()]
+  with pytest.raises(OSError, match='disk full'):
+    writer.write_checkpoint(tmp_path, specs, produce, max_shard_bytes=190)
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_a_tensor_that_disagrees_with_its_header_leaves_no_file(tmp_path):
   specs = [('a', (2, 3), np.float32)]
   with pytest.raises(ValueError, match="tensor 'a' came out float32\\[3, 2\\]"):
     writer.write_checkpoint(tmp_path, specs, lambda name: np.zeros((3, 2), np.float32))
-  assert not (tmp_path / 'model.safetensors').exists()
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_sharded_export_loads_in_transformers_and_back(tmp_path):
