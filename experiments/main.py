@@ -10,6 +10,7 @@ checkpoint is good. `--help` lists the config files and their presets.
 
 import ast
 import datetime
+import json
 import os
 import sys
 
@@ -124,20 +125,43 @@ def _explicit_model_fields(argv: list[str]) -> set[str]:
   return {a[len(prefix):].split('=', 1)[0] for a in argv[1:] if a.startswith(prefix)}
 
 
-def _resolve_init(config) -> None:
+def _resolved_before(workdir: str, spec: str) -> dict | None:
+  """The `model` section a run in `workdir` already resolved from the same weight source (a
+  restart), or None: a restart resumes from its own checkpoints and never reads the source
+  again (it may have moved, or saved newer steps)."""
+  from efficientjax.train import init_from  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      model = json.load(f)['model']
+    kind, path, step = init_from.parse(spec)
+    theirs = init_from.parse(model['init'])
+  except (OSError, ValueError, KeyError, TypeError, ConfigError):
+    return None
+  same = theirs[:2] == (kind, path) and step in (None, theirs[2])
+  has_checkpoints = os.path.isdir(os.path.join(workdir, 'checkpoints'))
+  return model if same and has_checkpoints else None
+
+
+def _resolve_init(config, workdir: str) -> None:
   """With model.init set, the architecture comes from the weight source: its fields are set in
   `config` (a command-line value contradicting the source exits 2), before anything is checked
-  or built. Reads the source's config only, never its weights."""
+  or built. Reads the source's config only, never its weights; a restart takes what its first
+  start resolved."""
   if not config.model.init:
     return
   from configs import base  # pylint: disable=g-import-not-at-top
   from efficientjax.train import init_from  # pylint: disable=g-import-not-at-top
-  try:
-    model, source, replaced = init_from.resolve(
-        config.model.to_dict(), config.data.to_dict(), base.get_config().model.to_dict(),
-        _explicit_model_fields(sys.argv))
-  except ConfigError as e:
-    fail([e])
+  model = _resolved_before(workdir, config.model.init)
+  if model is None:
+    try:
+      model, source, replaced = init_from.resolve(
+          config.model.to_dict(), config.data.to_dict(), base.get_config().model.to_dict(),
+          _explicit_model_fields(sys.argv))
+    except ConfigError as e:
+      fail([e])
+    what = f'{source.family} checkpoint' if source.kind == 'hf' else f'run, step {source.step}'
+    sys.stderr.write(f'model.init: weights and architecture from {source.path} ({what})'
+                     + (f'; set from it: {", ".join(replaced)}' if replaced else '') + '\n')
   for path, value in init_from.leaves(model).items():
     *parents, key = path.split('.')
     node = config.model
@@ -145,9 +169,6 @@ def _resolve_init(config) -> None:
       node = node[p]
     if node[key] != value:
       node[key] = value
-  what = f'{source.family} checkpoint' if source.kind == 'hf' else f'run, step {source.step}'
-  sys.stderr.write(f'model.init: weights and architecture from {source.path} ({what})'
-                   + (f'; set from it: {", ".join(replaced)}' if replaced else '') + '\n')
 
 
 def _main(argv: list[str]) -> None:
@@ -166,7 +187,7 @@ def _main(argv: list[str]) -> None:
       'runs', f'{_config_name(sys.argv)}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}')
   # Before anything asks JAX for devices: the checks below need the global device count.
   parallel.maybe_initialize_distributed()
-  _resolve_init(config)
+  _resolve_init(config, workdir)
   errors = validate.check_run(config, workdir)
   if errors:
     fail(errors)

@@ -711,6 +711,11 @@ def check_tokenizer(config: Mapping[str, Any], tokenizer_vocab_size: int, *,
   """Checks that need the tokenizer (cheap to build: no corpus is read), for a config that
   passed `check` (`num_devices` as there)."""
   vocab = config['model']['vocab_size']
+  if vocab is not None and vocab < tokenizer_vocab_size and config['model'].get('init'):
+    # The source fixes the vocabulary: the tokenizer must be one its embedding was trained on.
+    return [ConfigError('model.init', f'{config["model"]["init"]} has a vocabulary of {vocab} '
+                        f'tokens, fewer than this run\'s tokenizer ({tokenizer_vocab_size}); use '
+                        'the tokenizer the source was trained with (data.tokenizer)')]
   if vocab is not None and vocab < tokenizer_vocab_size:
     return [ConfigError('model.vocab_size', f'{vocab} is smaller than the tokenizer\'s '
                         f'{tokenizer_vocab_size} tokens; raise it or leave it unset',

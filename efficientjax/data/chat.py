@@ -61,6 +61,13 @@ def render_chat(tokenizer_or_dir: CheckpointTokenizer | str | os.PathLike,
   'default'), or is a template's source itself. `tools` are JSON schemas, as in transformers'
   apply_chat_template. A template's raise_exception raises jinja2.TemplateError.
   """
+  # apply_chat_template's own options, not template variables: refused rather than passed to
+  # the template, where they would change nothing and the output would silently differ.
+  unsupported = sorted(set(kwargs) & _APPLY_OPTIONS)
+  if unsupported:
+    raise TypeError(f'render_chat does not implement apply_chat_template\'s '
+                    f'{", ".join(unsupported)}; render the conversation without it (ids: '
+                    'encode_chat)')
   tokenizer = _checkpoint(tokenizer_or_dir)
   template = _compile(_select(tokenizer, chat_template, tools))
   if not messages:
@@ -76,6 +83,12 @@ def render_chat(tokenizer_or_dir: CheckpointTokenizer | str | os.PathLike,
   return template.render(messages=_messages(messages), tools=_plain(tools),
                          documents=_plain(documents),
                          add_generation_prompt=add_generation_prompt, **variables)
+
+
+# transformers' apply_chat_template options that are not template variables.
+_APPLY_OPTIONS = frozenset({
+    'continue_final_message', 'tokenize', 'padding', 'truncation', 'max_length',
+    'return_tensors', 'return_dict', 'return_assistant_tokens_mask', 'tokenizer_kwargs'})
 
 
 def encode_chat(tokenizer_or_dir: CheckpointTokenizer | str | os.PathLike,

@@ -103,13 +103,28 @@ def _source_fields(kind: str, path: str, step: int | None, spec: str, data: Mapp
       fields = family.fields_from_hf(hf)
     except ConfigError as e:  # the loaders name their own field (model.hf): say it is init's
       raise ConfigError(FIELD, f'{spec}: {e.message}') from None
-    return leaves(fields), None, family.name
+    # A checkpoint that ships its tokenizer was trained on its ids: another tokenizer would read
+    # the embedding's rows as other tokens.
+    ours = os.path.abspath(os.path.expanduser(str(data.get('tokenizer'))))
+    if (os.path.isfile(os.path.join(path, 'tokenizer.json')) and
+        ours not in (path, os.path.join(path, 'tokenizer.json'))):
+      raise ConfigError(FIELD, f'{spec}: the checkpoint has its own tokenizer, and this run '
+                        f'tokenises with data.tokenizer={data.get("tokenizer")!r}; set '
+                        f'--config.data.tokenizer={path}')
+    # Training settings a family maps (DeepSeek's aux loss coefficient) stay the run's own.
+    return _architecture(fields), None, family.name
   config_file = os.path.join(path, 'config.json')
   if not os.path.isfile(config_file):
     raise ConfigError(FIELD, f'{spec}: {config_file} is missing; give the --workdir of a run of '
                       'this project (it keeps config.json beside checkpoints/)')
-  with open(config_file) as f:
-    source = json.load(f)
+  try:
+    with open(config_file) as f:
+      source = json.load(f)
+    source_model, source_data = dict(source['model']), dict(source['data'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(FIELD, f'{spec}: {config_file} is not a config.json written by this '
+                      f'project ({type(e).__name__}: {e}); give the --workdir of one of its '
+                      'runs') from None
   steps = _run_steps(path)
   if not steps:
     raise ConfigError(FIELD, f'{spec}: {path} has no checkpoints (train.checkpoint_every was 0, '
@@ -121,12 +136,15 @@ def _source_fields(kind: str, path: str, step: int | None, spec: str, data: Mapp
                       f'has steps {", ".join(map(str, steps))}')
   # The embedding table's rows are the source's token ids: another tokenizer would read them
   # as other tokens.
-  theirs = source.get('data', {}).get('tokenizer')
+  theirs = source_data.get('tokenizer')
   if theirs != data.get('tokenizer'):
     raise ConfigError(FIELD, f'{spec}: that run tokenised with data.tokenizer={theirs!r}, this '
                       f'one with {data.get("tokenizer")!r}; set --config.data.tokenizer={theirs}')
-  fields = _architecture(source['model'])
-  return fields, step, None
+  # A learned position table is sized by the source's sequence length where it left the field
+  # to be derived: pinned here, so this run's data.seq_len cannot resize it.
+  if source_model.get('max_seq_len') is None:
+    source_model['max_seq_len'] = source_data.get('seq_len')
+  return _architecture(source_model), step, None
 
 
 def resolve(model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping[str, Any],
@@ -157,7 +175,8 @@ def resolve(model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping
   unknown = sorted(set(wanted) - set(current))
   if unknown:  # a field the source names that this version's schema lacks
     raise ConfigError(FIELD, f'{spec}: its model has field(s) {", ".join(unknown)} that this '
-                      'version of the project does not know')
+                      'version of the project does not know; run the version that wrote it (its '
+                      "record's env.git_commit), or export it with efficientjax.hf and use hf:DIR")
   conflicts = [f'model.{k}={current[k]!r} (from the command line) but the source has {v!r}'
                for k, v in sorted(wanted.items())
                if k in explicit and not _same(current[k], v)]
@@ -166,8 +185,11 @@ def resolve(model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping
                       '. Drop those overrides, or use another source')
   replaced = [f'model.{k}: {current[k]!r} -> {v!r}' for k, v in sorted(wanted.items())
               if not _same(current[k], v)]
-  out = _leaves_to_tree({**current, **wanted})
-  return out, Source(spec, kind, path, step, family), replaced
+  # The spec as resolved (absolute path, the step chosen): the load and any restart read the
+  # same checkpoint even if the source run saves newer ones meanwhile.
+  canonical = f'{kind}:{path}' + (f':{step}' if step is not None else '')
+  out = _leaves_to_tree({**current, **wanted, 'init': canonical})
+  return out, Source(canonical, kind, path, step, family), replaced
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -217,13 +239,18 @@ def _load_run_params(source: Source, cfg: ModelConfig) -> dict[str, Any]:
   integrity manifest and finite, restored without the optimizer state."""
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
 
-  from efficientjax.train.checkpoint import verify_manifest  # pylint: disable=g-import-not-at-top
+  from efficientjax.train.checkpoint import CheckpointError, verify_manifest  # pylint: disable=g-import-not-at-top
   with open(os.path.join(source.path, 'config.json')) as f:
     theirs = json.load(f)['model']
   # The source's own layout (scanned or not); the architecture is the same as ours.
   source_cfg = dataclasses.replace(cfg, scan_layers=bool(theirs.get('scan_layers', True)))
   directory = Path(source.path) / 'checkpoints' / str(source.step)
-  verify_manifest(str(directory))  # raises CorruptCheckpoint naming the file that differs
+  steps = ', '.join(map(str, _run_steps(source.path)))
+  try:
+    verify_manifest(str(directory))  # raises CorruptCheckpoint naming the file that differs
+  except CheckpointError as e:
+    raise ConfigError(FIELD, f'{source.spec}: checkpoint {directory} is damaged ({e}); choose '
+                      f'another step, run:{source.path}:STEP with STEP one of {steps}') from None
   abstract = jax.eval_shape(
       lambda: Transformer(source_cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32)))
   # As efficientjax.train.checkpoint stores the state: params, and model_state when there is one.
@@ -234,18 +261,26 @@ def _load_run_params(source: Source, cfg: ModelConfig) -> dict[str, Any]:
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=cpu, global_shape=a.shape, dtype=a.dtype), target)
   item = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), target)
-  out = ocp.PyTreeCheckpointer().restore(
-      str(directory / 'state'),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  params = jax.tree.map(lambda a: np.asarray(a).astype(cfg.param_dtype), out['params'])
+  try:
+    out = ocp.PyTreeCheckpointer().restore(
+        str(directory / 'state'),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  except (ValueError, KeyError) as e:  # shapes or names that do not fit the resolved model
+    raise ConfigError(FIELD, f'{source.spec}: step {source.step} does not restore into the '
+                      f'model its config.json describes ({str(e).splitlines()[0][:300]})') from None
+  # Restored in the source's dtype; cast (no copy where it already is the run's).
+  params = jax.tree.map(lambda a: np.asarray(a).astype(cfg.param_dtype, copy=False),
+                        out['params'])
   bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
          if not np.isfinite(x).all()]
   if bad:
     raise ConfigError(FIELD, f'{source.spec}: step {source.step} holds non-finite values in '
                       f'{", ".join(bad[:3])}; choose an earlier step (run:WORKDIR:STEP)')
-  if source_cfg.scan_layers != cfg.scan_layers:
-    params = scan_params(params, cfg) if cfg.scan_layers else unscan_params(params, cfg)
   variables = {'params': params}
   if 'model_state' in out:
     variables.update(jax.tree.map(np.asarray, out['model_state']))
+  if source_cfg.scan_layers != cfg.scan_layers:
+    # Per-layer trees, the routing biases as much as the params, change layout together.
+    convert = scan_params if cfg.scan_layers else unscan_params
+    variables = {name: convert(tree, cfg) for name, tree in variables.items()}
   return variables

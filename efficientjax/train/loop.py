@@ -147,20 +147,19 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     state, meta, resume_step = checkpointer.restore_latest_good(
         abstract, shardings, resume_step=cfg_train['resume_step'],
         on_bad=cfg_train['on_bad_checkpoint'])
-  init_source = None
   if resume_step is not None:
     data.train.restore(meta['data'])
   elif config['model'].get('init'):
     # Trained weights (model.init), the optimizer starting afresh: no random init is built.
     t_init = time.perf_counter()
-    init_source = init_from.source(config['model']['init'])
+    source = init_from.source(config['model']['init'])
     state = state_from_variables(tx, mesh, config['seed'], shardings, abstract,
-                                 init_from.load(init_source, model_cfg))
-    say(f'initialised from {init_source.spec} ({time.perf_counter() - t_init:.1f} s)')
+                                 init_from.load(source, model_cfg))
+    # Kept with every checkpoint: a restart names the source without reading it again.
+    meta['init'] = source.record()
+    say(f'initialised from {source.spec} ({time.perf_counter() - t_init:.1f} s)')
   else:
     state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
-  if init_source is None and config['model'].get('init'):
-    init_source = init_from.source(config['model']['init'])  # resumed: named in the record
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
   analytic = flop_counts.analytic_flops_per_step(model_cfg, seq_len=seq_len, batch=global_batch)
@@ -323,7 +322,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       data_stats=data.stats,
       checkpoint_dir=checkpointer.directory if checkpointer else None,
       skipped_steps=skipped,
-      init=init_source.record() if init_source else None,
+      init=meta.get('init'),
       attention_impl=resolve_implementation(model_cfg.attention_impl, model_cfg.dtype),
       device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(),

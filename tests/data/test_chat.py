@@ -394,6 +394,9 @@ def test_rendering_needs_a_checkpoint_template(dirs, ours, tmp_path):
       '<|im_start|>system\n')
   with pytest.raises(ValueError, match="no chat template named 'tool_us'"):
     render_chat(ours['chatml'], SYSTEM_USER, chat_template='tool_us')
+  # apply_chat_template's own options are not template variables: refused, not ignored.
+  with pytest.raises(TypeError, match='continue_final_message'):
+    render_chat(ours['chatml'], SYSTEM_USER, continue_final_message=True)
 
 
 def test_templates_run_sandboxed(ours):

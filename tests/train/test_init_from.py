@@ -52,19 +52,36 @@ def test_the_command_continues_from_a_runs_checkpoint(source, tmp_path):
                '--config.train.warmup_steps=1',
                '--config.data.seq_len=64', '--config.data.max_documents=200',
                '--config.train.global_batch_size=4', '--config.train.eval_batches=2',
-               '--config.train.checkpoint_every=0',
+               '--config.train.checkpoint_every=3',
                f'--config.model.init=run:{workdir}', '--config.model.scan_layers=false')
   assert proc.returncode == 0, proc.stderr
   assert f'weights and architecture from {workdir} (run, step 6)' in proc.stderr
   assert 'model.embed_dim: 128 -> 64' in proc.stderr
   (record,) = read_records(out / 'results.jsonl')
   validate_record(record)
-  assert record['model']['init'] == {'source': f'run:{workdir}', 'kind': 'run',
+  assert record['model']['init'] == {'source': f'run:{workdir}:6', 'kind': 'run',
                                      'path': str(workdir), 'step': 6, 'family': None}
   # The same weights and held-out data (and an unscanned layout, converted on load): the first
   # evaluation is the source's last, to float32 rounding of the other layout's reductions.
   assert record['quality']['initial_eval_loss'] == pytest.approx(final_loss, rel=1e-6)
   assert record['steps']['start'] == 0 and record['steps']['final'] == 3
+
+  # A restart resumes from its own checkpoint and never reads the source again: moved away, its
+  # record still names the step the weights came from.
+  moved = tmp_path / 'moved'
+  os.rename(workdir, moved)
+  try:
+    proc = _main('--config=configs/quickstart.py', f'--workdir={out}', '--config.train.steps=4',
+                 '--config.train.warmup_steps=1', '--config.data.seq_len=64',
+                 '--config.data.max_documents=200', '--config.train.global_batch_size=4',
+                 '--config.train.eval_batches=2', '--config.train.checkpoint_every=3',
+                 f'--config.model.init=run:{workdir}', '--config.model.scan_layers=false')
+  finally:
+    os.rename(moved, workdir)
+  assert proc.returncode == 0, proc.stderr
+  assert 'resumed from the checkpoint at step 3' in proc.stderr
+  last = read_records(out / 'results.jsonl')[-1]
+  assert last['steps']['start'] == 3 and last['model']['init']['step'] == 6
 
 
 def test_the_command_refuses_an_override_that_contradicts_the_source(source, tmp_path):
@@ -87,6 +104,11 @@ def test_a_hugging_face_export_starts_at_the_sources_loss(source, tmp_path):
   model, src, _ = init_from.resolve({**config['model'], 'num_layers': 5,
                                      'init': f'hf:{export}'}, config['data'], DEFAULTS)
   assert src.kind == 'hf' and src.family == 'Llama' and model['num_layers'] == 2
+  # A checkpoint with its own tokenizer runs only with it.
+  (export / 'tokenizer.json').write_text('{}')
+  with pytest.raises(ConfigError, match=f'has its own tokenizer.*data.tokenizer={export}'):
+    init_from.resolve({**config['model'], 'init': f'hf:{export}'}, config['data'], DEFAULTS)
+  (export / 'tokenizer.json').unlink()
   assert model['vocab_size'] == cfg.vocab_size  # from config.json, where it was derived
   run = {**config, 'model': model, 'train': {**config['train'], 'steps': 1,
                                              'checkpoint_every': 0}}
@@ -146,3 +168,30 @@ def test_a_state_around_given_weights_is_init_states_but_for_the_params():
   assert jax.tree.structure(state) == jax.tree.structure(reference)
   assert jax.tree.map(lambda a: a.sharding, state) == jax.tree.map(lambda a: a.sharding,
                                                                    reference)
+
+
+def test_a_moe_run_restores_its_routing_biases_into_another_layout(tmp_path):
+  """An aux-free MoE source (routing biases in the model state), restored into an unscanned
+  run: params and biases change layout together, and equal the source's."""
+  moe = {'model.ffn': 'moe', 'model.moe.num_experts': 4, 'model.moe.aux_free': True,
+         'model.moe.bias_update_rate': 0.1, 'model.num_layers': 1, 'train.steps': 3,
+         'train.checkpoint_every': 3, 'train.eval_every': 0}
+  config = smoke_config(**moe)
+  src = tmp_path / 'src'
+  result = train(config, str(src), devices=ONE, progress=False)
+  (src / 'config.json').write_text(json.dumps(config))
+  model, source, _ = init_from.resolve({**config['model'], 'scan_layers': False,
+                                        'init': f'run:{src}'}, config['data'], DEFAULTS)
+  cfg = ModelConfig.from_config(model, tokenizer_vocab_size=257)
+  variables = init_from.load(source, cfg)
+  assert set(variables) == {'params', 'moe_state'} and 'block_0' in variables['moe_state']
+  bias = variables['moe_state']['block_0']['mlp']['bias']
+  assert result.moe['routing_bias_per_layer'] == [bias.tolist()]
+  assert np.abs(bias).max() > 0  # moved from zero by the steps
+
+
+def test_a_source_vocabulary_smaller_than_the_tokenizer_names_model_init():
+  from experiments import validate  # pylint: disable=g-import-not-at-top
+  c = smoke_config(**{'model.vocab_size': 128, 'model.init': 'hf:/some/checkpoint'})
+  (error,) = validate.check_tokenizer(c, 257, num_devices=1)
+  assert error.field == 'model.init' and 'fewer than this run\'s tokenizer (257)' in error.message
