@@ -73,9 +73,10 @@ def _get(hf: Mapping[str, Any], key: str) -> Any:
 def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   """`rope_theta` and, for YaRN, our `yarn` fields, from either config spelling (transformers
   5.x: `rope_parameters`; 4.x and DeepSeek's own code: `rope_theta` + `rope_scaling`)."""
-  params = dict(hf.get('rope_parameters') or {})
-  spec = params if params else dict(hf.get('rope_scaling') or {})
-  theta = float(params.get('rope_theta', hf.get('rope_theta', _HF_DEFAULTS['rope_theta'])))
+  # As transformers 5.x reads it (and safetensors_io.rope_fields): a 4.x rope_scaling dict wins
+  # over rope_parameters, a rope_theta inside it over the top-level key.
+  spec = dict(hf.get('rope_scaling') or hf.get('rope_parameters') or {})
+  theta = float(spec.get('rope_theta', hf.get('rope_theta', _HF_DEFAULTS['rope_theta'])))
   kind = spec.get('rope_type', spec.get('type', 'default'))
   refuse_if(kind not in ('default', 'yarn'),
             f'RoPE scaling {kind!r} is not supported (rope_scaling / rope_parameters = {spec}); '
@@ -92,12 +93,15 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     refuse_if(attention_factor is not None,
               f'YaRN with an explicit attention_factor={attention_factor} is not supported; we '
               'derive it from factor, mscale and mscale_all_dim as DeepSeek does')
-    refuse_if(spec.get('original_max_position_embeddings') is None,
-              'YaRN needs rope_parameters.original_max_position_embeddings (the pretraining '
-              'context)')
+    # transformers' order: a top-level original context, the dict's, max_position_embeddings.
+    original = (hf.get('original_max_position_embeddings')
+                or spec.get('original_max_position_embeddings')
+                or hf.get('max_position_embeddings'))
+    refuse_if(original is None, 'YaRN needs original_max_position_embeddings (the pretraining '
+              'context) in rope_parameters, or max_position_embeddings')
     fields['yarn'] = dict(
         factor=float(spec['factor']),
-        original_max_len=int(spec['original_max_position_embeddings']),
+        original_max_len=int(original),
         # transformers' truthiness rules: unset (or 0) beta_fast/beta_slow take 32/1, and an
         # unset mscale / mscale_all_dim drops DeepSeek's form of the temperature.
         beta_fast=float(spec.get('beta_fast') or 32.0),

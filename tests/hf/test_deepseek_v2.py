@@ -257,3 +257,17 @@ def test_config_refusals(q_lora_checkpoint, tmp_path, change, drop, phrase):
   with pytest.raises(ConfigError, match=phrase.replace('(', r'\(').replace('.', r'\.')) as e:
     load_deepseek_v2(path)
   assert e.value.field == 'model.hf'
+
+
+def test_rope_is_read_as_transformers_reads_it(q_lora_checkpoint):
+  """A 4.x rope_scaling wins over rope_parameters (as transformers 5.x and the other families
+  read them); YaRN's original context falls back to max_position_embeddings."""
+  from efficientjax.hf.deepseek_v2 import fields_from_hf  # pylint: disable=g-import-not-at-top
+  hf = read_config(q_lora_checkpoint[1])
+  both = {**hf, 'rope_scaling': YARN, 'rope_parameters': {'rope_type': 'default',
+                                                          'rope_theta': 10.0}}
+  fields = fields_from_hf(both)
+  assert fields['rope_theta'] == 5000.0 and fields['yarn']['factor'] == 4.0
+  no_original = {k: v for k, v in YARN.items() if k != 'original_max_position_embeddings'}
+  fields = fields_from_hf({**hf, 'rope_parameters': no_original, 'max_position_embeddings': 32})
+  assert fields['yarn']['original_max_len'] == 32
