@@ -75,7 +75,8 @@ def moe_fields(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, 
   num_layers = int(require(hf, 'num_hidden_layers'))
   experts = _num_experts(hf, defaults['num_experts'])
   step = hf.get('decoder_sparse_step', 1)
-  refuse_if(not isinstance(step, int) or step < 1,
+  # bool is an int to Python: `true` must not pass as a step of 1.
+  refuse_if(isinstance(step, bool) or not isinstance(step, int) or step < 1,
             f'decoder_sparse_step={step!r} must be a positive number of layers')
   mlp_only = list(hf.get('mlp_only_layers') or [])
   sparse = [i for i in range(num_layers)
@@ -271,9 +272,9 @@ def qwen2_moe_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   if fields['ffn'] == 'moe':
     width = hf.get('shared_expert_intermediate_size',
                    _QWEN2_MOE_DEFAULTS['shared_expert_intermediate_size'])
-    refuse_if(not isinstance(width, int) or width < 1,
-              f'shared_expert_intermediate_size={width!r}: a Qwen2-MoE without its shared '
-              'expert (width 0) is not supported; its gate would scale nothing')
+    refuse_if(isinstance(width, bool) or not isinstance(width, int) or width < 1,
+              f'shared_expert_intermediate_size={width!r}: a Qwen2-MoE needs its shared expert '
+              '(a positive width; without one its gate would scale nothing)')
     fields['moe'].update(num_shared_experts=1, shared_expert_dim=width, shared_expert_gate=True)
   return fields
 

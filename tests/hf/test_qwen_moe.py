@@ -308,6 +308,8 @@ def test_other_families_refuse_the_shared_expert(loaded, tmp_path):
      r'decoder_sparse_step=2 with mlp_only_layers=\[\] makes layers \[1, 3\] of 4 sparse'),
     ('qwen3_dense_first', dict(decoder_sparse_step=0),
      'decoder_sparse_step=0 must be a positive number'),
+    ('qwen3_dense_first', dict(decoder_sparse_step=True),
+     'decoder_sparse_step=True must be a positive number'),
     ('qwen3_dense_first', dict(num_experts_per_tok=5),
      'num_experts_per_tok=5 must be between 1 and num_experts=4'),
     ('qwen3_dense_first', dict(num_experts=8), 'num_experts=8 and num_local_experts=4'),
@@ -316,6 +318,8 @@ def test_other_families_refuse_the_shared_expert(loaded, tmp_path):
      'sliding_window=0 in config.json is not a window'),
     ('qwen2_dense_first', dict(shared_expert_intermediate_size=0),
      'shared_expert_intermediate_size=0'),
+    ('qwen2_dense_first', dict(shared_expert_intermediate_size=True),
+     'shared_expert_intermediate_size=True'),
     # Qwen2-MoE's own rule: the even layers below max_window_layers.
     ('qwen2_dense_first', dict(use_sliding_window=True, sliding_window=5, layer_types=None),
      r'use_sliding_window=true windows layers \[0\] only'),
