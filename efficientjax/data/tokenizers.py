@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -346,6 +347,12 @@ def _generation_ids(directory: str, vocab_size: int) -> GenerationIds:
     values = [] if value is None else value if isinstance(value, list) else [value]
     for v in values:
       if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+        if key != 'eos_token_id' and isinstance(v, int) and not isinstance(v, bool):
+          # An unused bos/pad id out of range (older Llama conversions write pad -1):
+          # transformers warns and goes on, so do we, without it.
+          warnings.warn(f'{directory}/{name}: {key}={value!r} is not a token id of '
+                        f'tokenizer.json (vocabulary {vocab_size}); ignored')
+          return []
         raise _bad_file(directory, name, f'has {key}={value!r}; it must be a token id in '
                         f'[0, {vocab_size}) of tokenizer.json (or a list of them, for '
                         'eos_token_id)')

@@ -366,6 +366,11 @@ def test_bad_directories_name_the_file(dirs, tmp_path):
   get_tokenizer(str(llama))
   (llama / 'generation_config.json').write_text('{"eos_token_id": [1, 100000]}')
   error(llama, 'generation_config.json has eos_token_id=[1, 100000]')
+  # An unused pad id out of range (older Llama conversions write -1) is ignored with a warning,
+  # as transformers does; the eos ids, which stop generation, stay strict.
+  (llama / 'generation_config.json').write_text('{"eos_token_id": 1, "pad_token_id": -1}')
+  with pytest.warns(UserWarning, match='pad_token_id=-1 is not a token id'):
+    assert get_tokenizer(str(llama)).pad_id is None
   (llama / 'generation_config.json').write_text('{"eos_token_id": ')
   error(llama, 'generation_config.json cannot be read as JSON')
 
