@@ -171,6 +171,7 @@ _FINGERPRINT_FIELDS = {
     'seed': SEED_FIELD,
     'corpus': 'data.corpus',
     'num_windows': 'data.corpus',
+    'separator': 'data.tokenizer',
 }
 
 
@@ -301,6 +302,11 @@ def build_data(*, corpus: str, tokenizer: Tokenizer, seq_len: int, global_batch_
   local_rows = (process_index * local, (process_index + 1) * local)
   base_fingerprint = {'tokenizer': tokenizer.name, 'vocab_size': int(tokenizer.vocab_size),
                       'seq_len': seq_len, 'global_batch_size': global_batch_size, 'seed': seed}
+  if tuple(tokenizer.separator) != (tokenizer.eos_id,):
+    # Only where it is not the eos alone (what every stream had before checkpoint tokenizers
+    # added a bos after it), so older states still resume; a state saved with another
+    # separator is a different stream and is refused.
+    base_fingerprint['separator'] = [int(t) for t in tokenizer.separator]
 
   if corpora.is_synthetic(corpus):
     corpora.load_documents(corpus)  # Only to reject 'synthetic:<anything>'.

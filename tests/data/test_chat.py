@@ -332,6 +332,13 @@ def test_packing_puts_eos_then_bos_between_documents(ours, theirs, tmp_path):
   expected = [t for text in held_out for t in hf(text).input_ids + [hf.eos_token_id]]
   assert [llama.bos_id, *data.eval_tokens[:-1].tolist()] == expected
   assert ByteTokenizer().separator == (256,) and ByteTokenizer().eos_ids == (256,)
+  # A position saved from a stream separated by eos alone (a workdir written before checkpoint
+  # tokenizers added the bos) is a different stream: refused, naming the tokenizer.
+  state = data.train.state()
+  del state['fingerprint']['separator']
+  with pytest.raises(ConfigError, match="separator: saved None") as e:
+    data.train.restore(state)
+  assert e.value.field == 'data.tokenizer'
 
 
 def test_bad_directories_name_the_file(dirs, tmp_path):
