@@ -44,7 +44,7 @@ RUN_CHOICES = frozenset({
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where a run's initial weights come from (what the record's `model.init` says)."""
-  spec: str             # as configured
+  spec: str             # as resolved: the absolute path, and the step of a run source
   kind: str             # 'hf' | 'run'
   path: str             # absolute
   step: int | None      # run: the checkpoint step
