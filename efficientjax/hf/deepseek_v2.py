@@ -112,13 +112,69 @@ def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   return fields
 
 
-def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
-  """Our `moe` fields for a checkpoint with MoE layers (module docstring)."""
-  experts = int(_get(hf, 'n_routed_experts'))
+def refuse_moe_layer_freq(hf: Mapping[str, Any]) -> None:
+  """DeepSeek (V2, V3): every layer from first_k_dense_replace on is MoE, as transformers
+  builds them; DeepSeek's own code would make only every moe_layer_freq-th one MoE."""
   freq = hf.get('moe_layer_freq', 1)
   refuse_if(freq != 1, f'moe_layer_freq={freq} is not supported: every layer from '
             'first_k_dense_replace on must be MoE (DeepSeek\'s code would make only every '
             f'{freq}th one MoE, transformers\' every one)')
+
+
+def refuse_bad_groups(experts: int, groups: int, topk_groups: int, top_k: int) -> None:
+  """Group-limited routing (V2's group_limited_greedy, V3's noaux_tc) that our router runs."""
+  refuse_if(groups < 1 or experts % groups != 0,
+            f'n_group={groups} does not divide n_routed_experts={experts} into equal groups')
+  refuse_if(not 1 <= topk_groups <= groups,
+            f'topk_group={topk_groups} must be between 1 and n_group={groups}')
+  # With fewer kept experts than top_k, transformers would pick masked (V3: -inf) or
+  # zero-weight (V2) experts, which we do not model.
+  refuse_if(topk_groups * (experts // groups) < top_k,
+            f'topk_group={topk_groups} groups of {experts // groups} experts hold fewer than '
+            f'num_experts_per_tok={top_k}')
+
+
+def aux_from_hf(hf: Mapping[str, Any]) -> dict[str, float]:
+  """DeepSeek's one aux_loss_alpha: on the sequence-wise loss with seq_aux (its configuration
+  default), else on the batch one; {} when unset (the run's own coefficients stay)."""
+  if hf.get('aux_loss_alpha') is None:
+    return {}
+  alpha, seq = float(hf['aux_loss_alpha']), bool(hf.get('seq_aux', True))
+  return dict(aux_loss_coef=0.0 if seq else alpha, seq_aux_loss_coef=alpha if seq else 0.0)
+
+
+def moe_to_hf(moe: Any, family: str) -> dict[str, Any]:
+  """config.json's MoE keys both DeepSeek versions write the same way (routing keys are each
+  version's), refusing Qwen2-MoE's shared-expert options, which DeepSeek cannot express."""
+  if moe.shared_expert_gate:
+    raise ConfigError('model.moe.shared_expert_gate', 'True has no DeepSeek equivalent (its '
+                      'shared experts are not gated; Qwen2-MoE\'s is: export with '
+                      f'save_qwen2_moe); a {family} export needs model.moe.shared_expert_gate='
+                      'False')
+  if moe.num_shared_experts and shared_width(moe) != moe.num_shared_experts * moe.expert_dim:
+    raise ConfigError('model.moe.shared_expert_dim', f'{moe.shared_expert_dim} is not '
+                      f'num_shared_experts x expert_dim = {moe.num_shared_experts} x '
+                      f'{moe.expert_dim}: DeepSeek sizes its shared experts so; unset it')
+  out = dict(
+      first_k_dense_replace=moe.first_dense_layers,
+      n_routed_experts=moe.num_experts,
+      num_experts_per_tok=moe.top_k,
+      moe_intermediate_size=moe.expert_dim,
+      n_shared_experts=moe.num_shared_experts,
+      routed_scaling_factor=moe.routed_scaling_factor,
+      moe_layer_freq=1,  # DeepSeek's own code reads it; transformers keeps it
+  )
+  # One aux_loss_alpha, on the sequence-wise loss or the batch one (aux_from_hf's inverse).
+  if not (moe.aux_loss_coef and moe.seq_aux_loss_coef):
+    out.update(aux_loss_alpha=moe.aux_loss_coef or moe.seq_aux_loss_coef,
+               seq_aux=not moe.aux_loss_coef)
+  return out
+
+
+def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Our `moe` fields for a checkpoint with MoE layers (module docstring)."""
+  experts = int(_get(hf, 'n_routed_experts'))
+  refuse_moe_layer_freq(hf)
   scoring = hf.get('scoring_func', 'softmax')
   refuse_if(scoring != 'softmax', f'scoring_func={scoring!r} is not DeepSeek-V2\'s softmax '
             'router (sigmoid scoring is DeepSeek-V3, a different architecture)')
@@ -136,15 +192,7 @@ def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   groups = topk_groups = 1
   if method == 'group_limited_greedy':
     groups, topk_groups = int(require(hf, 'n_group')), int(require(hf, 'topk_group'))
-    refuse_if(groups < 1 or experts % groups != 0,
-              f'n_group={groups} does not divide n_routed_experts={experts} into equal groups')
-    refuse_if(not 1 <= topk_groups <= groups,
-              f'topk_group={topk_groups} must be between 1 and n_group={groups}')
-    # transformers zeroes the other groups' probabilities and takes the top-k of all experts;
-    # with fewer kept experts than top_k that would pick zero-weight experts we do not model.
-    refuse_if(topk_groups * (experts // groups) < top_k,
-              f'topk_group={topk_groups} groups of {experts // groups} experts hold fewer than '
-              f'num_experts_per_tok={top_k}')
+    refuse_bad_groups(experts, groups, topk_groups, top_k)
   # DeepSeek's code reads None as no shared experts; 0 builds an empty MLP in transformers.
   shared = int(_get(hf, 'n_shared_experts') or 0)
   moe = dict(num_experts=experts, top_k=top_k, expert_dim=int(_get(hf, 'moe_intermediate_size')),
@@ -153,10 +201,7 @@ def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
              router='softmax', norm_topk_prob=False,
              routed_scaling_factor=float(_get(hf, 'routed_scaling_factor')),
              num_groups=groups, topk_groups=topk_groups, aux_free=False)
-  if hf.get('aux_loss_alpha') is not None:
-    alpha = float(hf['aux_loss_alpha'])
-    seq = bool(hf.get('seq_aux', True))  # DeepSeek's configuration default
-    moe.update(aux_loss_coef=0.0 if seq else alpha, seq_aux_loss_coef=alpha if seq else 0.0)
+  moe.update(aux_from_hf(hf))
   return moe
 
 
@@ -219,14 +264,6 @@ def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
     # MoE layers start at first_k_dense_replace, here past the last layer.
     return dict(first_k_dense_replace=cfg.num_layers, n_routed_experts=0)
   moe = cfg.moe
-  if moe.shared_expert_gate:
-    raise ConfigError('model.moe.shared_expert_gate', 'True has no DeepSeek equivalent (its '
-                      'shared experts are not gated; Qwen2-MoE\'s is: export with '
-                      'save_qwen2_moe); a DeepSeek export needs model.moe.shared_expert_gate=False')
-  if moe.num_shared_experts and shared_width(moe) != moe.num_shared_experts * moe.expert_dim:
-    raise ConfigError('model.moe.shared_expert_dim', f'{moe.shared_expert_dim} is not '
-                      f'num_shared_experts x expert_dim = {moe.num_shared_experts} x '
-                      f'{moe.expert_dim}: DeepSeek sizes its shared experts so; unset it')
   for field, value, want, why in (
       ('router', moe.router, 'softmax', 'DeepSeek-V2 routes by softmax (sigmoid is V3)'),
       ('norm_topk_prob', moe.norm_topk_prob, False,
@@ -238,26 +275,14 @@ def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
                         f'equivalent ({why}); a DeepSeek-V2 export needs model.moe.{field}='
                         f'{want!r}')
   groups = moe.num_groups > 1
-  out = dict(
-      first_k_dense_replace=moe.first_dense_layers,
-      n_routed_experts=moe.num_experts,
-      num_experts_per_tok=moe.top_k,
-      moe_intermediate_size=moe.expert_dim,
-      n_shared_experts=moe.num_shared_experts,
-      routed_scaling_factor=moe.routed_scaling_factor,
+  return dict(
+      **moe_to_hf(moe, 'DeepSeek-V2'),
       topk_method='group_limited_greedy' if groups else 'greedy',
       n_group=moe.num_groups if groups else None,
       topk_group=moe.topk_groups if groups else None,
       norm_topk_prob=False,
-      # DeepSeek's own code reads these; transformers keeps them.
-      moe_layer_freq=1,
-      scoring_func='softmax',
+      scoring_func='softmax',  # DeepSeek's own code reads it; transformers keeps it
   )
-  # DeepSeek's aux_loss_alpha is one coefficient, on the sequence-wise loss or the batch one.
-  if not (moe.aux_loss_coef and moe.seq_aux_loss_coef):
-    out.update(aux_loss_alpha=moe.aux_loss_coef or moe.seq_aux_loss_coef,
-               seq_aux=not moe.aux_loss_coef)
-  return out
 
 
 def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:

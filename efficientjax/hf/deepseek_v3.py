@@ -89,10 +89,7 @@ def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
       ('scoring_func', 'sigmoid', "DeepSeek-V3's router scores by sigmoid; softmax is "
        "DeepSeek-V2's")):
     refuse_if(_get(hf, key) != want, f'{key}={_get(hf, key)!r} is not supported: {why}')
-  freq = hf.get('moe_layer_freq', 1)
-  refuse_if(freq != 1, f'moe_layer_freq={freq} is not supported: every layer from '
-            "first_k_dense_replace on must be MoE (DeepSeek's code would make only every "
-            f"{freq}th one MoE, transformers' every one)")
+  deepseek_v2.refuse_moe_layer_freq(hf)
   experts = int(_get(hf, 'n_routed_experts'))
   top_k = int(_get(hf, 'num_experts_per_tok'))
   refuse_if(not 1 <= top_k <= experts,
@@ -102,17 +99,10 @@ def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             f'n_group={groups}, topk_group={topk_groups}: DeepSeek-V3 routes within groups '
             'and needs both (1 and 1 for no group limit)')
   groups, topk_groups = int(groups), int(topk_groups)
-  refuse_if(groups < 1 or experts % groups != 0,
-            f'n_group={groups} does not divide n_routed_experts={experts} into equal groups')
+  deepseek_v2.refuse_bad_groups(experts, groups, topk_groups, top_k)
   refuse_if(experts // groups < 2,
             f'n_group={groups} leaves one expert per group; a group is scored by its two best '
             'experts (transformers and DeepSeek\'s code fail on fewer)')
-  refuse_if(not 1 <= topk_groups <= groups,
-            f'topk_group={topk_groups} must be between 1 and n_group={groups}')
-  # transformers would then pick masked (-inf) experts, DeepSeek's code zero-scored ones.
-  refuse_if(topk_groups * (experts // groups) < top_k,
-            f'topk_group={topk_groups} groups of {experts // groups} experts hold fewer than '
-            f'num_experts_per_tok={top_k}')
   norm = bool(_get(hf, 'norm_topk_prob'))
   refuse_if(norm and top_k == 1,
             'norm_topk_prob=true with num_experts_per_tok=1 has no single meaning: transformers '
@@ -124,11 +114,7 @@ def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
              router='sigmoid', norm_topk_prob=norm,
              routed_scaling_factor=float(_get(hf, 'routed_scaling_factor')),
              num_groups=groups, topk_groups=topk_groups, aux_free=True)
-  if hf.get('aux_loss_alpha') is not None:
-    # As DeepSeek-V2 (deepseek_v2.py): with seq_aux the sequence-wise loss, else the batch one.
-    alpha = float(hf['aux_loss_alpha'])
-    seq = bool(hf.get('seq_aux', True))
-    moe.update(aux_loss_coef=0.0 if seq else alpha, seq_aux_loss_coef=alpha if seq else 0.0)
+  moe.update(deepseek_v2.aux_from_hf(hf))
   return moe
 
 
@@ -161,12 +147,7 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
         ('router', moe.router, 'sigmoid', 'DeepSeek-V3 routes by sigmoid affinities'),
         ('aux_free', moe.aux_free, True,
          "DeepSeek-V3's router always adds its bias; save_deepseek_v3 writes a zero one for a "
-         'model without it'),
-        # Qwen2-MoE's shared-expert options.
-        ('shared_expert_gate', moe.shared_expert_gate, False,
-         'DeepSeek-V3 does not gate its shared experts'),
-        ('shared_expert_dim', moe.shared_expert_dim, None,
-         "DeepSeek-V3's shared experts are n_shared_experts x moe_intermediate_size wide")):
+         'model without it')):
       if value != want:
         raise ConfigError(f'model.moe.{field}', f'{value!r} has no DeepseekV3ForCausalLM '
                           f'equivalent ({why}); a DeepSeek-V3 export needs model.moe.{field}='
@@ -186,24 +167,14 @@ def hf_from_config(cfg: ModelConfig) -> dict[str, Any]:
   if cfg.ffn == 'dense':
     return out
   out.update(
-      first_k_dense_replace=moe.first_dense_layers,
-      n_routed_experts=moe.num_experts,
-      num_experts_per_tok=moe.top_k,
-      moe_intermediate_size=moe.expert_dim,
-      n_shared_experts=moe.num_shared_experts,
-      routed_scaling_factor=moe.routed_scaling_factor,
+      **deepseek_v2.moe_to_hf(moe, 'DeepSeek-V3'),
       n_group=moe.num_groups,
       topk_group=moe.topk_groups,
       norm_topk_prob=moe.norm_topk_prob,
       # DeepSeek's own code reads these; transformers keeps them.
       topk_method='noaux_tc',
       scoring_func='sigmoid',
-      moe_layer_freq=1,
   )
-  # DeepSeek's aux_loss_alpha is one coefficient, on the sequence-wise loss or the batch one.
-  if not (moe.aux_loss_coef and moe.seq_aux_loss_coef):
-    out.update(aux_loss_alpha=moe.aux_loss_coef or moe.seq_aux_loss_coef,
-               seq_aux=not moe.aux_loss_coef)
   return out
 
 

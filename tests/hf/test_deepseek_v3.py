@@ -323,6 +323,7 @@ def test_dense_model_round_trips(tmp_path):
 @pytest.mark.parametrize('change, field', [
     (dict(router='softmax'), 'router'),
     (dict(shared_expert_gate=True), 'shared_expert_gate'),
+    (dict(shared_expert_dim=48), 'shared_expert_dim'),
     (dict(num_groups=8, topk_groups=4), 'num_groups'),
     (dict(top_k=1, num_groups=1, topk_groups=1), 'norm_topk_prob'),
 ], ids=lambda x: '-'.join(map(str, x)) if isinstance(x, dict) else None)
