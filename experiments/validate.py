@@ -680,7 +680,9 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
           process_count: int | None = None, backend: str | None = None) -> list[ConfigError]:
   """All problems with a run config (empty when it can run). The device facts default to this
   machine's; tests pass them to check configs meant for other machines."""
-  c = config.to_dict() if isinstance(config, ConfigDict) else _leaves_to_tree(_leaves(config))
+  # Nested plain dicts, whatever mix of dicts and ConfigDicts the config is.
+  c = (config.to_dict() if isinstance(config, ConfigDict)
+       else init_from.leaves_to_tree(_leaves(config)))
   errors = _check_fields(c)
   facts = Facts(jax.device_count() if num_devices is None else num_devices,
                 jax.process_count() if process_count is None else process_count,
@@ -692,18 +694,6 @@ def check(config: Mapping[str, Any], *, num_devices: int | None = None,
       except ConfigError as e:  # a check written to raise (efficientjax.moe.router.check)
         errors.append(e)
   return errors
-
-
-def _leaves_to_tree(leaves: Mapping[str, Any]) -> dict[str, Any]:
-  """Nested plain dicts (a config may mix dicts and ConfigDicts)."""
-  tree: dict[str, Any] = {}
-  for path, value in leaves.items():
-    *parents, key = path.split('.')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[key] = value
-  return tree
 
 
 def check_tokenizer(config: Mapping[str, Any], tokenizer_vocab_size: int, *,

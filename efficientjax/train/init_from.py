@@ -188,7 +188,7 @@ def resolve(model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping
   # The spec as resolved (absolute path, the step chosen): the load and any restart read the
   # same checkpoint even if the source run saves newer ones meanwhile.
   canonical = f'{kind}:{path}' + (f':{step}' if step is not None else '')
-  out = _leaves_to_tree({**current, **wanted, 'init': canonical})
+  out = leaves_to_tree({**current, **wanted, 'init': canonical})
   return out, Source(canonical, kind, path, step, family), replaced
 
 
@@ -198,7 +198,8 @@ def _same(a: Any, b: Any) -> bool:
   return a == b
 
 
-def _leaves_to_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+def leaves_to_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Dotted leaves ('moe.top_k': 2) -> nested plain dicts; the inverse of `leaves`."""
   tree: dict[str, Any] = {}
   for path, value in flat.items():
     *parents, key = path.split('.')
