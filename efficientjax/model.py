@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from efficientjax.attention import ATTENTION, POSITIONS
 from efficientjax.moe import layer as _moe_layer  # noqa: F401 (registers model.ffn 'moe')
 from efficientjax.nn import FFN, Embed, Linear, RMSNorm
+from efficientjax.nn.linear import ADAPTERS, AdapterSettings
 
 # What a rematerialised block keeps for the backward pass; `none` keeps everything.
 REMAT_POLICIES = {
@@ -140,6 +141,8 @@ class ModelConfig:
   dtype: Any = jnp.float32
   scan_layers: bool = True
   remat: str = 'none'
+  # Fine-tuning adapters' static settings (efficientjax.peft); None: no layer looks for them.
+  adapter: AdapterSettings | None = None
 
   @classmethod
   def from_config(cls, model: Mapping[str, Any], *, tokenizer_vocab_size: int | None = None,
@@ -264,8 +267,9 @@ class Transformer(nn.Module):
     for s in layer_stacks(cfg):
       if cfg.scan_layers:
         # The cache (None in training) is scanned over its leading layer axis like the params.
-        stack = nn.scan(block, variable_axes={'params': 0, **{c: 0 for c in LAYER_COLLECTIONS}},
-                        split_rngs={'params': True}, in_axes=(nn.broadcast, 0),
+        stack = nn.scan(block, variable_axes={'params': 0, ADAPTERS: 0,
+                                              **{c: 0 for c in LAYER_COLLECTIONS}},
+                        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
                         length=s.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
         x, stack_cache = stack(cfg, s.ffn, name=s.name)(
             x, positions, layers(cache, s.first_layer, s.num_layers))
@@ -283,7 +287,7 @@ class Transformer(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Linear((cfg.vocab_size,), ('embed', 'vocab'), dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype,
+                      param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                       kernel_init=nn.initializers.normal(cfg.init_std), name='lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     return logits.astype(jnp.float32), cache

@@ -45,7 +45,7 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, cache: kv_cache.KVCache | None = None
                ) -> tuple[jax.Array, kv_cache.KVCache | None]:
     cfg = self.config
-    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
     qkv = dict(use_bias=cfg.qkv_bias, **proj)
     q = Linear((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), name='q', **qkv)(x)

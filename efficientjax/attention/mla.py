@@ -92,7 +92,7 @@ class MultiHeadLatentAttention(nn.Module):
     cfg = self.config
     m = cfg.mla
     heads, nope, rope, v_dim = cfg.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
-    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
     norm = dict(eps=LATENT_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 

@@ -199,7 +199,7 @@ class NativeSparseAttention(nn.Module):
                ) -> tuple[jax.Array, NSACache | None]:
     cfg, nsa = self.config, self.config.nsa
     l, d, sl = nsa.block_len, nsa.stride, nsa.select_block_len
-    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
     qkv = dict(use_bias=cfg.qkv_bias, **proj)
     q = Linear((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), name='q', **qkv)(x)

@@ -1,9 +1,13 @@
 """The one projection layer every matmul in the model goes through.
 
-Keeping every weight behind this module is what lets PEFT adapters and quantised weights
-(later issues) change all projections in one place.
+Keeping every weight behind this module is what lets PEFT adapters (efficientjax/peft) and
+quantised weights (later) change all projections in one place. An adapter is data: the
+variables a fine-tuning method placed in the `adapters` collection at this layer's path
+(LoRA's `lora_a` and `lora_b`, DoRA's `magnitude`); the layer applies them when they are
+there and `adapter` (the method's static settings) is set, and is a plain matmul otherwise.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -11,6 +15,15 @@ import jax
 import jax.numpy as jnp
 
 Initializer = nn.initializers.Initializer
+
+ADAPTERS = 'adapters'  # the variable collection adapters live in, beside `params`
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+  """What every adapted layer of a run shares (Hugging Face peft's LoraConfig, resolved)."""
+  scaling: float        # alpha / r (LoRA, DoRA, PiSSA), alpha / sqrt(r) (RSLoRA)
+  dropout: float = 0.0  # on the adapter's input only, while training (a 'dropout' rng given)
 
 
 class Linear(nn.Module):
@@ -26,6 +39,7 @@ class Linear(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.normal(0.02)
+  adapter: AdapterSettings | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,10 +50,49 @@ class Linear(nn.Module):
                        f'{in_shape} -> {features}')
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         in_shape + features, self.param_dtype)
-    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = self._matmul(x, kernel, self.in_dims)
+    if self.adapter is not None and self.has_variable(ADAPTERS, 'lora_a'):
+      y = self._adapted(x, kernel, y)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _matmul(self, x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:
+    contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
+    return jax.lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), (contract, ((), ())))
+
+  def _adapted(self, x: jax.Array, kernel: jax.Array, y: jax.Array) -> jax.Array:
+    """x·W plus the adapter, as Hugging Face peft computes it (bias added by the caller).
+
+    LoRA:  x·W + s · drop(x)·A·B.
+    DoRA:  x·W + (m/‖W + s·A·B‖ − 1) · drop(x)·W + m/‖W + s·A·B‖ · s · drop(x)·A·B, the norm
+           per output feature over the input dims, taken as a constant in the backward pass
+           (DoRA §4.3; peft detaches it). Without dropout this is m/‖·‖ · (x·W + s·x·A·B).
+    """
+    a = self.get_variable(ADAPTERS, 'lora_a')  # [in..., r]
+    b = self.get_variable(ADAPTERS, 'lora_b')  # [r, out...]
+    s = self.adapter.scaling
+    dropped = x
+    if self.adapter.dropout > 0 and self.has_rng('dropout'):
+      keep = 1.0 - self.adapter.dropout
+      mask = jax.random.bernoulli(self.make_rng('dropout'), keep, x.shape)
+      dropped = jnp.where(mask, x / keep, 0).astype(x.dtype)
+    lora = self._matmul(self._matmul(dropped, a, self.in_dims), b, 1)
+    if not self.has_variable(ADAPTERS, 'magnitude'):
+      return y + s * lora
+    magnitude = self.get_variable(ADAPTERS, 'magnitude')  # [out...]
+    norm = jax.lax.stop_gradient(dora_weight_norm(kernel, a, b, s, self.in_dims))
+    ratio = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
+    base = y if dropped is x else self._matmul(dropped, kernel, self.in_dims)
+    return y + (ratio - 1) * base + ratio * s * lora
+
+
+def dora_weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float,
+                     in_dims: int) -> jax.Array:
+  """‖W + s·A·B‖ per output feature (over the input dims), in float32: DoRA's denominator,
+  and its magnitude's initial value."""
+  w = kernel.astype(jnp.float32) + scaling * jnp.tensordot(
+      a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+  return jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(in_dims))))

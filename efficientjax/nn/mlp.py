@@ -22,7 +22,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
     gate = Linear((cfg.mlp_dim,), ('embed', 'mlp'), name='gate', **proj)(x)
     up = Linear((cfg.mlp_dim,), ('embed', 'mlp'), name='up', **proj)(x)
