@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientjax.attention import ATTENTION, POSITIONS
+from efficientjax.attention.positions import segment_positions
 from efficientjax.moe import layer as _moe_layer  # noqa: F401 (registers model.ffn 'moe')
 from efficientjax.nn import FFN, Embed, Linear, RMSNorm
 from efficientjax.nn.linear import ADAPTERS, AdapterSettings
@@ -212,12 +213,14 @@ class Block(nn.Module):
   ffn: str | None = None  # None: config.ffn
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: Any = None
-               ) -> tuple[jax.Array, Any]:
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: Any = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h = RMSNorm(name='attn_norm', **norm)(x)
-    h, cache = ATTENTION.get(cfg.attention)(cfg, name='attn')(h, positions, cache)
+    # Only packed rows pass segment ids, so a variant's call without them stays as it was.
+    seg = {} if segment_ids is None else {'segment_ids': segment_ids}
+    h, cache = ATTENTION.get(cfg.attention)(cfg, name='attn')(h, positions, cache, **seg)
     x = x + h
     h = RMSNorm(name='mlp_norm', **norm)(x)
     x = x + FFN.get(self.ffn or cfg.ffn)(cfg, name='mlp')(h)
@@ -234,8 +237,17 @@ class Transformer(nn.Module):
   """
   config: ModelConfig
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    return self.forward(tokens, positions, None)[0]
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens [batch, length] -> logits. `positions` default to 0, 1, ... per row.
+
+    `segment_ids` int [batch, length] packs several examples into a row (1, 2, ... per example,
+    each a contiguous run; 0 marks padding): every token attends only to earlier tokens of its
+    own segment, so each example's logits are those it gets alone in a row, given `positions`
+    that restart at 0 for each example (the default with segment ids; see
+    `positions.segment_positions`). None: one example per row (no mask is built).
+    """
+    return self.forward(tokens, positions, None, segment_ids)[0]
 
   def decode_step(self, tokens: jax.Array, positions: jax.Array, cache: Any
                   ) -> tuple[jax.Array, Any]:
@@ -244,10 +256,17 @@ class Transformer(nn.Module):
     return self.forward(tokens, positions, cache)
 
   @nn.compact
-  def forward(self, tokens: jax.Array, positions: jax.Array | None, cache: Any
-              ) -> tuple[jax.Array, Any]:
+  def forward(self, tokens: jax.Array, positions: jax.Array | None, cache: Any,
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
     cfg = self.config
-    if positions is None:
+    if segment_ids is not None and cache is not None:
+      raise ValueError('segment_ids are for whole sequences; decoding with a cache takes none')
+    if segment_ids is not None and jnp.shape(segment_ids) != tokens.shape:
+      raise ValueError(f'segment_ids {jnp.shape(segment_ids)} must have the shape of the tokens '
+                       f'{tokens.shape}: one id per token')
+    if positions is None and segment_ids is not None:
+      positions = segment_positions(segment_ids)
+    elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   init_std=cfg.init_std, name='embed')
@@ -269,15 +288,17 @@ class Transformer(nn.Module):
         # The cache (None in training) is scanned over its leading layer axis like the params.
         stack = nn.scan(block, variable_axes={'params': 0, ADAPTERS: 0,
                                               **{c: 0 for c in LAYER_COLLECTIONS}},
-                        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(nn.broadcast, 0, nn.broadcast),
                         length=s.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
         x, stack_cache = stack(cfg, s.ffn, name=s.name)(
-            x, positions, layers(cache, s.first_layer, s.num_layers))
+            x, positions, layers(cache, s.first_layer, s.num_layers), segment_ids)
         caches.append(stack_cache)
       else:
         for i in range(s.first_layer, s.first_layer + s.num_layers):
           x, layer_cache = block(cfg, s.ffn, name=f'block_{i}')(
-              x, positions, None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache))
+              x, positions, None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache),
+              segment_ids)
           caches.append(None if cache is None else jax.tree.map(lambda a: a[None], layer_cache))
     if cache is not None:
       cache = jax.tree.map(lambda *a: jnp.concatenate(a), *caches)

@@ -1,9 +1,11 @@
 """Attention variants and their registry (`model.attention`).
 
 A variant is a Flax module class `Variant(config, name=...)` called as
-`out, cache = variant(x [batch, t, embed], positions [batch, t], cache)`, with `cache` None for a
-whole sequence (training) or the layer's cache (decoding; the updated cache comes back), and
-these static methods, which the model, validation and the metrics use:
+`out, cache = variant(x [batch, t, embed], positions [batch, t], cache, segment_ids=None)`, with
+`cache` None for a whole sequence (training) or the layer's cache (decoding; the updated cache
+comes back), `segment_ids` [batch, t] for whole sequences packing several examples (a token
+attends only within its segment; tests/attention/test_segments.py), and these static methods,
+which the model, validation and the metrics use:
 
 - `init_cache(cfg, batch, max_len, dtype)`: an empty cache pytree for one layer;
 - `cache_values_per_token(cfg)`: values one layer caches per token (the analytic KV-cache size;

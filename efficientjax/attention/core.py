@@ -4,7 +4,8 @@
 and reaches cuDNN's flash attention on NVIDIA GPUs. Two calling modes:
 
 - training / a whole sequence (`q_positions` None): causal over the sequence itself, optionally
-  with a sliding window, through whichever implementation is asked for;
+  with a sliding window, through whichever implementation is asked for. A row may pack several
+  examples (`segment_ids`): a token then sees only earlier tokens of its own segment;
 - against a KV cache (`q_positions`, `k_positions` given): query i sees cache slot s when
   s <= position(i) (and s > position(i) - window). Slots are written at their token's position,
   so slots not yet written lie in the future and are masked by the same comparison. This path
@@ -31,7 +32,8 @@ def resolve_implementation(implementation: str, dtype, backend: str | None = Non
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = 'auto',
                           scale: float | None = None, bias: jax.Array | None = None,
                           window: int | None = None, q_positions: jax.Array | None = None,
-                          k_positions: jax.Array | None = None) -> jax.Array:
+                          k_positions: jax.Array | None = None,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
   """Causal softmax(q·kᵀ·scale + bias)·v.
 
   Args:
@@ -46,6 +48,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
       None sees the whole past.
     q_positions, k_positions: [batch, q_len] and [batch, k_len] absolute positions, for attending
       to a cache (see the module docstring); None for a whole causal sequence.
+    segment_ids: [batch, length] int, whole-sequence mode only (q and k the same tokens): the
+      example each token belongs to in a packed row (0 for padding, which is treated as one more
+      segment: every token sees at least itself, so no softmax row is empty). None: one example
+      per row, with no mask built at all.
   Returns:
     [batch, q_len, heads, v_dim].
   """
@@ -61,10 +67,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
       # A bias of another dtype than q's (T5's float32 bias on bf16 activations) runs forward
       # but gets a wrong gradient from jax's cuDNN path (seen: jax 0.11.2, H100): cast it.
       bias = bias.astype(q.dtype)
+    # The segment mask goes beside is_causal and the window, which stay as they are. On XLA all
+    # three are and-ed into one mask (bit for bit today's result when every id is equal). On
+    # cuDNN, jax (0.10.2: nn/functions.py; cudnn/fused_attention_stablehlo.py,
+    # `combine_bias_and_mask`) turns a boolean mask into an additive bias in q's dtype (0, or
+    # -2^41 in bf16 and -2^15 in fp16) added to `bias`, keeps is_causal and the window as cuDNN's
+    # causal mask type and sliding_window_length, and its `check_layout` takes a [B, 1, T, T]
+    # bias; with a bias, training needs an even T (`check_is_flash_attention`).
+    # tests/attention/test_segments.py checks on CPU, with jax's cuDNN version probe stubbed,
+    # that these arguments trace (forward and gradient) and that cuDNN's documented semantics
+    # applied to them give XLA's result. UNVERIFIED (no GPU here): that cuDNN compiles and runs
+    # this bias with its causal mask and a sliding window, its numbers, and the cost: the
+    # [B, 1, T, T] bias is read from memory, and jax always has cuDNN write its gradient (an
+    # array of the same size per layer, then dropped). cuDNN's packed layout (segment offsets)
+    # avoids both, but jax.nn.dot_product_attention does not expose it.
+    mask = None if segment_ids is None else segment_mask(segment_ids)
     out = jax.nn.dot_product_attention(
-        q, k, v, bias, is_causal=True, scale=scale, implementation=impl,
+        q, k, v, bias, mask, is_causal=True, scale=scale, implementation=impl,
         local_window_size=None if window is None else (window - 1, 0))
   else:
+    if segment_ids is not None:
+      raise ValueError('segment_ids are for whole sequences; attending to a cache takes none '
+                       '(a cache holds one sequence per row)')
     mask = causal_mask(q_positions, k_positions, window)
     out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation='xla')
   return out[..., :v_dim]
@@ -79,6 +103,12 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | No
   if window is not None:
     mask &= kp > qp - window
   return mask
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids [batch, length] -> [batch, 1, length, length] boolean: query i may see key j
+  of the same segment (causality and windows are separate masks)."""
+  return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
 def mean_context(seq_len: int, window: int | None = None) -> float:

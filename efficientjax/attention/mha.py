@@ -42,8 +42,11 @@ class MultiHeadAttention(nn.Module):
   config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: kv_cache.KVCache | None = None
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: kv_cache.KVCache | None = None,
+               *, segment_ids: jax.Array | None = None
                ) -> tuple[jax.Array, kv_cache.KVCache | None]:
+    """segment_ids [batch, t] (whole sequences only): a token attends only to its own segment's
+    earlier tokens (packed examples; see core.dot_product_attention)."""
     cfg = self.config
     proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
@@ -74,7 +77,8 @@ class MultiHeadAttention(nn.Module):
           positions, positions if k_positions is None else k_positions)
     out = dot_product_attention(
         q, k, v, implementation=cfg.attention_impl, bias=bias, window=cfg.sliding_window,
-        q_positions=None if cache is None else positions, k_positions=k_positions)
+        q_positions=None if cache is None else positions, k_positions=k_positions,
+        segment_ids=segment_ids)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
     out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), in_dims=2, name='o', **proj)(out)
     return out, cache

@@ -87,8 +87,10 @@ class MultiHeadLatentAttention(nn.Module):
   config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: MLACache | None = None
-               ) -> tuple[jax.Array, MLACache | None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: MLACache | None = None,
+               *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLACache | None]:
+    """segment_ids [batch, t] (whole sequences only): a token attends only to its own segment's
+    earlier tokens (packed examples; see core.dot_product_attention)."""
     cfg = self.config
     m = cfg.mla
     heads, nope, rope, v_dim = cfg.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
@@ -126,8 +128,10 @@ class MultiHeadLatentAttention(nn.Module):
       bias = None if bias_module is None else bias_module(cfg, name='position_bias')(
           positions, positions)
       out = dot_product_attention(q, k, v, implementation=cfg.attention_impl, scale=scale,
-                                  bias=bias, window=cfg.sliding_window)
+                                  bias=bias, window=cfg.sliding_window, segment_ids=segment_ids)
     else:
+      if segment_ids is not None:
+        raise ValueError('segment_ids are for whole sequences; decoding with a cache takes none')
       cache = MLACache(c_kv=kv_cache.write(cache.c_kv, c_kv, positions),
                        k_rope=kv_cache.write(cache.k_rope, k_rope, positions))
       k_positions = kv_cache.slot_positions(cache.c_kv)

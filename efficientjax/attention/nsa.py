@@ -34,6 +34,16 @@ Choices the paper leaves open:
   strides. With l = l' = d it is p_slc = p_cmp.
 - a whole sequence (no cache) is taken to start at position 0, as `Transformer` passes it: its
   blocks are cut at sequence offsets.
+
+Packed rows (`segment_ids`, whole sequences only): each example is attended as if it were alone
+in its row, its positions restarting at 0. Its blocks are cut at its own positions (compressed
+blocks start where position % d == 0, selection block j holds positions [j·l', (j+1)·l')), a
+compressed block exists only if all its l tokens belong to one example at consecutive positions
+(none mixes two examples), and every branch masks keys of other segments, so the selection
+scores, summed from cmp's probabilities, see only the query's own example's blocks. The
+compressed blocks of a row of T tokens fit in T // d slots (an example of n tokens has at most
+n // d, as d <= l), compacted in row order. Positions must stay below T (they do when they
+restart per example): selection blocks are counted as in a sequence of T tokens.
 """
 
 import math
@@ -45,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientjax.attention import cache as kv_cache
-from efficientjax.attention.core import causal_mask, mean_context
+from efficientjax.attention.core import causal_mask, mean_context, segment_mask
 from efficientjax.attention.mha import rope_head_dim_errors
 from efficientjax.attention.positions import POSITIONS
 from efficientjax.errors import ConfigError
@@ -90,6 +100,30 @@ def block_tokens(x: jax.Array, starts: jax.Array, block_len: int) -> jax.Array:
   return jnp.swapaxes(jax.vmap(lambda row, i: row[i])(x, idx), 2, 3)
 
 
+def packed_block_starts(positions: jax.Array, segment_ids: jax.Array, block_len: int,
+                        stride: int) -> tuple[jax.Array, jax.Array]:
+  """The compressed blocks of packed rows: positions, segment_ids [batch, length] -> (row
+  offsets of their first tokens [batch, length // stride], whether each slot holds a block).
+
+  A block starts at a token whose position is a multiple of `stride` and exists when its
+  `block_len` tokens lie in the row, in one segment, at consecutive positions. Within a run of
+  consecutive positions of n tokens at most n // stride blocks start (block_len >= stride), so
+  length // stride slots hold them all; they are filled in row order, unused ones last.
+  """
+  positions, segment_ids = jnp.asarray(positions), jnp.asarray(segment_ids)
+  length = positions.shape[1]
+  offsets = jnp.arange(length)
+  idx = jnp.clip(offsets[:, None] + jnp.arange(block_len), 0, length - 1)  # [length, l]
+  seg, pos = segment_ids[:, idx], positions[:, idx]  # [batch, length, l]
+  whole = ((offsets + block_len <= length) & (positions % stride == 0)
+           & jnp.all(seg == seg[..., :1], axis=-1)
+           & jnp.all(pos == pos[..., :1] + jnp.arange(block_len), axis=-1))
+  slots = length // stride
+  starts = jax.vmap(lambda w: jnp.nonzero(w, size=slots, fill_value=0)[0])(whole)
+  valid = jnp.arange(slots) < jnp.sum(whole, axis=-1, keepdims=True)
+  return starts.astype(jnp.int32), valid
+
+
 def completed_blocks(positions: jax.Array, num_new: int, block_len: int, stride: int,
                      max_blocks: int) -> jax.Array:
   """The blocks completed by a step of `num_new` tokens at positions[:, 0] onwards:
@@ -117,9 +151,24 @@ def selection_weights(num_cmp: int, num_slc: int, block_len: int, stride: int,
   return (np.maximum(shared, 0) / stride).astype(np.float32)
 
 
-def block_importance(p_cmp: jax.Array, weights: np.ndarray) -> jax.Array:
+def packed_selection_weights(block_positions: jax.Array, num_slc: int, block_len: int,
+                             stride: int, select_block_len: int) -> jax.Array:
+  """`selection_weights` for compressed blocks at any start positions: block_positions
+  [batch, num_cmp] -> [batch, num_cmp, num_slc] (packed rows, where a block's place within its
+  example is its first token's position)."""
+  cmp_start = block_positions[..., None]
+  slc_start = jnp.arange(num_slc) * select_block_len
+  shared = (jnp.minimum(cmp_start + block_len, slc_start + select_block_len)
+            - jnp.maximum(cmp_start, slc_start))
+  return (jnp.maximum(shared, 0) / stride).astype(jnp.float32)
+
+
+def block_importance(p_cmp: jax.Array, weights: np.ndarray | jax.Array) -> jax.Array:
   """p_cmp [batch, kv_heads, group, q_len, num_cmp] (the cmp branch's probabilities) ->
-  [batch, kv_heads, q_len, num_slc]: Eq. 9 per head, summed over the group's heads (Eq. 10)."""
+  [batch, kv_heads, q_len, num_slc]: Eq. 9 per head, summed over the group's heads (Eq. 10).
+  `weights` is [num_cmp, num_slc], or [batch, num_cmp, num_slc] for packed rows."""
+  if weights.ndim == 3:
+    return jnp.einsum('bkgtc,bcs->bkts', p_cmp.astype(jnp.float32), weights)
   return jnp.einsum('bkgtc,cs->bkts', p_cmp.astype(jnp.float32), weights)
 
 
@@ -195,9 +244,13 @@ class NativeSparseAttention(nn.Module):
   config: 'efficientjax.model.ModelConfig'  # noqa: F821 (import cycle)
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: NSACache | None = None
-               ) -> tuple[jax.Array, NSACache | None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: NSACache | None = None,
+               *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, NSACache | None]:
+    """segment_ids [batch, t] (whole sequences only): packed examples, each attended as if alone
+    in its row with `positions` restarting at 0 (see the module docstring)."""
     cfg, nsa = self.config, self.config.nsa
+    if segment_ids is not None and cache is not None:
+      raise ValueError('segment_ids are for whole sequences; decoding with a cache takes none')
     l, d, sl = nsa.block_len, nsa.stride, nsa.select_block_len
     proj = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
@@ -218,8 +271,11 @@ class NativeSparseAttention(nn.Module):
            for n, a in kvs.items()}
     compress_k, compress_v = self._compressor('k'), self._compressor('v')
 
-    def compress(k_raw, v_raw, starts):  # raw [b, len, kv, hd], starts [b, n] -> [b, n, kv, hd]
-      k_blocks = pos.rotate(compress_k(block_tokens(k_raw, starts, l)), starts)
+    def compress(k_raw, v_raw, starts, start_positions=None):
+      # raw [b, len, kv, hd], starts (row offsets) [b, n] -> [b, n, kv, hd], each key rotated at
+      # its block's first position (its offset, but in a packed row)
+      k_blocks = pos.rotate(compress_k(block_tokens(k_raw, starts, l)),
+                            starts if start_positions is None else start_positions)
       return k_blocks, compress_v(block_tokens(v_raw, starts, l))
 
     batch = x.shape[0]
@@ -227,6 +283,8 @@ class NativeSparseAttention(nn.Module):
     def rows(a):  # the same positions for every row
       return jnp.broadcast_to(a, (batch, a.size))
 
+    if segment_ids is not None:
+      return self._packed(q, kvs, gates, compress, pos, positions, segment_ids), None
     if cache is None:  # a whole sequence from position 0
       k_positions = jnp.arange(x.shape[1], dtype=jnp.int32)
       q_positions = rows(k_positions)
@@ -271,11 +329,61 @@ class NativeSparseAttention(nn.Module):
     win_mask = causal_mask(q_positions, rows(k_positions), nsa.window)
     out_win, _ = attend(q, kvs['k_win'], kvs['v_win'], win_mask, token_bias)
 
-    out = sum(gates[..., i, None] * o for i, o in enumerate((out_cmp, out_slc, out_win)))
+    return self._mix(gates, (out_cmp, out_slc, out_win)), cache
+
+  def _mix(self, gates: jax.Array, outs: tuple[jax.Array, ...]) -> jax.Array:
+    """Eq. 5's gated sum of the branches, then the output projection."""
+    cfg = self.config
+    out = sum(gates[..., i, None] * o for i, o in enumerate(outs))
     out = nn.with_logical_constraint(out.astype(cfg.dtype),
                                      ('batch', 'length', 'heads', 'head_dim'))
-    out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), in_dims=2, name='o', **proj)(out)
-    return out, cache
+    return Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), in_dims=2, name='o',
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
+                  kernel_init=nn.initializers.normal(cfg.init_std))(out)
+
+  def _packed(self, q, kvs, gates, compress, pos, positions, segment_ids) -> jax.Array:
+    """The three branches over rows packing several examples: the whole-sequence computation
+    with blocks cut at each example's own positions and every mask within one segment."""
+    cfg, nsa = self.config, self.config.nsa
+    l, d, sl = nsa.block_len, nsa.stride, nsa.select_block_len
+    batch, length = segment_ids.shape
+    offsets = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    same = segment_mask(segment_ids)  # [b, 1, t, t]
+
+    starts, valid = packed_block_starts(positions, segment_ids, l, d)  # [b, n] row offsets
+    block_positions = jnp.take_along_axis(positions, starts, axis=1)
+    k_blocks, v_blocks = compress(kvs['k_cmp'], kvs['v_cmp'], starts, block_positions)
+    k_blocks = nn.with_logical_constraint(k_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
+    v_blocks = nn.with_logical_constraint(v_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
+
+    token_bias = block_bias = None
+    if pos.attention_bias is not None:  # positions within each example, as alone
+      position_bias = pos.attention_bias(cfg, name='position_bias')
+      token_bias = position_bias(positions, positions)
+      block_bias = position_bias(positions, block_positions)
+
+    # cmp: the query's own example's blocks, complete at its position.
+    block_segment = jnp.take_along_axis(segment_ids, starts, axis=1)
+    cmp_mask = ((valid[:, None, :] & (block_segment[:, None, :] == segment_ids[:, :, None])
+                 & ((starts + l - 1)[:, None, :] <= offsets[:, :, None])))[:, None]
+    out_cmp, p_cmp = attend(q, k_blocks, v_blocks, cmp_mask, block_bias)
+
+    # slc: selection block j of an example holds its positions [j·l', (j+1)·l').
+    num_slc = -(-length // sl)  # positions restart within the row, so stay below its length
+    weights = packed_selection_weights(block_positions, num_slc, l, d, sl)
+    importance = block_importance(jax.lax.stop_gradient(p_cmp), weights)
+    selected = select_blocks(importance, positions, sl, nsa.num_selected)
+    chosen = jnp.any(selected[..., None] == jnp.arange(num_slc), axis=-2)  # [b, k, t, num_slc]
+    key_block = jnp.broadcast_to((positions // sl)[:, None, None, :],
+                                 chosen.shape[:3] + (length,))
+    slc_mask = (jnp.take_along_axis(chosen, key_block, axis=-1)
+                & causal_mask(offsets, offsets) & same)
+    out_slc, _ = attend(q, kvs['k_slc'], kvs['v_slc'], slc_mask, token_bias)
+
+    # win: the last `window` tokens of the query's example.
+    win_mask = causal_mask(offsets, offsets, nsa.window) & same
+    out_win, _ = attend(q, kvs['k_win'], kvs['v_win'], win_mask, token_bias)
+    return self._mix(gates, (out_cmp, out_slc, out_win))
 
   def _compressor(self, name: str):
     """The map from a block's tokens [..., block_len, head_dim] to one [..., head_dim], its

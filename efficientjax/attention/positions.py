@@ -45,6 +45,18 @@ class NoPosition:
     return x
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids [batch, length] (each segment a contiguous run) -> int32 positions restarting
+  at 0 where each run starts: every encoding then gives a packed example what it gets alone
+  (RoPE, absolute and learned read the position itself, the relative bias the difference of
+  two positions of one example)."""
+  offsets = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(starts, offsets, 0), axis=1)
+  return offsets - first
+
+
 # ---------------------------------------------------------------------------------------------
 # RoPE and its frequency scalings: YaRN, Llama 3.1's (`llama3`), linear interpolation.
 
