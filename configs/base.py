@@ -98,8 +98,29 @@ def get_config() -> config_dict.ConfigDict:
   m.scan_layers = True
   m.remat = 'none'                  # none | full | dots_saveable
 
+  f = c.finetune = config_dict.ConfigDict()  # kind='finetune' (efficientjax/peft, peft's names)
+  f.method = 'lora'                 # full | freeze | lora | lora_plus | rslora | dora | pissa
+  f.target_modules = 'all-linear'   # LoRA family: all-linear (not lm_head) or comma-separated
+                                    #   q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj ...
+  f.rank = 8                        # r
+  f.alpha = 16.0                    # lora_alpha: scaling alpha/r (rslora: alpha/sqrt(r))
+  f.dropout = 0.0                   # lora_dropout, on the adapter's input while training
+  f.init = placeholder(str)         # kaiming | gaussian | pissa | pissa_niter_K; None: the
+                                    #   method's (pissa: pissa, others: kaiming)
+  f.lora_plus_ratio = 16.0          # lora_plus: B's (and 1-D params') rate over A's
+  f.freeze_layers = 2               # freeze: the last N layers train; -N: the first N
+  f.freeze_modules = 'all'          # freeze: all, or comma-separated parts of those layers
+                                    #   (attn, mlp, q_proj, attn_norm ...)
+  f.freeze_extra = ''               # freeze: comma-separated top-level modules that also train
+                                    #   (embed, lm_head, final_norm)
+  f.base_dtype = placeholder(str)   # the frozen base's dtype (bfloat16 halves it); None:
+                                    #   model.param_dtype
+  f.export = 'adapter'              # at the end: adapter (<workdir>/adapter, peft's files) |
+                                    #   merged (<workdir>/merged, a HF checkpoint) | none
+
   d = c.data = config_dict.ConfigDict()
-  d.corpus = 'stdlib'               # stdlib | text:GLOB | hf:NAME[:CONFIG] | synthetic
+  d.corpus = 'stdlib'               # pretrain: stdlib | text:GLOB | hf:NAME[:CONFIG] | synthetic;
+                                    #   finetune: functions[:GLOB] | jsonl:PATH
   d.tokenizer = 'byte'              # byte | a Hugging Face tokenizer.json | checkpoint directory
   d.eos_token = placeholder(str)    # HF tokenizers: the separator token (default: eos_token of
                                     # tokenizer_config.json, else guessed)

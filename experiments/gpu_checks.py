@@ -116,6 +116,16 @@ CHECKS: tuple[Check, ...] = (
           _GMM, ('--shapes=mixtral_8x7b,deepseek_v3', '--impls=dense,autotuned',
                  '--repeats=20'),
           estimate_s=480, summarize=summarize_bench_moe_gmm),
+    # Issue 14: the fine-tuning methods at Llama-3.2-1B's shape (random base), each in its
+    # own process: step time and peak memory, against the issue's goals (LoRA >= 1.3x faster
+    # per step than full with >= 40% less memory; DoRA <= 1.5x LoRA's step time). The segment
+    # mask through cuDNN attention (packed examples) runs here for the first time on a GPU.
+    Check('finetune_methods_1b',
+          'step time and peak memory of full, freeze, LoRA, LoRA+, RSLoRA, DoRA and PiSSA at '
+          'the 1.24B Llama-3.2 shape (8 x 1024 tokens, bf16 compute, packed examples)',
+          'experiments.bench_finetune', ('--steps=12', '--batch=8', '--seq_len=1024'),
+          estimate_s=420,
+          summarize=lambda r: ', '.join(f'{k} {v:.2f}' for k, v in r.get('ratios', {}).items())),
 )
 
 

@@ -1,8 +1,12 @@
-"""`kind = 'pretrain'`: train a model from scratch and record quality and cost."""
+"""`kind = 'pretrain'`: train a model from scratch and record quality and cost.
+
+`run_training` is what every training kind shares (the workdir guard, the completed-run check,
+the record); experiments/finetune.py calls it with the fine-tuning loop."""
 
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,20 +16,21 @@ from efficientjax.errors import ConfigError
 from efficientjax.metrics import record as records
 from efficientjax.metrics.report import training_metrics
 from efficientjax.moe.report import inactive_params
-from efficientjax.train.loop import train
+from efficientjax.train.loop import TrainResult, train
 
 # Sections that define what a checkpoint holds: resuming under other values would mix runs.
 _RESUME_SECTIONS = ('model', 'data', 'seed')
 
 
-def _guard_workdir(workdir: str, config: dict[str, Any]) -> None:
-  """Refuses to resume a workdir written by a different model, data or seed, and keeps the
-  config beside the checkpoints so a restart can be checked."""
+def _guard_workdir(workdir: str, config: dict[str, Any], sections: tuple[str, ...] = ()) -> None:
+  """Refuses to resume a workdir written by a different model, data or seed (or `sections`),
+  and keeps the config beside the checkpoints so a restart can be checked."""
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
-    changed = [s for s in _RESUME_SECTIONS if before.get(s) != config.get(s)]
+    changed = [s for s in _RESUME_SECTIONS + ('kind',) + sections
+               if before.get(s) != config.get(s)]
     if changed and os.path.isdir(os.path.join(workdir, 'checkpoints')):
       raise ConfigError('--workdir', f'{workdir} holds checkpoints of a run whose '
                         f'{", ".join(changed)} differ from this config; use a new --workdir '
@@ -42,14 +47,22 @@ def completed_record(workdir: str, config: dict[str, Any]) -> dict[str, Any] | N
   if not os.path.exists(path):
     return None
   done = [r for r in records.read_records(path, strict=False)
-          if r.get('kind') == 'pretrain' and r.get('steps', {}).get('final', -1)
+          if r.get('kind') == config['kind'] and r.get('steps', {}).get('final', -1)
           >= config['train']['steps']]
   return done[-1] if done else None
 
 
 def run(config: ConfigDict, workdir: str) -> str:
+  return run_training(config, workdir, train)
+
+
+def run_training(config: ConfigDict, workdir: str,
+                 train_fn: Callable[[dict[str, Any], str], TrainResult],
+                 sections: tuple[str, ...] = ()) -> str:
+  """Trains (or resumes) with `train_fn` and writes the record: what every training kind
+  shares. sections: config sections besides model, data and seed that a resume must match."""
   cfg = config.to_dict()
-  _guard_workdir(workdir, cfg)
+  _guard_workdir(workdir, cfg, sections)
   done = completed_record(workdir, cfg)
   if done is not None:
     # Rerunning a finished run (or restarting one killed after its record was written) must
@@ -60,8 +73,8 @@ def run(config: ConfigDict, workdir: str) -> str:
           f'{done["created_at"]}) is in {path}. Raise --config.train.steps to train further, '
           'or use a new --workdir to run again.')
     return path
-  result = train(cfg, workdir)
-  record = records.new_record('pretrain', cfg)
+  result = train_fn(cfg, workdir)
+  record = records.new_record(cfg['kind'], cfg)
   last = sorted(result.losses)[-10:]
   eval_loss = result.final_eval_loss
   record.update({
@@ -71,7 +84,10 @@ def run(config: ConfigDict, workdir: str) -> str:
                 'config': result.model_config.to_dict(),
                 'attention_impl': result.attention_impl, 'attention': result.attention,
                 # Where the initial weights came from (model.init), or None: random.
-                'init': result.init},
+                'init': result.init,
+                # What the optimizer updated, and the memory its state took.
+                'trainable_params': result.trainable_params,
+                'optimizer_state_bytes': result.optimizer_state_bytes},
       'data': {'corpus': cfg['data']['corpus'], **result.data_stats},  # stats say if synthetic
       'steps': {'start': result.start_step, 'final': result.final_step,
                 'tokens_per_step': result.tokens_per_step,
@@ -89,6 +105,8 @@ def run(config: ConfigDict, workdir: str) -> str:
       'metrics': training_metrics(result, peak_override=cfg['metrics']['peak_flops_per_s']),
       'checkpoint_dir': result.checkpoint_dir,
   })
+  if result.finetune is not None:
+    record['finetune'] = result.finetune
   if result.moe is not None:
     # Expert load, dropped tokens, balancing losses and biases; and what a token computes with.
     record['moe'] = {**result.moe,

@@ -8,6 +8,7 @@ from efficientjax.registry import Registry
 
 EXPERIMENTS: Registry[str] = Registry('kind')
 EXPERIMENTS.register('pretrain')('experiments.pretrain:run')
+EXPERIMENTS.register('finetune')('experiments.finetune:run')
 
 
 def runner(kind: str) -> Callable:

@@ -27,12 +27,14 @@ from efficientjax.attention import ATTENTION, POSITIONS
 from efficientjax.attention.core import IMPLEMENTATIONS
 from efficientjax.attention.mha import gqa_kv_heads, kv_head_variant
 from efficientjax.attention.nsa import COMPRESSIONS
+from efficientjax.data import instructions
 from efficientjax.data.corpora import parse_spec
 from efficientjax.errors import ConfigError
 from efficientjax.model import DTYPES, REMAT_POLICIES, ModelConfig
 from efficientjax.moe.dispatch import DISPATCH, GROUPED_MATMULS
 from efficientjax.moe.router import ROUTERS
 from efficientjax.nn import FFN
+from efficientjax.peft import METHODS, FinetuneConfig
 from efficientjax.train import init_from
 from experiments.registry import EXPERIMENTS
 
@@ -232,17 +234,23 @@ class WeightSource(Rule):
 
 
 class Corpus(Rule):
-  """A corpus spec whose form is known (that its files exist is checked when they are read)."""
+  """A corpus spec whose form is known (that its files exist is checked when they are read):
+  plain documents for pretraining, prompt/answer examples for fine-tuning."""
 
-  def problem(self, value):
+  def problem(self, value, kind: str = 'pretrain'):
     try:
-      parse_spec(value)
+      (instructions.parse_spec if kind == 'finetune' else parse_spec)(value)
     except ConfigError as e:
       return e.message
     return None
 
+  def error(self, field, value, config):
+    problem = self.problem(value, config.get('kind'))
+    return None if problem is None else ConfigError(field, problem)
+
 
 ON_BAD_CHECKPOINT = ('fallback', 'fail')
+EXPORTS = ('adapter', 'merged', 'none')  # finetune.export
 ON_NONFINITE = ('stop', 'skip')
 
 # Every field of configs/base.py and its constraint beyond its type (tests keep the two in step).
@@ -330,6 +338,20 @@ RULES: dict[str, Rule] = {
     'model.remat': OneOf(sorted(REMAT_POLICIES)),
 
     'data.corpus': Corpus(),
+
+    'finetune.method': OneOf(METHODS),
+    # Which names exist depends on the model: the method's own check (a relation) says.
+    'finetune.target_modules': Free(),
+    'finetune.rank': AtLeast(1, note='e.g. 8'),
+    'finetune.alpha': Positive(note='lora_alpha, e.g. 16'),
+    'finetune.dropout': Range(0, 1, hi_open=True),
+    'finetune.init': Free(),  # the method's check: its choices depend on the method
+    'finetune.lora_plus_ratio': Positive(note="B's rate over A's; LoRA+ suggests 16"),
+    'finetune.freeze_layers': Free(),  # the method's check: in ±[1, num_layers]
+    'finetune.freeze_modules': Free(),
+    'finetune.freeze_extra': Free(),
+    'finetune.base_dtype': Optional(OneOf(sorted(DTYPES)), 'keep model.param_dtype'),
+    'finetune.export': OneOf(EXPORTS),
     'data.tokenizer': Free(),  # a path: read by check_run, through the tokenizer itself
     'data.eos_token': Free(),
     'data.seq_len': AtLeast(1),
@@ -483,6 +505,24 @@ def _variant_checks(c, facts):
     if entry_check is not None:
       errors.extend(entry_check(m, c['data']['seq_len']))
   return errors
+
+
+@_relation('kind', 'model', 'finetune', 'data.seq_len')
+def _finetune_method_checks(c, facts):
+  """The method's own checks against the model's shape (LoRA's targets and rank, freeze's
+  layers and modules, the initialisation): only for fine-tuning runs."""
+  del facts
+  if c['kind'] != 'finetune':
+    return []
+  m = dict(c['model'])
+  if m.get('vocab_size') is None:
+    m['vocab_size'] = 256  # the structure, not the vocabulary, is what the checks read
+  try:
+    cfg = ModelConfig.from_config(m, seq_len=c['data']['seq_len'])
+  except (TypeError, ValueError):
+    return []  # the model's own rules and relations report it
+  ft = FinetuneConfig.from_config(c['finetune'])
+  return METHODS.get(ft.method)(cfg, ft).check()
 
 
 @_relation('data.tokenizer', 'data.eos_token')

@@ -30,18 +30,22 @@ def training_metrics(result, *, peak_override: float | None = None) -> dict[str,
   window_s, n = result.window_s, result.window_steps
   missing = _no_window_reason(result)
   tokens = result.tokens_per_step * n
-  samples = result.samples_per_step * n
+  # Examples as counted in the measured steps (several per packed fine-tuning row), or rows.
+  samples = (result.window_samples if getattr(result, 'window_samples', None) is not None
+             else result.samples_per_step * n)
 
   latency = {'step_ms': summarize_ms(result.step_times_s), 'compile_s': result.compile_s,
              'window_s': window_s, 'window_steps': n, 'paused_s': result.paused_s,
              'reason': missing}
 
   tokens_per_s = _rate(tokens, window_s) if n else None
+  samples_per_s = _rate(samples, window_s) if n else None
   throughput = {
       'tokens_per_s': tokens_per_s,
-      'samples_per_s': _rate(samples, window_s) if n else None,
+      'samples_per_s': samples_per_s,
       # EfficientLLM's normalisation: throughput per model parameter.
       'tokens_per_param_per_s': tokens_per_s / result.num_params if tokens_per_s else None,
+      'samples_per_param_per_s': samples_per_s / result.num_params if samples_per_s else None,
       'reason': missing,
   }
 

@@ -46,6 +46,7 @@ class FinetuneConfig:
   freeze_modules: str = 'all'       # freeze: 'all' or comma-separated names within a layer
   freeze_extra: str = ''            # freeze: top-level modules that also train (embed, lm_head...)
   base_dtype: str | None = None     # the frozen base's dtype; None: model.param_dtype
+  export: str = 'adapter'           # after the run: adapter (peft files) | merged | none
 
   @classmethod
   def from_config(cls, ft: Mapping[str, Any]) -> 'FinetuneConfig':
@@ -237,11 +238,11 @@ class LoRA(Method):
     if init not in ('kaiming', 'gaussian') and not pissa:
       errors.append(ConfigError('finetune.init', f'{init!r}: use kaiming, gaussian, pissa or '
                                 'pissa_niter_K (a randomised SVD with K iterations)'))
-    if not errors:
-      try:
-        chosen = targets.select(cfg, ft.targets)
-      except ConfigError as e:
-        return errors + [e]
+    try:
+      chosen = targets.select(cfg, ft.targets)
+    except ConfigError as e:
+      return errors + [e]
+    if ft.rank >= 1:
       small = [p.name for p in chosen
                if ft.rank > min(_prod(p.in_shape), _prod(p.out_shape))]
       if small:
@@ -294,7 +295,7 @@ class LoRA(Method):
     def factor(path, leaf):
       name = path[-1].key
       per_layer = leaf.ndim - (1 if self._stacked(path) else 0)
-      return ratio if name == 'lora_b' or per_layer == 1 else 1.0
+      return ratio if name in ('lora_b', 'magnitude') or per_layer == 1 else 1.0
     return jax.tree_util.tree_map_with_path(factor, trainable)
 
   def _stacked(self, path) -> bool:

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 
 from efficientjax import parallel
 from efficientjax.attention.core import resolve_implementation
-from efficientjax.data import build_data, get_tokenizer
+from efficientjax.data import Data, build_data, get_tokenizer
 from efficientjax.metrics import flops as flop_counts
 from efficientjax.metrics.architecture import attention_summary
 from efficientjax.metrics.energy import make_energy_meter
@@ -52,7 +52,7 @@ class TrainResult:
   losses: dict[int, float]        # step -> train loss, this process's run only (applied steps)
   step_times_s: list[float]       # measured steps only (after the timing warm-up)
   tokens_per_step: int
-  samples_per_step: int
+  samples_per_step: int           # rows of the global batch
   compile_s: float
   initial_eval_loss: float | None
   eval_losses: dict[int, float]
@@ -66,6 +66,10 @@ class TrainResult:
   skipped_steps: list[int] = dataclasses.field(default_factory=list)
   # model.init's weight source (efficientjax.train.init_from.Source.record), or None.
   init: dict[str, Any] | None = None
+  # The fine-tuning method's own figures (efficientjax/train/finetune.py), or None.
+  finetune: dict[str, Any] | None = None
+  trainable_params: int | None = None       # what the optimizer updates (pretraining: all)
+  optimizer_state_bytes: int | None = None  # the optimizer's moments and counters
   # What the metrics are made of (efficientjax.metrics.report turns them into the record).
   device_kind: str = ''
   device_count: int = 1
@@ -76,6 +80,8 @@ class TrainResult:
   memory_analysis: dict[str, int] = dataclasses.field(default_factory=dict)
   window_s: float | None = None
   window_steps: int = 0
+  # Examples in the measured steps, every process's: packed rows hold several (fine-tuning).
+  window_samples: int | None = None
   paused_s: float = 0.0
   energy: dict[str, Any] = dataclasses.field(default_factory=dict)
   sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -86,18 +92,120 @@ class TrainResult:
     return self.eval_losses[max(self.eval_losses)] if self.eval_losses else None
 
 
-def _device_batch(local: np.ndarray, sharding) -> jax.Array:
-  """This process's rows -> one global array laid out over the mesh."""
-  return jax.make_array_from_process_local_data(sharding, local)
+def _device_batch(local: Any, sharding: Any) -> Any:
+  """This process's rows -> global arrays laid out over the mesh (an array, or a dict of them
+  with a sharding each)."""
+  return jax.tree.map(jax.make_array_from_process_local_data, sharding, local)
 
 
 def evaluate(eval_fn, state: TrainState, batches, sharding) -> float:
+  """The mean loss over every target the held-out batches count (eval_fn: make_eval_step's)."""
   total, count = 0.0, 0.0
   for b in batches:
-    s, n = eval_fn(state.params, state.model_state, _device_batch(b, sharding))
+    s, n = eval_fn(state, _device_batch(b, sharding))
     total += float(s)
     count += float(n)
   return total / count
+
+
+class Recipe:
+  """What a kind of training decides; everything else (the steps, the measurement window,
+  evaluations, checkpoints, the result) is `run`'s, shared by every kind.
+
+  This one is pretraining: the model's params train, the data is packed token windows, the
+  state starts random or from `model.init`. efficientjax/train/finetune.py's recipe changes the
+  state (trainable and frozen trees), the optimizer, the loss and the data, not the loop.
+  """
+
+  def __init__(self, config: Mapping[str, Any]):
+    self.config = config
+    self.meta: dict[str, Any] = {}  # kept with every checkpoint (init_from's source record ...)
+
+  def model_config(self, tokenizer) -> ModelConfig:
+    return ModelConfig.from_config(self.config['model'], tokenizer_vocab_size=tokenizer.vocab_size,
+                                   seq_len=self.config['data']['seq_len'])
+
+  def setup(self, model_cfg: ModelConfig, mesh) -> None:
+    """Builds the model, optimizer, schedule and the state's shapes and placement."""
+    cfg_train = self.config['train']
+    self.model_cfg, self.mesh = model_cfg, mesh
+    self.model = Transformer(model_cfg)
+    self.tx = make_optimizer(cfg_train)
+    self.schedule = learning_rate_schedule(cfg_train)
+    self.abstract, self.shardings = state_shardings(self.model, self.tx, mesh,
+                                                    self.config['data']['seq_len'])
+
+  def data(self, tokenizer) -> Data:
+    cfg_data, cfg_train = self.config['data'], self.config['train']
+    return build_data(corpus=cfg_data['corpus'], tokenizer=tokenizer, seq_len=cfg_data['seq_len'],
+                      global_batch_size=cfg_train['global_batch_size'], seed=self.config['seed'],
+                      eval_fraction=cfg_data['eval_fraction'],
+                      eval_batches=cfg_train['eval_batches'], process_index=jax.process_index(),
+                      process_count=jax.process_count(), max_documents=cfg_data['max_documents'])
+
+  def fresh_state(self, say) -> TrainState:
+    """The state a new run starts from (random, or model.init's weights)."""
+    config = self.config
+    if config['model'].get('init'):
+      # Trained weights (model.init), the optimizer starting afresh: no random init is built.
+      t_init = time.perf_counter()
+      source = init_from.source(config['model']['init'])
+      state = state_from_variables(self.tx, self.mesh, config['seed'], self.shardings,
+                                   self.abstract, init_from.load(source, self.model_cfg))
+      # Kept with every checkpoint: a restart names the source without reading it again.
+      self.meta['init'] = source.record()
+      say(f'initialised from {source.spec} ({time.perf_counter() - t_init:.1f} s)')
+      return state
+    return init_state(self.model, self.tx, self.mesh, config['data']['seq_len'], config['seed'],
+                      self.shardings)
+
+  def restored(self, state: TrainState, meta: dict[str, Any], say) -> TrainState:
+    """A restored state made whole (pretraining's checkpoints hold all of it)."""
+    del meta, say
+    return state
+
+  def train_step(self, model: Transformer, tx) -> Callable:
+    return make_train_step(model, tx, self.config['train']['grad_accum_steps'], self.schedule)
+
+  def eval_step(self) -> Callable:
+    return make_eval_step(self.model)
+
+  def twin(self, twin_cfg: ModelConfig) -> tuple[Callable, tuple[Any, ...]]:
+    """The step and its argument shapes on the compiler-FLOP twin of the model."""
+    model = Transformer(twin_cfg)
+    return (make_train_step(model, self.tx, self.config['train']['grad_accum_steps']),
+            (state_shardings(model, self.tx, self.mesh, self.config['data']['seq_len'])[0],
+             self.abstract_batch(sharding=None)))
+
+  def abstract_batch(self, sharding) -> Any:
+    c = self.config
+    return jax.ShapeDtypeStruct((c['train']['global_batch_size'], c['data']['seq_len'] + 1),
+                                np.int32, sharding=sharding)
+
+  def analytic_flops(self) -> dict[str, float]:
+    c = self.config
+    return flop_counts.analytic_flops_per_step(self.model_cfg, seq_len=c['data']['seq_len'],
+                                               batch=c['train']['global_batch_size'])
+
+  def finish(self, state: TrainState, workdir: str, say) -> None:
+    """After the last step, with the final state: what a kind writes besides checkpoints."""
+    del state, workdir, say
+
+  def summary(self, state: TrainState) -> dict[str, Any]:
+    """What TrainResult reports of the state beyond the loop's measurements."""
+    params = state.params
+    return dict(num_params=_count(params), weight_bytes=_bytes(params),
+                trainable_params=_count(params), optimizer_state_bytes=_bytes(state.opt_state),
+                attention=attention_summary(self.model_cfg, params,
+                                            self.config['data']['seq_len']))
+
+
+def _count(tree: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def _bytes(tree: Any) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | None = None,
@@ -107,81 +215,76 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
   stop_after_step: end early after that step, as if killed (tests of resumption use it).
   devices: the devices to build the mesh on (default: all).
   """
+  return run(Recipe(config), workdir, stop_after_step=stop_after_step, devices=devices,
+             progress=progress)
+
+
+def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
+        devices: list[jax.Device] | None = None, progress: bool = True) -> TrainResult:
+  """Runs (or resumes) the training `recipe` describes: data, state, compiled steps, the
+  measured steps with evaluations and checkpoints, and what the record needs."""
+  config = recipe.config
   cfg_data, cfg_train = config['data'], config['train']
   bar = Progress(cfg_train['steps'], cfg_train['log_every']) if progress else None
   say = bar.message if bar else lambda text: None
   t_data = time.perf_counter()
   tokenizer = get_tokenizer(cfg_data['tokenizer'], eos_token=cfg_data['eos_token'])
-  model_cfg = ModelConfig.from_config(config['model'], tokenizer_vocab_size=tokenizer.vocab_size,
-                                      seq_len=cfg_data['seq_len'])
+  model_cfg = recipe.model_config(tokenizer)
   mesh = parallel.make_mesh(config['mesh'], devices)
   seq_len = cfg_data['seq_len']
   global_batch = cfg_train['global_batch_size']
 
-  data = build_data(corpus=cfg_data['corpus'], tokenizer=tokenizer, seq_len=seq_len,
-                    global_batch_size=global_batch, seed=config['seed'],
-                    eval_fraction=cfg_data['eval_fraction'], eval_batches=cfg_train['eval_batches'],
-                    process_index=jax.process_index(), process_count=jax.process_count(),
-                    max_documents=cfg_data['max_documents'])
+  data = recipe.data(tokenizer)
   eval_batches = data.eval_batches()
   counts = [f'{data.stats[f"{split}_{what}"]:,} {split} {what}' for split in ('train', 'eval')
-            for what in ('documents', 'tokens')
+            for what in ('documents', 'examples', 'tokens')
             if isinstance(data.stats.get(f'{split}_{what}'), int)]
   say(f'data: {cfg_data["corpus"]}{" (random tokens)" if data.synthetic else ""}: '
       f'{", ".join(counts)} ({time.perf_counter() - t_data:.1f} s)')
 
-  model = Transformer(model_cfg)
-  tx = make_optimizer(cfg_train)
-  schedule = learning_rate_schedule(cfg_train)
-  abstract, shardings = state_shardings(model, tx, mesh, seq_len)
-  batch_sh = parallel.batch_sharding(mesh)
+  recipe.setup(model_cfg, mesh)
+  model, tx, abstract, shardings = recipe.model, recipe.tx, recipe.abstract, recipe.shardings
+  batch_sh = jax.tree.map(lambda a: parallel.batch_sharding(mesh, a.ndim),
+                          recipe.abstract_batch(sharding=None))
 
   checkpointer = None
   if cfg_train['checkpoint_every'] > 0:
     checkpointer = Checkpointer(workdir, keep=cfg_train['keep_checkpoints'],
                                 async_save=cfg_train['async_checkpoint'])
-  meta: dict[str, Any] = {}
+  meta = recipe.meta
   state, resume_step = None, None
   if checkpointer:
     # The newest checkpoint that verifies, or train.resume_step's; bad ones are set aside.
-    state, meta, resume_step = checkpointer.restore_latest_good(
+    state, restored_meta, resume_step = checkpointer.restore_latest_good(
         abstract, shardings, resume_step=cfg_train['resume_step'],
         on_bad=cfg_train['on_bad_checkpoint'])
+    meta.update(restored_meta)
   if resume_step is not None:
     data.train.restore(meta['data'])
-  elif config['model'].get('init'):
-    # Trained weights (model.init), the optimizer starting afresh: no random init is built.
-    t_init = time.perf_counter()
-    source = init_from.source(config['model']['init'])
-    state = state_from_variables(tx, mesh, config['seed'], shardings, abstract,
-                                 init_from.load(source, model_cfg))
-    # Kept with every checkpoint: a restart names the source without reading it again.
-    meta['init'] = source.record()
-    say(f'initialised from {source.spec} ({time.perf_counter() - t_init:.1f} s)')
+    state = recipe.restored(state, meta, say)
   else:
-    state = init_state(model, tx, mesh, seq_len, config['seed'], shardings)
+    state = recipe.fresh_state(say)
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
-  analytic = flop_counts.analytic_flops_per_step(model_cfg, seq_len=seq_len, batch=global_batch)
+  analytic = recipe.analytic_flops()
   say(f'compiling the train and eval steps ({model_cfg.num_layers} layers, {global_batch} x '
       f'{seq_len} tokens a step, {mesh.devices.size} {jax.default_backend()} device(s)) ...')
   t0 = time.perf_counter()
   # Counted on an unsharded twin outside the mesh context: only the arithmetic matters here.
-  compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, lambda twin: (
-      make_train_step(Transformer(twin), tx, cfg_train['grad_accum_steps']),
-      (state_shardings(Transformer(twin), tx, mesh, seq_len)[0],
-       jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32))))
+  compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, recipe.twin)
   twin_s = time.perf_counter() - t0
   with parallel.activate(mesh):
     t0 = time.perf_counter()
-    abstract_batch = jax.ShapeDtypeStruct((global_batch, seq_len + 1), np.int32, sharding=batch_sh)
-    train_step = jax.jit(make_train_step(model, tx, cfg_train['grad_accum_steps'], schedule),
+    abstract_batch = recipe.abstract_batch(sharding=None)
+    abstract_batch = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_batch,
+        batch_sh)
+    train_step = jax.jit(recipe.train_step(model, tx),
                          in_shardings=(shardings, batch_sh), donate_argnums=0,
                          out_shardings=(shardings, parallel.replicated(mesh))
                          ).lower(abstract, abstract_batch).compile()
-    eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(shardings.params, shardings.model_state, batch_sh)
-                        ).lower(abstract.params, abstract.model_state, abstract_batch).compile()
+    eval_step = jax.jit(recipe.eval_step(), in_shardings=(shardings, batch_sh)
+                        ).lower(abstract, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
     say(f'compiled in {compile_s:.1f} s (and {twin_s:.1f} s for the compiler\'s FLOP count of '
         'an unrolled twin of the step)')
@@ -203,6 +306,7 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
     losses: dict[int, float] = {}
     eval_losses: dict[int, float] = {}
     step_times: list[float] = []
+    window_samples = 0  # this process's examples in the measured steps
     last_good = resume_step
     skipped: list[int] = list(meta.get('skipped_steps', []))
     # Steps after `start_step`: warm-up, then the profiled ones (traced, so not timed), then
@@ -230,13 +334,14 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       if step == first_measured:
         window.open(state)
       t = time.perf_counter()
-      batch = _device_batch(data.train.next(), batch_sh)
-      state, metrics = train_step(state, batch)
+      local = data.train.next()
+      state, metrics = train_step(state, _device_batch(local, batch_sh))
       loss = float(metrics['loss'])  # a sync point: the step is done when its loss is on host
       dt = time.perf_counter() - t
       if window.is_open:
         step_times.append(dt)
         window.steps += 1
+        window_samples += _examples(local)
       trace.after(step, state)
       line = {'step': step, 'loss': loss, 'grad_norm': float(metrics['grad_norm']),
               'learning_rate': float(metrics['learning_rate']), 'step_ms': dt * 1e3}
@@ -301,21 +406,20 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
 
   if checkpointer:
     checkpointer.close()
-  params = state.params
+  recipe.finish(state, workdir, say)
   return TrainResult(
       model_config=model_cfg,
       mesh_shape=dict(mesh.shape),
-      num_params=int(sum(x.size for x in jax.tree.leaves(params))),
-      attention=attention_summary(model_cfg, params, seq_len),
+      **recipe.summary(state),
       moe=(expert_stats.summary(jax.device_get(state.model_state))
            if expert_stats is not None else None),
-      weight_bytes=int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
       start_step=start_step,
       final_step=int(state.step),
       losses=losses,
       step_times_s=step_times,
       tokens_per_step=tokens_per_step,
       samples_per_step=global_batch,
+      window_samples=_all_processes(window_samples),
       compile_s=compile_s,
       initial_eval_loss=meta.get('initial_eval_loss'),
       eval_losses=eval_losses,
@@ -338,6 +442,22 @@ def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | Non
       sampler=sampler.summary(),
       trace=_trace_summary(trace.logdir, profile_steps, trace.seconds, train_step),
   )
+
+
+def _examples(local: Any) -> int:
+  """Examples in this process's rows: a row of token windows is one; a packed row of
+  instruction examples holds as many as its highest segment id."""
+  if isinstance(local, Mapping):
+    return int(np.max(local['segment_ids'], axis=1).sum())
+  return int(local.shape[0])
+
+
+def _all_processes(count: int) -> int:
+  """A per-process count summed over every process (once per run, at the end)."""
+  if jax.process_count() == 1:
+    return count
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def _log_line(path: str, line: dict[str, Any]) -> None:

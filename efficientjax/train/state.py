@@ -20,6 +20,10 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
   # Non-trained model collections that persist across steps (MoE routing biases); {} for most.
   model_state: Any = flax.struct.field(default_factory=dict)
+  # What a fine-tuning method keeps fixed (efficientjax.peft): the base under adapters, the
+  # layers `freeze` leaves alone; no gradient, no optimizer state, and never checkpointed (the
+  # run rebuilds it from its source). {} for pretraining and full fine-tuning.
+  frozen: Any = flax.struct.field(default_factory=dict)
 
 
 _PERSISTENT = ('moe_state',)  # the collections of model.init kept in the train state

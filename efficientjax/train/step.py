@@ -1,4 +1,11 @@
-"""The training and evaluation steps: pure functions of (state, batch)."""
+"""The training and evaluation steps: pure functions of (state, batch).
+
+A batch is either an int32 array [b, seq_len + 1] of packed token windows (pretraining: every
+next-token pair counts), or a dict of such arrays (`efficientjax.data.instructions`: `tokens`,
+`segment_ids` and `positions` restarting per packed example, and `loss_mask`, which marks the
+tokens the loss counts: answers only). A fine-tuning method (efficientjax.peft) makes the model's
+variables from the trainable params and the frozen ones (`state.frozen`) through `variables`.
+"""
 
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from efficientjax.model import auxiliary_loss
+from efficientjax.nn.linear import ADAPTERS
 from efficientjax.moe import balance
 from efficientjax.train.optimizer import updates_applied
 from efficientjax.train.state import TrainState
@@ -17,13 +25,41 @@ from efficientjax.train.state import TrainState
 _REPORTED = ('losses', 'moe_stats')
 
 
-def forward(model: nn.Module, params: Any, model_state: Mapping[str, Any], batch: jax.Array
+Variables = Callable[[Any, Any], tuple[Any, Any]]  # (trainable, frozen) -> (params, adapters)
+
+
+def plain_variables(trainable: Any, frozen: Any) -> tuple[Any, Any]:
+  """Pretraining's (and full fine-tuning's): the trainable params are the model's params."""
+  del frozen
+  return trainable, {}
+
+
+def loss_weights(batch: Any) -> jax.Array | None:
+  """[b, seq_len] weights of the targets (1 where the loss counts), or None: all count."""
+  if isinstance(batch, Mapping):
+    return batch['loss_mask'][:, 1:].astype(jnp.float32)
+  return None
+
+
+def forward(model: nn.Module, params: Any, model_state: Mapping[str, Any], batch: Any,
+            adapters: Any = None, rngs: Mapping[str, jax.Array] | None = None
             ) -> tuple[jax.Array, dict[str, Any]]:
-  """(next-token cross-entropy per position, what the layers reported). batch: [b, seq_len + 1]
-  token windows; model_state: the non-trained collections (e.g. MoE routing biases)."""
-  inputs, targets = batch[:, :-1], batch[:, 1:]
-  logits, reported = model.apply({'params': params, **model_state}, inputs, mutable=_REPORTED)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), dict(reported)
+  """(next-token cross-entropy per position [b, seq_len], what the layers reported).
+  model_state: the non-trained collections (e.g. MoE routing biases); adapters: the `adapters`
+  collection (efficientjax.nn.linear); rngs: e.g. {'dropout': key} while training."""
+  variables = {'params': params, **model_state}
+  if adapters:
+    variables[ADAPTERS] = adapters
+  if isinstance(batch, Mapping):
+    tokens = batch['tokens']
+    logits, reported = model.apply(
+        variables, tokens[:, :-1], batch['positions'][:, :-1],
+        segment_ids=batch['segment_ids'][:, :-1], mutable=_REPORTED, rngs=rngs)
+  else:
+    tokens = batch
+    logits, reported = model.apply(variables, tokens[:, :-1], mutable=_REPORTED, rngs=rngs)
+  return (optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]),
+          dict(reported))
 
 
 def token_losses(model: nn.Module, params: Any, batch: jax.Array,
@@ -48,38 +84,58 @@ def update_routing_bias(model_state: Mapping[str, Any], moe_stats: Mapping[str, 
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum_steps: int,
-                    schedule: optax.Schedule | None = None
-                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Any]]]:
+                    schedule: optax.Schedule | None = None, *,
+                    variables: Variables = plain_variables, dropout: bool = False
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
   """One optimizer step over a global batch, accumulating over `grad_accum_steps` micro-batches.
 
   The loss optimised is the cross-entropy plus any auxiliary losses the layers report (MoE
-  balancing); `metrics['loss']` is the cross-entropy alone, comparable across models.
+  balancing); `metrics['loss']` is the cross-entropy alone, comparable across models. With
+  loss weights (a dict batch) the cross-entropy is the mean over the counted targets of the
+  whole global batch, however it is split into micro-batches. Gradients are taken with respect
+  to `state.params` only: the frozen tree gets none. dropout: give the model a 'dropout' rng
+  (from the state's key and step), which adapters with finetune.dropout > 0 use.
   """
-  def loss_fn(params, model_state, micro):
-    losses, reported = forward(model, params, model_state, micro)
-    ce = losses.mean()
+  def loss_fn(params, model_state, micro, frozen, total, rng):
+    model_params, adapters = variables(params, frozen)
+    rngs = {'dropout': rng} if dropout else None
+    losses, reported = forward(model, model_params, model_state, micro, adapters, rngs)
+    weights = loss_weights(micro)
+    # Weighted: this micro-batch's share of the global mean, scaled by k like an unweighted
+    # micro-batch mean, so that the mean over micro-batches below is the global mean.
+    ce = (losses.mean() if weights is None else
+          jnp.sum(losses * weights) / total * grad_accum_steps)
     aux = auxiliary_loss(reported.get('losses', {}))
     return ce + aux, (ce, aux, reported.get('moe_stats', {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch: jax.Array):
+  def step(state: TrainState, batch: Any):
+    weights = loss_weights(batch)
+    total = None if weights is None else jnp.maximum(jnp.sum(weights), 1.0)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
-      (_, (ce, aux, stats)), grads = grad_fn(state.params, state.model_state, batch)
+      (_, (ce, aux, stats)), grads = grad_fn(state.params, state.model_state, batch, state.frozen,
+                                             total, rng)
     else:
       # Micro-batch i takes rows i, i + k, i + 2k, ...: with the batch dim sharded in
       # contiguous blocks, every device keeps its own rows and nothing moves.
-      b = batch.shape[0]
-      micro = batch.reshape(b // grad_accum_steps, grad_accum_steps, -1).swapaxes(0, 1)
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
+                                               -1).swapaxes(0, 1), batch)
 
-      def accumulate(carry, mb):
-        mb = nn.with_logical_constraint(mb, ('batch', 'length'))
-        (_, out), grads = grad_fn(state.params, state.model_state, mb)
+      def accumulate(carry, xs):
+        i, mb = xs
+        mb = jax.tree.map(lambda x: nn.with_logical_constraint(x, ('batch', 'length')), mb)
+        (_, out), grads = grad_fn(state.params, state.model_state, mb, state.frozen, total,
+                                  jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (out, grads)), None
 
-      shapes = jax.eval_shape(grad_fn, state.params, state.model_state, micro[0])
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(grad_fn, state.params, state.model_state, first, state.frozen,
+                              total, rng)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
-      ((ce, aux, stats), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      ((ce, aux, stats), grads), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
       # Means over micro-batches, except the expert load, which counts tokens: a sum.
       ce, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, (ce, aux, grads))
       stats = jax.tree_util.tree_map_with_path(
@@ -115,11 +171,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
   return step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]:
-  """(summed cross-entropy, token count) over a batch, so batches combine exactly."""
+def make_eval_step(model: nn.Module, variables: Variables = plain_variables
+                   ) -> Callable[[TrainState, Any], tuple[jax.Array, jax.Array]]:
+  """(summed cross-entropy, count of the targets it covers) over a batch, so batches combine
+  exactly: every token for token windows, the answer tokens of a weighted (dict) batch."""
 
-  def step(params, model_state, batch):
-    losses = token_losses(model, params, batch, model_state)
-    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  def step(state: TrainState, batch: Any):
+    params, adapters = variables(state.params, state.frozen)
+    losses, _ = forward(model, params, state.model_state, batch, adapters)
+    weights = loss_weights(batch)
+    if weights is None:
+      return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
 
   return step
