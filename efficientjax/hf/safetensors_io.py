@@ -617,6 +617,53 @@ def _first(names: Sequence[str], n: int = 5) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# A family's mapping, one param at a time, for files laid out like a checkpoint's tensors
+# without being checkpoints (efficientjax/peft/interchange.py: LoRA adapters, whose factors
+# follow the layout of the kernel they adapt). Additive: the loader and writer do not use these.
+
+
+def param_tensors(family: Family, cfg: ModelConfig
+                  ) -> dict[tuple[str, ...], tuple[str, TensorRule]]:
+  """{param path in the per-layer layout (`block_3/attn/q/kernel`): (the checkpoint tensor that
+  holds it, the rule that converts it)}, as an export writes them. A param that shares its
+  tensor with others carries its `part` in the rule; a per-expert param maps to its first
+  expert's tensor (`TensorRule.hf_name` still says `{expert}`)."""
+  expected = _expected_params(cfg)
+  mapped, _ = _expand(family.tensor_rules(cfg), cfg, expected)
+  out: dict[tuple[str, ...], tuple[str, TensorRule]] = {}
+  for name, pieces in mapped.items():
+    for piece in pieces:
+      out.setdefault(piece.param, (name, piece.rule))
+  return out
+
+
+def _whole(rule: TensorRule) -> None:
+  if rule.part is not None or '{expert}' in rule.hf_name:
+    raise ValueError(f'{rule.hf_name}: the tensor holds several params (part {rule.part}); '
+                     'convert it with save_checkpoint / load_checkpoint')
+
+
+def rule_hf_shape(rule: TensorRule, shape: Sequence[int]) -> tuple[int, ...]:
+  """The checkpoint shape `rule` gives an array of shape `shape` in our layout."""
+  _whole(rule)
+  return _hf_shape(rule, shape)
+
+
+def rule_to_hf(rule: TensorRule, array: np.ndarray) -> np.ndarray:
+  """An array in our layout -> the tensor `rule` stores (transposed, permuted, reshaped as the
+  rule says); a rule for a whole tensor only."""
+  _whole(rule)
+  return _to_hf([_Piece(('',), rule)], {('',): array})
+
+
+def rule_to_ours(rule: TensorRule, tensor: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """The inverse of `rule_to_hf`: a stored tensor -> our layout, of shape `shape`."""
+  _whole(rule)
+  expected = {('',): jax.ShapeDtypeStruct(tuple(shape), tensor.dtype)}
+  return _to_ours(tensor, _Piece(('',), rule), expected)
+
+
+# --------------------------------------------------------------------------------------------
 # Block-wise fp8 weights, dequantised on load (any family).
 
 
