@@ -391,7 +391,7 @@ class NativeSparseAttention(nn.Module):
     cfg, nsa = self.config, self.config.nsa
     if nsa.compression == 'mean':
       return lambda blocks: jnp.mean(blocks, axis=-2)
-    proj = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    proj = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=cfg.adapter,
                 kernel_init=nn.initializers.normal(cfg.init_std))
     block_pos = self.param(
         f'{name}_block_pos',

@@ -14,6 +14,7 @@ what the model applies (params, and adapters in their own collection) inside the
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -216,8 +217,9 @@ class LoRA(Method):
   def scale(self) -> float:
     return lora.scaling(self.ft.alpha, self.ft.rank, self.rslora)
 
-  @property
+  @functools.cached_property
   def chosen(self) -> list[targets.Projection]:
+    """The adapted projections (found once: it traces the model)."""
     return targets.select(self.cfg, self.ft.targets)
 
   def settings(self):
@@ -239,7 +241,7 @@ class LoRA(Method):
       errors.append(ConfigError('finetune.init', f'{init!r}: use kaiming, gaussian, pissa or '
                                 'pissa_niter_K (a randomised SVD with K iterations)'))
     try:
-      chosen = targets.select(cfg, ft.targets)
+      chosen = self.chosen
     except ConfigError as e:
       return errors + [e]
     if ft.rank >= 1:

@@ -105,7 +105,7 @@ def select(cfg: ModelConfig, target_modules: str | Sequence[str],
     if name in HF_NAMES:
       hits = [p for p in every if p.module in HF_NAMES[name]]
     elif '/' in name and not any(c in name for c in '*?['):
-      hits = [p for p in every if '/'.join(p.module) == name]
+      hits = [p for p in every if '/'.join(p.module) == name or p.name == name]
     else:
       hits = [p for p in every if fnmatch.fnmatchcase(p.name, name)
               or '/'.join(p.module).strip('/') == name]

@@ -40,24 +40,18 @@ def make_optimizer(train: Mapping[str, Any], lr_multipliers: Any = None
   """Clipping by the global norm of every gradient, then AdamW.
 
   lr_multipliers: a tree of floats like the params, each leaf's learning rate as a multiple of
-  the schedule's (LoRA+: B at 16×); None: one rate. Each distinct factor is an AdamW of its
-  own over its leaves (optax.multi_transform), as torch param groups with their own `lr`;
-  decay stays `-lr_t·factor·wd·p`, as torch's AdamW applies a group's lr to it.
+  the schedule's (LoRA+: B at 16×); None: one rate. AdamW's moments do not depend on the rate,
+  so a leaf's update under rate lr·f is f × its update under lr, decay included (torch's AdamW
+  applies a param group's lr to its decay too): the factors scale the updates, and the
+  optimizer state is the same as with one rate.
   """
   parts = []
   if train['grad_clip_norm'] > 0:
     parts.append(optax.clip_by_global_norm(train['grad_clip_norm']))
-  schedule = learning_rate_schedule(train)
-
-  def adamw(factor: float) -> optax.GradientTransformation:
-    rate = schedule if factor == 1.0 else (lambda count: schedule(count) * factor)
-    return optax.adamw(rate, b1=train['b1'], b2=train['b2'], eps=train['eps'],
-                       weight_decay=train['weight_decay'], mask=decay_mask)
-
-  factors = sorted({float(f) for f in jax.tree.leaves(lr_multipliers)})
-  if len(factors) <= 1:
-    parts.append(adamw(factors[0] if factors else 1.0))
-  else:
-    labels = jax.tree.map(lambda f: f'x{float(f):g}', lr_multipliers)
-    parts.append(optax.multi_transform({f'x{f:g}': adamw(f) for f in factors}, labels))
+  parts.append(optax.adamw(learning_rate_schedule(train), b1=train['b1'], b2=train['b2'],
+                           eps=train['eps'], weight_decay=train['weight_decay'], mask=decay_mask))
+  if lr_multipliers is not None and any(f != 1.0 for f in jax.tree.leaves(lr_multipliers)):
+    factors = jax.tree.map(float, lr_multipliers)
+    parts.append(optax.stateless(
+        lambda updates, params=None: jax.tree.map(lambda u, f: u * f, updates, factors)))
   return optax.chain(*parts)

@@ -1,0 +1,80 @@
+"""The fine-tuning study's configs: valid, sized as documented, and runnable end to end.
+
+Each `configs/finetune_*.py:smoke` runs: one through the CLI as a user runs it (its record
+validated against the schema, its peft adapter written), the rest through the same runner
+in this process (the CLI's own path is tests/test_cli.py's).
+"""
+
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from efficientjax.metrics.record import read_records, validate_record
+from efficientjax.model import ModelConfig, Transformer
+from experiments import finetune as finetune_runner
+from experiments import validate
+from tests.test_cli import _main
+
+METHODS = ('full', 'freeze', 'lora', 'lora_plus', 'rslora', 'dora', 'pissa')
+# Llama-3.2-1B as Hugging Face counts it: 1,235,814,400 parameters (tied embeddings).
+LLAMA_3P2_1B_PARAMS = 1_235_814_400
+
+
+def _config(name, preset=None):
+  return importlib.import_module(f'configs.{name}').get_config(preset)
+
+
+@pytest.mark.parametrize('preset', [None, 'smoke'])
+@pytest.mark.parametrize('name', [f'finetune_{m}' for m in METHODS] + ['finetune_quickstart'])
+def test_configs_validate(name, preset):
+  c = _config(name, preset).to_dict()
+  assert c['kind'] == 'finetune'
+  if name != 'finetune_quickstart':
+    assert c['finetune']['method'] == name[len('finetune_'):]
+  assert validate.check(c, num_devices=1, process_count=1, backend='gpu') == []
+
+
+def test_the_study_shape_is_llama_3p2_1b():
+  c = _config('finetune_lora').to_dict()
+  cfg = ModelConfig.from_config(c['model'], seq_len=c['data']['seq_len'])
+  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == LLAMA_3P2_1B_PARAMS
+
+
+def test_lora_smoke_through_the_cli(tmp_path):
+  proc = _main('--config=configs/finetune_lora.py:smoke', f'--workdir={tmp_path}',
+               '--config.train.checkpoint_every=0')
+  assert proc.returncode == 0, proc.stderr
+  (record,) = read_records(tmp_path / 'results.jsonl')
+  validate_record(record)
+  ft = record['finetune']
+  assert ft['method'] == 'lora' and ft['export']['format'] == 'peft'
+  with open(tmp_path / 'adapter' / 'adapter_config.json') as f:
+    assert json.load(f)['r'] == record['config']['finetune']['rank']
+  assert record['model']['trainable_params'] == ft['trainable_params'] < record['model']['params']
+  q = record['quality']
+  assert q['eval_loss'] < q['initial_eval_loss']
+
+
+@pytest.mark.parametrize('method', [m for m in METHODS if m != 'lora'])
+def test_smoke_presets_run(method, tmp_path):
+  config = _config(f'finetune_{method}', 'smoke')
+  config.train.checkpoint_every = 0
+  config.train.eval_every = 0
+  config.train.global_batch_size = 8  # a row per device of the tests' 8 (tests/conftest.py)
+  assert validate.check(config.to_dict(), num_devices=jax.device_count()) == []
+  path = finetune_runner.run(config, str(tmp_path))
+  (record,) = read_records(path)
+  validate_record(record)
+  ft = record['finetune']
+  assert ft['method'] == method
+  if method == 'full':
+    assert ft['trainable_params'] == record['model']['params'] and ft['frozen_bytes'] == 0
+  else:
+    assert ft['trainable_params'] < record['model']['params']
+  q = record['quality']
+  assert q['eval_loss'] < q['initial_eval_loss']
