@@ -1,10 +1,11 @@
 """The fine-tuning study's configs: valid, sized as documented, and runnable end to end.
 
-Each `configs/finetune_*.py:smoke` runs: one through the CLI as a user runs it (its record
-validated against the schema, its peft adapter written), the rest through the same runner
-in this process (the CLI's own path is tests/test_cli.py's).
+Each `configs/finetune_*.py:smoke` runs: LoRA through the CLI as a user runs it (its record
+validated against the schema, its peft adapter written), the others through the runner the
+CLI calls (experiments/finetune.py: run_training with the fine-tuning loop), in this process.
 """
 
+import functools
 import importlib
 import json
 
@@ -14,8 +15,9 @@ import pytest
 
 from efficientjax.metrics.record import read_records, validate_record
 from efficientjax.model import ModelConfig, Transformer
-from experiments import finetune as finetune_runner
+from efficientjax.train.finetune import finetune
 from experiments import validate
+from experiments.pretrain import run_training
 from tests.test_cli import _main
 
 METHODS = ('full', 'freeze', 'lora', 'lora_plus', 'rslora', 'dora', 'pissa')
@@ -62,12 +64,18 @@ def test_lora_smoke_through_the_cli(tmp_path):
 
 @pytest.mark.parametrize('method', [m for m in METHODS if m != 'lora'])
 def test_smoke_presets_run(method, tmp_path):
+  """The runner the CLI calls, on one device: the record's assembly is the same, and one
+  device compiles without the partitioner (the multi-device step is tests/train's)."""
   config = _config(f'finetune_{method}', 'smoke')
   config.train.checkpoint_every = 0
   config.train.eval_every = 0
-  config.train.global_batch_size = 8  # a row per device of the tests' 8 (tests/conftest.py)
-  assert validate.check(config.to_dict(), num_devices=jax.device_count()) == []
-  path = finetune_runner.run(config, str(tmp_path))
+  # Smaller than the preset where only time is saved: fewer files read, fewer steps.
+  config.data.max_documents = 80
+  config.train.steps = 4
+  config.train.warmup_steps = 1
+  assert validate.check(config.to_dict(), num_devices=1) == []
+  one_device = functools.partial(finetune, devices=jax.devices()[:1], progress=False)
+  path = run_training(config, str(tmp_path), one_device, sections=('finetune',))
   (record,) = read_records(path)
   validate_record(record)
   ft = record['finetune']

@@ -125,6 +125,13 @@ def _source_fields(kind: str, path: str, step: int | None, spec: str, data: Mapp
     raise ConfigError(FIELD, f'{spec}: {config_file} is not a config.json written by this '
                       f'project ({type(e).__name__}: {e}); give the --workdir of one of its '
                       'runs') from None
+  method = (source.get('finetune') or {}).get('method')
+  if source.get('kind') == 'finetune' and method != 'full':
+    # Its checkpoints hold what it trained (adapters, chosen layers), not a model.
+    raise ConfigError(FIELD, f'{spec}: that run fine-tuned with finetune.method={method!r}, and '
+                      'its checkpoints hold only what it trained, not the whole model; a '
+                      'fine-tuning run with finetune.export=merged writes the whole model to '
+                      'WORKDIR/merged, which model.init=hf:WORKDIR/merged reads')
   steps = _run_steps(path)
   if not steps:
     raise ConfigError(FIELD, f'{spec}: {path} has no checkpoints (train.checkpoint_every was 0, '

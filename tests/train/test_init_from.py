@@ -4,8 +4,6 @@ one, and a source the run cannot use is refused before anything is built."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,8 +17,8 @@ from efficientjax.model import ModelConfig
 from efficientjax.train import init_from
 from efficientjax.train.loop import train
 from tests.helpers import smoke_config
+from tests.test_cli import _main  # the command as a user runs it, on one CPU device
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE = jax.devices()[:1]
 DEFAULTS = base.get_config().model.to_dict()
 
@@ -35,12 +33,6 @@ def source(tmp_path_factory):
   (workdir / 'config.json').write_text(json.dumps(config))
   return workdir, result.final_eval_loss
 
-
-def _main(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
-  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  return subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
 
 
 def test_the_command_continues_from_a_runs_checkpoint(source, tmp_path):
@@ -142,6 +134,15 @@ def test_run_sources_are_checked_before_anything_is_read(source, tmp_path):
   with pytest.raises(ConfigError, match='config.json is missing'):
     init_from.resolve({**config['model'], 'init': f'run:{tmp_path}/empty'}, config['data'],
                       DEFAULTS)
+  # A LoRA run's checkpoints hold its adapters: not a model to start from.
+  lora_run = tmp_path / 'lora'
+  lora_run.mkdir()
+  with open(f'{workdir}/config.json') as f:
+    theirs = json.load(f)
+  with open(lora_run / 'config.json', 'w') as f:
+    json.dump({**theirs, 'kind': 'finetune', 'finetune': {'method': 'lora'}}, f)
+  with pytest.raises(ConfigError, match="finetune.method='lora'.*finetune.export=merged"):
+    init_from.resolve({**config['model'], 'init': f'run:{lora_run}'}, config['data'], DEFAULTS)
 
 
 def test_a_state_around_given_weights_is_init_states_but_for_the_params():
