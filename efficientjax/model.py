@@ -106,7 +106,7 @@ class MoEConfig:
 
 
 _NESTED = {'mla': MLAConfig, 'nsa': NSAConfig, 'yarn': YarnConfig, 'relative': RelativeConfig,
-           'moe': MoEConfig, 'llama3_rope': Llama3RopeConfig}
+           'moe': MoEConfig, 'llama3_rope': Llama3RopeConfig, 'adapter': AdapterSettings}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,7 @@ class ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in dict(model).items() if k in fields}
     for name, sub in _NESTED.items():
-      if name in kw and not isinstance(kw[name], sub):
+      if name in kw and kw[name] is not None and not isinstance(kw[name], sub):
         sub_fields = {f.name for f in dataclasses.fields(sub)}
         kw[name] = sub(**{k: v for k, v in dict(kw[name]).items() if k in sub_fields})
     if kw.get('vocab_size') is None:

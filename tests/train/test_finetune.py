@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from efficientjax.model import ModelConfig, Transformer
-from efficientjax.nn.linear import ADAPTERS
+from efficientjax.nn.linear import ADAPTERS, AdapterSettings
 from efficientjax.peft import METHODS, FinetuneConfig
 from efficientjax.train.optimizer import make_optimizer
 from efficientjax.train.state import TrainState
@@ -199,3 +199,11 @@ def test_lora_plus_learning_rates_reach_the_optimizer():
       leaf = path[-1].key
       want = -lr * (ratio if leaf == 'lora_b' else 1.0)
       np.testing.assert_allclose(np.asarray(u), want, rtol=1e-5, err_msg=leaf)
+
+
+def test_a_records_model_config_rebuilds_the_adapted_model():
+  """A record keeps ModelConfig.to_dict(); from_config must give back the adapter settings."""
+  _, cfg = _method('dora', _cfg(), dropout=0.1)
+  rebuilt = ModelConfig.from_config(cfg.to_dict())
+  assert isinstance(rebuilt.adapter, AdapterSettings) and rebuilt.adapter == cfg.adapter
+  assert ModelConfig.from_config(_cfg().to_dict()).adapter is None
