@@ -67,7 +67,6 @@ from efficientjax.data.corpora import Document
 from efficientjax.data.pipeline import BATCH_FIELD
 from efficientjax.data.pipeline import Data
 from efficientjax.data.pipeline import is_held_out
-from efficientjax.data.pipeline import SEED_FIELD
 from efficientjax.data.pipeline import TrainStream
 from efficientjax.data.tokenizers import CheckpointTokenizer
 from efficientjax.data.tokenizers import Tokenizer
@@ -491,30 +490,6 @@ class _Rows:
 # ------------------------------------------------------------------------------- batches
 
 
-def _check_arguments(seq_len: Any, global_batch_size: Any, eval_batches: Any, seed: Any,
-                     eval_fraction: Any, process_index: Any, process_count: Any) -> None:
-  """The checks of pipeline.build_data, with its messages."""
-  check = pipeline._check_positive_int  # pylint: disable=protected-access
-  check('data.seq_len', seq_len, 'use e.g. 1024')
-  check(BATCH_FIELD, global_batch_size, 'use e.g. 32')
-  check('data.eval_batches', eval_batches, 'use e.g. 16')
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ConfigError(SEED_FIELD, f'must be a non-negative integer, got {seed!r}')
-  if (isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float))
-      or not 0.0 < eval_fraction < 1.0):
-    raise ConfigError('data.eval_fraction', f'must lie strictly between 0 and 1, got '
-                      f'{eval_fraction!r}; use e.g. 0.05')
-  if not isinstance(process_count, int) or process_count < 1:
-    raise ValueError(f'process_count must be a positive integer, got {process_count!r}')
-  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index!r} is not in [0, {process_count})')
-  if global_batch_size % process_count:
-    raise ConfigError(
-        BATCH_FIELD,
-        f'{global_batch_size} rows do not split evenly among {process_count} processes; use '
-        f'a multiple of {process_count}')
-
-
 def _encode_all(examples: Sequence[Example], tokenizer: Tokenizer,
                 template: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
   encoded = []
@@ -559,8 +534,8 @@ def build_instruction_data(*, corpus: str, tokenizer: Tokenizer, seq_len: int,
   depend on the day: where that changes an example's token count, the fingerprint refuses to
   resume from a state saved on another day (data.corpus).
   """
-  _check_arguments(seq_len, global_batch_size, eval_batches, seed, eval_fraction, process_index,
-                   process_count)
+  pipeline.check_arguments(seq_len, global_batch_size, eval_batches, seed, eval_fraction,
+                           process_index, process_count)
   seq_len, global_batch_size, seed = int(seq_len), int(global_batch_size), int(seed)
   local = global_batch_size // process_count
   local_rows = (process_index * local, (process_index + 1) * local)

@@ -275,10 +275,10 @@ def _too_short(split: str, tokens: int, windows: int, seq_len: int, global_batch
           f'{seq_len + 1}, fewer than one global batch of {global_batch_size}; {fix}')
 
 
-def build_data(*, corpus: str, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
-               seed: int, eval_fraction: float, eval_batches: int, process_index: int = 0,
-               process_count: int = 1, max_documents: int | None = None) -> Data:
-  """Loads, splits, tokenizes and packs `corpus` into a train stream and held-out batches."""
+def check_arguments(seq_len: Any, global_batch_size: Any, eval_batches: Any, seed: Any,
+                    eval_fraction: Any, process_index: Any, process_count: Any) -> None:
+  """What every data builder (this one, efficientjax.data.instructions') checks of its
+  arguments before reading anything: a ConfigError naming the field, or a ValueError."""
   _check_positive_int('data.seq_len', seq_len, 'use e.g. 1024')
   _check_positive_int(BATCH_FIELD, global_batch_size, 'use e.g. 32')
   _check_positive_int('data.eval_batches', eval_batches, 'use e.g. 16')
@@ -297,6 +297,14 @@ def build_data(*, corpus: str, tokenizer: Tokenizer, seq_len: int, global_batch_
         BATCH_FIELD,
         f'{global_batch_size} rows do not split evenly among {process_count} processes; use '
         f'a multiple of {process_count}')
+
+
+def build_data(*, corpus: str, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
+               seed: int, eval_fraction: float, eval_batches: int, process_index: int = 0,
+               process_count: int = 1, max_documents: int | None = None) -> Data:
+  """Loads, splits, tokenizes and packs `corpus` into a train stream and held-out batches."""
+  check_arguments(seq_len, global_batch_size, eval_batches, seed, eval_fraction, process_index,
+                  process_count)
   seq_len, global_batch_size, seed = int(seq_len), int(global_batch_size), int(seed)
   local = global_batch_size // process_count
   local_rows = (process_index * local, (process_index + 1) * local)

@@ -3,8 +3,9 @@ magnitude), their effective weight, and merging them into the base.
 
 Layouts follow our kernels, not torch's: a projection's kernel is [in..., out...] (with a
 leading layer axis in a scanned stack), its adapter `lora_a` [in..., r] and `lora_b`
-[r, out...], DoRA's `magnitude` [out...]. peft's `lora_A.weight` [r, in] is `lora_a`
-flattened and transposed, `lora_B.weight` [out, r] likewise (efficientjax/peft/interchange.py).
+[r, out...], DoRA's `magnitude` [out...]. peft's `lora_A.weight` [r, in] and `lora_B.weight`
+[out, r] are these converted by each family's own tensor rules, as the kernel is
+(efficientjax/peft/interchange.py).
 The arithmetic is Hugging Face peft's (peft/tuners/lora/layer.py and dora.py), read and
 re-derived, not copied.
 """
@@ -15,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from efficientjax.nn.linear import dora_weight_norm
 from efficientjax.peft.targets import Projection, get
@@ -141,12 +141,8 @@ def _fold(params: Any, adapters: Any, chosen: Sequence[Projection], scale: float
   for p in chosen:
     module = dict(get(out, p.path))
     kernel = module['kernel']
-    module['kernel'] = (kernel.astype(jnp.float32)
-                        + sign * delta(get(adapters, p.path), kernel, p, scale)).astype(kernel.dtype)
+    change = delta(get(adapters, p.path), kernel, p, scale)
+    module['kernel'] = (kernel.astype(jnp.float32) + sign * change).astype(kernel.dtype)
     parent = get(out, p.path[:-1])
     parent[p.path[-1]] = module
   return out
-
-
-def as_numpy(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)

@@ -230,7 +230,7 @@ class LoRA(Method):
     return self.ft.init or self.default_init
 
   def check(self):
-    cfg, ft = self.cfg, self.ft
+    ft = self.ft
     errors = []
     if ft.rank < 1:
       errors.append(ConfigError('finetune.rank', f'{ft.rank}: must be a positive integer (e.g. 8)'))
