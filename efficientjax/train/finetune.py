@@ -99,13 +99,15 @@ class FinetuneRecipe(Recipe):
       return params, variables
     say('base model: random (model.init is unset): fine-tuning measures costs, not quality')
     model, seq_len = Transformer(self.base_cfg), self.config['data']['seq_len']
+
+    def init(key):  # init_state's key split; each leaf made where it lives on the mesh
+      variables = model.init(jax.random.split(key)[0], jnp.zeros((1, seq_len), jnp.int32))
+      return nn.unbox(variables['params'])
     with parallel.activate(self.mesh):
-      init = jax.jit(lambda k: model.init(jax.random.split(k)[0],
-                                          jnp.zeros((1, seq_len), jnp.int32)),
-                     out_shardings=None)
-      variables = nn.unbox(init(jax.random.key(self.config['seed'])))
-    params = jax.device_put(variables.pop('params'), self.param_sharding)
-    return params, jax.device_get(variables)
+      params = jax.jit(init, out_shardings=self.param_sharding)(
+          jax.random.key(self.config['seed']))
+    # Model state (MoE routing biases) starts at zeros, as `init` makes it (fresh_state).
+    return params, {}
 
   def _prepare(self, say) -> tuple[Any, Any, dict[str, Any]]:
     """(trainable, frozen, the base's model state) placed on the mesh."""
@@ -168,7 +170,7 @@ class FinetuneRecipe(Recipe):
     method = METHODS.get(self.ft.method)(twin_cfg, self.ft)
     model = Transformer(twin_cfg)
     tx, abstract, *_ = _state_shapes(model, method, self.config['train'], self.mesh,
-                                       self.config['data']['seq_len'])
+                                     self.config['data']['seq_len'])
     step = make_train_step(model, tx, self.config['train']['grad_accum_steps'],
                            variables=method.variables, dropout=self.ft.dropout > 0)
     return step, (abstract, self.abstract_batch(sharding=None))
