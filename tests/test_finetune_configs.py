@@ -1,8 +1,9 @@
 """The fine-tuning study's configs: valid, sized as documented, and runnable end to end.
 
-Each `configs/finetune_*.py:smoke` runs: LoRA through the CLI as a user runs it (its record
-validated against the schema, its peft adapter written), the others through the runner the
-CLI calls (experiments/finetune.py: run_training with the fine-tuning loop), in this process.
+Each `configs/finetune_*.py:smoke` runs: LoRA through the CLI as a user runs it, from a
+Hugging Face checkpoint (its record validated against the schema, its peft adapter written),
+the others through the runner the CLI calls (experiments/finetune.py: run_training with the
+fine-tuning loop), in this process.
 """
 
 import functools
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from efficientjax.hf import save_llama
+from efficientjax.hf.safetensors_io import load_checkpoint
 from efficientjax.metrics.record import read_records, validate_record
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.train.finetune import finetune
@@ -47,16 +50,28 @@ def test_the_study_shape_is_llama_3p2_1b():
   assert sum(x.size for x in jax.tree.leaves(shapes)) == LLAMA_3P2_1B_PARAMS
 
 
-def test_lora_smoke_through_the_cli(tmp_path):
-  proc = _main('--config=configs/finetune_lora.py:smoke', f'--workdir={tmp_path}',
-               '--config.train.checkpoint_every=0')
+def test_lora_smoke_from_a_hugging_face_checkpoint_through_the_cli(tmp_path):
+  """The issue's command at smoke size: --config.model.init=hf:DIR replaces the config's shape
+  with the checkpoint's, and the adapter written at the end names it as its base."""
+  cfg = ModelConfig(vocab_size=384, embed_dim=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=12, mlp_dim=96, attention='gqa')
+  params = jax.jit(Transformer(cfg).init)(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))
+  save_llama(tmp_path / 'base', params['params'], cfg)
+  proc = _main('--config=configs/finetune_lora.py:smoke', f'--workdir={tmp_path}/run',
+               f'--config.model.init=hf:{tmp_path}/base', '--config.train.checkpoint_every=0',
+               '--config.data.max_documents=80')
   assert proc.returncode == 0, proc.stderr
-  (record,) = read_records(tmp_path / 'results.jsonl')
+  (record,) = read_records(tmp_path / 'run' / 'results.jsonl')
   validate_record(record)
+  assert record['model']['init']['kind'] == 'hf'
+  assert record['model']['config']['embed_dim'] == 48  # the checkpoint's, not the preset's 64
   ft = record['finetune']
   assert ft['method'] == 'lora' and ft['export']['format'] == 'peft'
-  with open(tmp_path / 'adapter' / 'adapter_config.json') as f:
-    assert json.load(f)['r'] == record['config']['finetune']['rank']
+  assert ft['export']['family'] == 'Llama'
+  with open(tmp_path / 'run' / 'adapter' / 'adapter_config.json') as f:
+    adapter = json.load(f)
+  assert adapter['r'] == record['config']['finetune']['rank']
+  assert adapter['base_model_name_or_path'] == str(tmp_path / 'base')
   assert record['model']['trainable_params'] == ft['trainable_params'] < record['model']['params']
   q = record['quality']
   assert q['eval_loss'] < q['initial_eval_loss']
@@ -73,6 +88,8 @@ def test_smoke_presets_run(method, tmp_path):
   config.data.max_documents = 80
   config.train.steps = 4
   config.train.warmup_steps = 1
+  if method == 'dora':
+    config.finetune.export = 'merged'  # the merged model as a Hugging Face checkpoint
   assert validate.check(config.to_dict(), num_devices=1) == []
   one_device = functools.partial(finetune, devices=jax.devices()[:1], progress=False)
   path = run_training(config, str(tmp_path), one_device, sections=('finetune',))
@@ -86,3 +103,8 @@ def test_smoke_presets_run(method, tmp_path):
     assert ft['trainable_params'] < record['model']['params']
   q = record['quality']
   assert q['eval_loss'] < q['initial_eval_loss']
+  if method == 'dora':
+    assert ft['export']['format'] == 'hf' and ft['export']['family'] == 'Llama'
+    fields, params = load_checkpoint(ft['export']['path'])
+    assert fields['num_layers'] == config.model.num_layers
+    assert sum(x.size for x in jax.tree.leaves(params)) == record['model']['params']

@@ -263,8 +263,12 @@ def export(recipe: FinetuneRecipe, state: TrainState, workdir: str, say) -> dict
     return {'format': None, 'reason': f'{ft.method} has no adapter; finetune.export=merged '
             'writes the trained model'}
   init = recipe.meta.get('init') or {}
-  family = (safetensors_io.FAMILIES.get(init['family']) if init.get('family') else None)
-  base_path = init.get('path') if init.get('kind') == 'hf' else None
+  family, base_path = None, None
+  if init.get('kind') == 'hf':
+    # The source checkpoint's own architecture names the modules; peft loads onto it.
+    base_path = init['path']
+    model_type = safetensors_io.read_hf_config(base_path).get('model_type')
+    family = safetensors_io.FAMILIES.get(model_type)
   t0 = time.perf_counter()
   try:
     if what == 'adapter':
