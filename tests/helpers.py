@@ -55,3 +55,19 @@ def prefill_then_decode(cfg: ModelConfig, params: Any, tokens: jax.Array, prefil
     logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
     out.append(logits)
   return jnp.concatenate(out, axis=1)
+
+
+def short_chats(path, documents: int = 24, per_document: int = 12) -> str:
+  """A jsonl corpus of short chat examples (a question, a one-line answer) in
+  `documents` files, for fine-tuning runs whose data is beside the point: its rows fit 64
+  byte tokens, where the offline `functions` set needs 512. Returns the spec."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  for d in range(documents):
+    with open(os.path.join(path, f'chats_{d:02d}.jsonl'), 'w') as f:
+      for i in range(per_document):
+        a, b = 3 * d + i, 7 * i + d
+        f.write(json.dumps({'messages': [{'role': 'user', 'content': f'{a}+{b}?'},
+                                         {'role': 'assistant', 'content': str(a + b)}]}) + '\n')
+  return f'jsonl:{path}/*.jsonl'

@@ -24,7 +24,7 @@ from efficientjax.peft import METHODS, FinetuneConfig
 from efficientjax.train.optimizer import make_optimizer
 from efficientjax.train.state import TrainState
 from efficientjax.train.step import make_train_step
-from tests.helpers import smoke_config
+from tests.helpers import short_chats, smoke_config
 
 SEQ, VOCAB = 24, 64
 
@@ -216,7 +216,8 @@ def test_a_restart_rebuilds_the_base_and_goes_on_as_one_run(tmp_path):
   from configs import finetune_lora  # pylint: disable=g-import-not-at-top
   from efficientjax.train.finetune import finetune  # pylint: disable=g-import-not-at-top
   c = finetune_lora.get_config('smoke')
-  c.data.max_documents = 60
+  # Short examples in short rows: what is under test is the checkpoint, not the data.
+  c.data.corpus, c.data.seq_len = short_chats(tmp_path / 'data'), 64
   c.train.steps, c.train.warmup_steps, c.train.checkpoint_every = 4, 1, 2
   c.train.eval_every = 0
   c.finetune.export = 'none'
