@@ -636,6 +636,8 @@ def load_adapter(path: str | Path, model_cfg: ModelConfig, *, family: Family | N
            if _peft_selects(config.get('target_modules'), m)
            and not _peft_selects(config.get('exclude_modules'), m)}
   spec = config.get('target_modules')
+  if isinstance(spec, list):
+    spec = sorted(spec)  # peft writes a set: its order is the hash seed's
   if named - set(by_module):
     module = sorted(named - set(by_module))[0]
     key = site_of[module].key('lora_a') if module in site_of else PREFIX + module
