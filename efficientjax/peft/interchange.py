@@ -185,7 +185,7 @@ def _sites(family: Family, cfg: ModelConfig, chosen: Sequence[Projection]
   return sites, refused
 
 
-def _candidates(cfg: ModelConfig, family: Family | None) -> list[Family]:
+def families_for(cfg: ModelConfig, family: Family | None = None) -> list[Family]:
   """`family`, or every family that can express the model (its hf_from_config accepts it)."""
   if family is not None:
     family.hf_from_config(cfg)  # a ConfigError naming the model field it cannot express
@@ -211,7 +211,7 @@ def _resolve(cfg: ModelConfig, family: Family | None, chosen: Sequence[Projectio
              ) -> tuple[Family, list[_Site]]:
   """The family (given, or the one every able candidate agrees on) and the sites of `chosen`."""
   able, refusals = [], []
-  for f in _candidates(cfg, family):
+  for f in families_for(cfg, family):
     sites, refused = _sites(f, cfg, chosen)
     if refused:
       refusals.append(next(iter(refused.values())))
@@ -597,7 +597,7 @@ def load_adapter(path: str | Path, model_cfg: ModelConfig, *, family: Family | N
     raise ValueError(f'{str(path / WEIGHTS_FILE)!r} holds no adapter tensor')
 
   every = _projections(_plain(model_cfg))
-  families = _check_base(config, _candidates(model_cfg, family), family is not None)
+  families = _check_base(config, families_for(model_cfg, family), family is not None)
   found = []
   for f in families:
     sites, refused = _sites(f, model_cfg, every)

@@ -111,9 +111,7 @@ def _freeze_plan(cfg: ModelConfig, ft: FinetuneConfig) -> tuple[dict[str, tuple[
                                                                   list[str], tuple[str, ...]]:
   """({stack or block name: (first, count) of its layers that train}, module names within a
   layer that train (empty: all), top-level modules that train)."""
-  n = ft.freeze_layers
-  layers = (range(cfg.num_layers - n, cfg.num_layers) if n >= 0 else range(0, -n))
-  chosen = set(layers)
+  chosen = set(freeze_layers(cfg, ft))
   plan: dict[str, tuple[int, int]] = {}
   if cfg.scan_layers:
     for s in layer_stacks(cfg):
@@ -129,7 +127,13 @@ def _freeze_plan(cfg: ModelConfig, ft: FinetuneConfig) -> tuple[dict[str, tuple[
   return plan, modules, extra
 
 
-def _layer_module_trains(path: tuple[str, ...], modules: list[str]) -> bool:
+def freeze_layers(cfg: ModelConfig, ft: FinetuneConfig) -> list[int]:
+  """The layers `freeze` trains: the last freeze_layers, or the first -freeze_layers."""
+  n = ft.freeze_layers
+  return list(range(cfg.num_layers - n, cfg.num_layers) if n >= 0 else range(0, -n))
+
+
+def layer_module_trains(path: tuple[str, ...], modules: list[str]) -> bool:
   """Whether a leaf under a layer (path below the stack/block name) is in `modules`, given as
   peft names (q_proj, ...), our parent/name, or whole parts (attn, mlp, attn_norm)."""
   if not modules:
@@ -170,7 +174,7 @@ class Freeze(Method):
     trainable = {}
     for path, leaf in flat.items():
       top = path[0]
-      if top in plan and _layer_module_trains(path[1:], modules):
+      if top in plan and layer_module_trains(path[1:], modules):
         first, count = plan[top]
         trainable[path] = take_slice(leaf, first, count) if cfg.scan_layers else leaf
       elif top in extra:

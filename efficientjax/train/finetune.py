@@ -37,11 +37,11 @@ from efficientjax.metrics import flops as flop_counts
 from efficientjax.metrics.architecture import attention_summary
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.peft import METHODS, FinetuneConfig, targets
-from efficientjax.peft.methods import LoRA
+from efficientjax.peft.methods import LoRA, freeze_layers, layer_module_trains
 from efficientjax.train import init_from
-from efficientjax.train.loop import Recipe, TrainResult, run
+from efficientjax.train.loop import Recipe, TrainResult, param_count, run, tree_bytes
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
-from efficientjax.train.state import TrainState
+from efficientjax.train.state import TrainState, state_from_variables
 from efficientjax.train.step import make_eval_step, make_train_step
 
 # Keeps the key of a method's initialisation (LoRA's A, PiSSA's randomised SVD) apart from the
@@ -122,27 +122,18 @@ class FinetuneRecipe(Recipe):
       # PiSSA's starting adapters: what converts its trained adapter for the original base
       # (efficientjax.peft.interchange.save_adapter's `initial`). Adapter-sized, on the host.
       self.initial = _host(trainable)
-    say(f'{self.ft.method}: {_count(trainable):,} trainable parameters of the model\'s '
-        f'{_count(self.base_params):,} ({time.perf_counter() - t0:.1f} s)')
+    say(f'{self.ft.method}: {param_count(trainable):,} trainable parameters of the model\'s '
+        f'{param_count(self.base_params):,} ({time.perf_counter() - t0:.1f} s)')
     return trainable, frozen, model_state
 
   def fresh_state(self, say) -> TrainState:
     trainable, frozen, model_state = self._prepare(say)
     self.meta['frozen_fingerprint'] = _fingerprint(frozen)
-    sh = self.shardings
-    model_state = {name: (model_state[name] if name in model_state else
-                          jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree))
-                   for name, tree in self.abstract.model_state.items()}
-
-    def rest(params, key):
-      _, state_key = jax.random.split(key)  # as init_state: the state's key is the second
-      return self.tx.init(params), jax.random.key_data(state_key)
-    with parallel.activate(self.mesh):
-      opt_state, rng = jax.jit(rest, out_shardings=(sh.opt_state, sh.rng))(
-          trainable, jax.random.key(self.config['seed']))
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step), params=trainable,
-                      opt_state=opt_state, rng=rng,
-                      model_state=jax.device_put(model_state, sh.model_state), frozen=frozen)
+    # The trainable tree is the state's params: a fresh optimizer and RNG around it, as a run
+    # from model.init gets them (it is already in place on the mesh).
+    state = state_from_variables(self.tx, self.mesh, self.config['seed'], self.shardings,
+                                 self.abstract, {'params': trainable, **model_state})
+    return state.replace(frozen=frozen)
 
   def restored(self, state: TrainState, meta: dict[str, Any], say) -> TrainState:
     """Rebuilds the frozen tree (never checkpointed) from the run's source and checks it is
@@ -191,23 +182,23 @@ class FinetuneRecipe(Recipe):
     self.exported = export(self, state, workdir, say)
 
   def summary(self, state: TrainState) -> dict[str, Any]:
-    trainable, total = _count(state.params), _count(self.base_params)
-    frozen_bytes = _bytes(state.frozen)
+    trainable, total = param_count(state.params), param_count(self.base_params)
+    frozen_bytes = tree_bytes(state.frozen)
     return dict(
         # The model's size, and the bytes of weights the run holds (frozen and trained).
-        num_params=total, weight_bytes=_bytes(state.params) + frozen_bytes,
-        trainable_params=trainable, optimizer_state_bytes=_bytes(state.opt_state),
+        num_params=total, weight_bytes=tree_bytes(state.params) + frozen_bytes,
+        trainable_params=trainable, optimizer_state_bytes=tree_bytes(state.opt_state),
         attention=attention_summary(self.model_cfg, self.base_params,
                                     self.config['data']['seq_len']),
         finetune={
             'method': self.ft.method,
             'trainable_params': trainable,
             'trainable_fraction': trainable / total,
-            'trainable_bytes': _bytes(state.params),
+            'trainable_bytes': tree_bytes(state.params),
             'frozen_bytes': frozen_bytes,
             'frozen_dtype': (jax.tree.leaves(state.frozen)[0].dtype.name
                              if jax.tree.leaves(state.frozen) else None),
-            'optimizer_state_bytes': _bytes(state.opt_state),
+            'optimizer_state_bytes': tree_bytes(state.opt_state),
             'adapted_projections': ([p.name for p in self.method.chosen]
                                     if isinstance(self.method, LoRA) else None),
             'scaling': (self.method.scale if isinstance(self.method, LoRA) else None),
@@ -280,7 +271,7 @@ def export(recipe: FinetuneRecipe, state: TrainState, workdir: str, say) -> dict
             initial=getattr(recipe, 'initial', None), overwrite=True))
     else:
       merged = _host(jax.jit(method.merged)(state.params, state.frozen))
-      family = family or _family_for(cfg)
+      family = family or interchange.families_for(cfg)[0]
       path = os.path.join(workdir, 'merged')
       if jax.process_index() == 0:
         path = str(safetensors_io.save_checkpoint(path, merged, cfg, family))
@@ -290,28 +281,6 @@ def export(recipe: FinetuneRecipe, state: TrainState, workdir: str, say) -> dict
   say(f'wrote the {what} to {path} ({time.perf_counter() - t0:.1f} s)')
   return {'format': 'peft' if what == 'adapter' else 'hf', 'path': os.path.abspath(path),
           'family': family.name if family else None}
-
-
-def _family_for(cfg: ModelConfig):
-  """The first Hugging Face family that can express the model (Llama for ours by default)."""
-  from efficientjax.hf import safetensors_io  # pylint: disable=g-import-not-at-top
-  for name in safetensors_io.FAMILIES:
-    family = safetensors_io.FAMILIES.get(name)
-    try:
-      family.hf_from_config(cfg)
-    except ConfigError:
-      continue
-    return family
-  raise ConfigError('finetune.export', 'no Hugging Face family can express this model; use '
-                    'finetune.export=none')
-
-
-def _count(tree: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
-
-
-def _bytes(tree: Any) -> int:
-  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def _fingerprint(tree: Any) -> list[float]:
@@ -365,7 +334,7 @@ def finetune_flops(cfg: ModelConfig, method, *, seq_len: int, batch: int) -> dic
     lowest = min((min(p.layers) for p in chosen if p.layers), default=cfg.num_layers)
     trained_weight_fwd = 0.0
   else:  # freeze
-    plan_layers = _freeze_layers(cfg, method.ft)
+    plan_layers = freeze_layers(cfg, method.ft)
     lowest = min(plan_layers)
     extra = {m.strip() for m in method.ft.freeze_extra.split(',') if m.strip()}
     if 'embed' in extra or 'position' in extra:
@@ -374,9 +343,10 @@ def finetune_flops(cfg: ModelConfig, method, *, seq_len: int, batch: int) -> dic
     if modules == 'all':
       trained_weight_fwd = per_layer_fwd * len(plan_layers)
     else:
+      names = [m.strip() for m in modules.split(',') if m.strip()]
       selected = [p for p in targets.projections(cfg)
                   if p.layers and set(p.layers) & set(plan_layers)
-                  and _module_trains(p, modules)]
+                  and layer_module_trains(p.path[1:] + ('kernel',), names)]
       trained_weight_fwd = sum(2.0 * np.prod(p.in_shape) * np.prod(p.out_shape) * tokens
                                * len(set(p.layers) & set(plan_layers)) for p in selected)
     if 'lm_head' in extra or ('embed' in extra and cfg.tie_embeddings):
@@ -390,17 +360,6 @@ def finetune_flops(cfg: ModelConfig, method, *, seq_len: int, batch: int) -> dic
   return {'matmul': float(matmul), 'attention': float(attention),
           'attention_as_executed': float(executed), 'adapters': float(adapters),
           'total': float(total), 'pretraining_total': full['total']}
-
-
-def _freeze_layers(cfg: ModelConfig, ft: FinetuneConfig) -> list[int]:
-  n = ft.freeze_layers
-  return list(range(cfg.num_layers - n, cfg.num_layers) if n >= 0 else range(0, -n))
-
-
-def _module_trains(p: targets.Projection, modules: str) -> bool:
-  from efficientjax.peft.methods import _layer_module_trains  # pylint: disable=g-import-not-at-top
-  names = [m.strip() for m in modules.split(',') if m.strip()]
-  return _layer_module_trains(p.path[1:] + ('kernel',), names)
 
 
 def finetune(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | None = None,

@@ -194,18 +194,21 @@ class Recipe:
   def summary(self, state: TrainState) -> dict[str, Any]:
     """What TrainResult reports of the state beyond the loop's measurements."""
     params = state.params
-    return dict(num_params=_count(params), weight_bytes=_bytes(params),
-                trainable_params=_count(params), optimizer_state_bytes=_bytes(state.opt_state),
+    return dict(num_params=param_count(params), weight_bytes=tree_bytes(params),
+                trainable_params=param_count(params),
+                optimizer_state_bytes=tree_bytes(state.opt_state),
                 attention=attention_summary(self.model_cfg, params,
                                             self.config['data']['seq_len']))
 
 
-def _count(tree: Any) -> int:
+def param_count(tree: Any) -> int:
+  """Elements of a tree of arrays (or their shapes)."""
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def _bytes(tree: Any) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+def tree_bytes(tree: Any) -> int:
+  """Bytes of a tree of arrays (or their shapes), as allocated."""
+  return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | None = None,
