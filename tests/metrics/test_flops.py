@@ -78,3 +78,26 @@ def test_unknown_peak_is_null_with_reason_unless_configured():
   assert value is None and 'metrics.peak_flops_per_s' in reason
   assert peaks.peak_flops_per_s('cpu', 1e12) == (1e12, 'config: metrics.peak_flops_per_s')
 
+
+
+@pytest.mark.parametrize('kind, peak', [
+    # device_kind strings as jax reports them; GH200's two memories differ in name and speed.
+    ('NVIDIA GH200 480GB', 4.0e12), ('NVIDIA GH200 120GB', 4.0e12),
+    ('NVIDIA GH200 144G HBM3e', 4.9e12), ('NVIDIA H200', 4.8e12), ('NVIDIA H200 NVL', 4.8e12),
+    ('NVIDIA H100 80GB HBM3', 3.35e12), ('NVIDIA H100 PCIe', 2.0e12), ('NVIDIA H100 NVL', 3.9e12),
+    ('NVIDIA A100-SXM4-80GB', 2.039e12), ('NVIDIA A100 80GB PCIe', 1.935e12),
+    ('NVIDIA A100-SXM4-40GB', 1.555e12), ('NVIDIA A100-PCIE-40GB', 1.555e12),
+    ('TPU v4', 1.2e12), ('TPU v5 lite', 819e9), ('TPU v5e', 819e9), ('TPU v5', 2.765e12),
+    ('TPU v5p', 2.765e12), ('TPU v6 lite', 1.638e12), ('TPU v6e', 1.638e12)])
+def test_peak_bandwidth_table(kind, peak):
+  value, source = peaks.peak_bandwidth_bytes_per_s(kind)
+  assert value == pytest.approx(peak, rel=1e-12) and source.startswith('table: ')
+
+
+def test_unknown_bandwidth_is_null_with_reason_unless_configured():
+  value, reason = peaks.peak_bandwidth_bytes_per_s('cpu')
+  assert value is None and 'metrics.peak_bandwidth_bytes_per_s' in reason
+  assert peaks.peak_bandwidth_bytes_per_s('cpu', 3e12) == (
+      3e12, 'config: metrics.peak_bandwidth_bytes_per_s')
+  # An A100 whose memory the name does not give: no guess.
+  assert peaks.peak_bandwidth_bytes_per_s('NVIDIA A100')[0] is None

@@ -1,0 +1,1 @@
+"""Serving and evaluation: the decode engine, sampling, workloads, scoring."""
