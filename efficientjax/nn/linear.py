@@ -1,10 +1,14 @@
 """The one projection layer every matmul in the model goes through.
 
 Keeping every weight behind this module is what lets PEFT adapters (efficientjax/peft) and
-quantised weights (later) change all projections in one place. An adapter is data: the
-variables a fine-tuning method placed in the `adapters` collection at this layer's path
+quantised weights (efficientjax/quant) change all projections in one place. An adapter is
+data: the variables a fine-tuning method placed in the `adapters` collection at this layer's path
 (LoRA's `lora_a` and `lora_b`, DoRA's `magnitude`); the layer applies them when they are
 there and `adapter` (the method's static settings) is set, and is a plain matmul otherwise.
+
+A quantised kernel is a `QuantizedKernel` stored in `params` in place of the array; the layer
+then multiplies through `quant.matmul` (dequantise and dot by default; a registered kernel
+where one runs), and adapters see the dequantised kernel.
 """
 
 import dataclasses
@@ -13,6 +17,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from efficientjax.quant import container as quant
 
 Initializer = nn.initializers.Initializer
 
@@ -48,11 +54,22 @@ class Linear(nn.Module):
     if len(self.kernel_axes) != len(in_shape) + len(features):
       raise ValueError(f'{self.name}: kernel_axes {self.kernel_axes} do not match '
                        f'{in_shape} -> {features}')
-    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                        in_shape + features, self.param_dtype)
-    y = self._matmul(x, kernel, self.in_dims)
+    stored = self.has_variable('params', 'kernel') and self.get_variable('params', 'kernel')
+    if quant.is_quantized(stored):
+      # Read directly: `self.param` would compare the container's first leaf (int4's packed
+      # bytes: half the rows) with the kernel's shape.
+      if tuple(stored.shape) != in_shape + features:
+        raise ValueError(f'{self.name}: quantised kernel of shape {stored.shape}, expected '
+                         f'{in_shape + features}')
+      y = quant.matmul(x, stored, self.in_dims, self.dtype)
+      kernel = stored
+    else:
+      kernel = self.param('kernel',
+                          nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                          in_shape + features, self.param_dtype)
+      y = self._matmul(x, kernel, self.in_dims)
     if self.adapter is not None and self.has_variable(ADAPTERS, 'lora_a'):
-      y = self._adapted(x, kernel, y)
+      y = self._adapted(x, quant.dequantize(kernel, self.dtype), y)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), features, self.param_dtype)
