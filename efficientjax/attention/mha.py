@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from efficientjax.attention import cache as kv_cache
 from efficientjax.attention.core import dot_product_attention, mean_context
@@ -69,7 +68,7 @@ class MultiHeadAttention(nn.Module):
     if cache is not None:
       cache = kv_cache.KVCache(k=kv_cache.write(cache.k, k, positions),
                                v=kv_cache.write(cache.v, v, positions))
-      k, v = cache.k, cache.v
+      k, v = kv_cache.read(cache.k, cfg.dtype), kv_cache.read(cache.v, cfg.dtype)
       k_positions = kv_cache.slot_positions(k)
     bias = None
     if pos.attention_bias is not None:
@@ -111,7 +110,7 @@ class MultiHeadAttention(nn.Module):
   @staticmethod
   def init_cache(cfg, batch: int, max_len: int, dtype) -> kv_cache.KVCache:
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return kv_cache.KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    return kv_cache.KVCache(k=kv_cache.zeros(shape, dtype), v=kv_cache.zeros(shape, dtype))
 
   @staticmethod
   def cache_values_per_token(cfg) -> int:

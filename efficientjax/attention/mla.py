@@ -31,6 +31,7 @@ from efficientjax.attention.positions import POSITIONS
 from efficientjax.errors import ConfigError
 from efficientjax.nn.linear import Linear
 from efficientjax.nn.norms import RMSNorm
+from efficientjax.quant import container as quant
 
 # DeepSeek-V2 normalises both latents with a fixed eps of 1e-6, whatever its rms_norm_eps
 # (the block norms') is, in its own code and in transformers'; we follow it, so checkpoints
@@ -138,10 +139,11 @@ class MultiHeadLatentAttention(nn.Module):
       bias = None if bias_module is None else bias_module(cfg, name='position_bias')(
           positions, k_positions)
       # The absorbed form multiplies by kv_b's kernel transposed per head, which a Linear call
-      # cannot express, so it reads the kernel; the empty call creates it when `init` runs this
-      # path (and costs nothing).
+      # cannot express, so it reads the kernel (dequantised, if stored quantised); the empty call
+      # creates it when `init` runs this path (and costs nothing).
       kv_b(jnp.zeros((0, m.kv_lora_rank), cfg.dtype))
-      kernel = nn.unbox(kv_b.get_variable('params', 'kernel')).astype(cfg.dtype)
+      kernel = quant.dequantize(nn.unbox(kv_b.get_variable('params', 'kernel')),
+                                cfg.dtype).astype(cfg.dtype)
       out = _absorbed_attention(q_nope, q_rope, cache, kernel, mask=causal_mask(
           positions, k_positions, cfg.sliding_window), scale=scale, bias=bias)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
@@ -188,8 +190,8 @@ class MultiHeadLatentAttention(nn.Module):
 
   @staticmethod
   def init_cache(cfg, batch: int, max_len: int, dtype) -> MLACache:
-    return MLACache(c_kv=jnp.zeros((batch, max_len, cfg.mla.kv_lora_rank), dtype),
-                    k_rope=jnp.zeros((batch, max_len, cfg.mla.qk_rope_head_dim), dtype))
+    return MLACache(c_kv=kv_cache.zeros((batch, max_len, cfg.mla.kv_lora_rank), dtype),
+                    k_rope=kv_cache.zeros((batch, max_len, cfg.mla.qk_rope_head_dim), dtype))
 
   @staticmethod
   def cache_values_per_token(cfg) -> int:
@@ -231,7 +233,8 @@ def _absorbed_attention(q_nope: jax.Array, q_rope: jax.Array, cache: MLACache, k
   """
   nope = q_nope.shape[-1]
   dtype = q_nope.dtype
-  c_kv, k_rope = cache.c_kv.astype(dtype), cache.k_rope.astype(dtype)
+  c_kv = kv_cache.read(cache.c_kv, dtype).astype(dtype)
+  k_rope = kv_cache.read(cache.k_rope, dtype).astype(dtype)
   q_latent = jnp.einsum('bthn,chn->bthc', q_nope, kernel[..., :nope])
   scores = (jnp.einsum('bthc,bsc->bhts', q_latent, c_kv, preferred_element_type=jnp.float32) +
             jnp.einsum('bthr,bsr->bhts', q_rope, k_rope, preferred_element_type=jnp.float32))

@@ -295,12 +295,13 @@ class NativeSparseAttention(nn.Module):
                                for n, a in kvs.items()})
       max_blocks = cache.k_blocks.shape[1]
       done = completed_blocks(positions, x.shape[1], l, d, max_blocks)
-      new_k, new_v = compress(cache.k_cmp, cache.v_cmp, done * d)
-      put = jax.vmap(lambda buf, ids, new: buf.at[ids].set(new.astype(buf.dtype), mode='drop'))
-      cache = cache.replace(k_blocks=put(cache.k_blocks, done, new_k),
-                            v_blocks=put(cache.v_blocks, done, new_v))
-      kvs = {n: getattr(cache, n) for n in kvs}
-      k_blocks, v_blocks = cache.k_blocks, cache.v_blocks
+      new_k, new_v = compress(kv_cache.read(cache.k_cmp, cfg.dtype),
+                              kv_cache.read(cache.v_cmp, cfg.dtype), done * d)
+      cache = cache.replace(k_blocks=kv_cache.write_at(cache.k_blocks, new_k, done),
+                            v_blocks=kv_cache.write_at(cache.v_blocks, new_v, done))
+      kvs = {n: kv_cache.read(getattr(cache, n), cfg.dtype) for n in kvs}
+      k_blocks = kv_cache.read(cache.k_blocks, cfg.dtype)
+      v_blocks = kv_cache.read(cache.v_blocks, cfg.dtype)
       q_positions = positions
       k_positions = jnp.arange(cache.k_slc.shape[1], dtype=jnp.int32)
       block_starts = jnp.arange(max_blocks, dtype=jnp.int32) * d
@@ -454,10 +455,10 @@ class NativeSparseAttention(nn.Module):
 
   @staticmethod
   def init_cache(cfg, batch: int, max_len: int, dtype) -> NSACache:
-    raw = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype)
+    raw = kv_cache.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype)
     # At least one block slot, never written (and so never visible) when max_len < block_len.
     max_blocks = max(1, num_blocks(max_len, cfg.nsa.block_len, cfg.nsa.stride))
-    blocks = jnp.zeros((batch, max_blocks, cfg.num_kv_heads, cfg.head_dim), dtype)
+    blocks = kv_cache.zeros((batch, max_blocks, cfg.num_kv_heads, cfg.head_dim), dtype)
     return NSACache(k_cmp=raw, v_cmp=raw, k_slc=raw, v_slc=raw, k_win=raw, v_win=raw,
                     k_blocks=blocks, v_blocks=blocks)
 
