@@ -57,6 +57,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   """
   qk_dim, v_dim = q.shape[-1], v.shape[-1]
   scale = qk_dim ** -0.5 if scale is None else scale
+  out_dtype = q.dtype
+  if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
+    # XLA's CPU dot has no fp16 x fp16 -> f32 form, which jax's attention asks for its scores
+    # (jax 0.10: 'F16_F16_F32 is not supported'); the CPU computes fp16 attention in f32.
+    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
   if v_dim < qk_dim:
     v = jnp.pad(v, [(0, 0)] * 3 + [(0, qk_dim - v_dim)])
   elif v_dim > qk_dim:
@@ -91,7 +96,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
                        '(a cache holds one sequence per row)')
     mask = causal_mask(q_positions, k_positions, window)
     out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation='xla')
-  return out[..., :v_dim]
+  return out[..., :v_dim].astype(out_dtype)
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | None = None
