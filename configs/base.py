@@ -118,6 +118,34 @@ def get_config() -> config_dict.ConfigDict:
   f.export = 'adapter'              # at the end: adapter (<workdir>/adapter, peft's files) |
                                     #   merged (<workdir>/merged, a HF checkpoint) | none
 
+  i = c.inference = config_dict.ConfigDict()  # kind='inference' (efficientjax/infer, quant)
+  i.precision = 'bf16'              # bf16 | fp16 | int8 | int4 | fp8 (efficientjax/quant)
+  i.quant_method = 'rtn'            # int8/int4: rtn | awq | gptq (awq/gptq calibrate on the corpus)
+  i.group_size = 128                # int4: input features per scale (32, 64, 128)
+  i.symmetric = True                # int4: False adds a zero point per group
+  i.quantize_lm_head = False        # AWQ and GPTQ leave the head in 16 bits; so do we by default
+  i.calibration_samples = 128       # awq/gptq: sequences of data.seq_len from the training split
+  i.kv_cache_dtype = placeholder(str)  # bfloat16 | float16 | float32 | int8 (a scale per token
+                                    #   and head); None: the compute dtype
+  i.num_slots = 16                  # requests decoded together (the decode batch)
+  i.max_len = 2048                  # longest request, prompt + output (the cache's length)
+  i.prefill_chunk = 512             # most prompt tokens one prefill call runs
+  i.prompts = placeholder(str)      # jsonl:PATH | a corpus (its held-out documents) | synthetic;
+                                    #   None: data.corpus
+  i.num_requests = 64
+  i.input_lengths = 'uniform:128:512'  # prompt tokens (not read for jsonl): N | uniform:A:B |
+                                    #   normal:MEAN:STD
+  i.output_lengths = '256'          # tokens to generate per request (same forms)
+  i.scenario = 'offline'            # MLPerf's: offline (all at once) | server (Poisson arrivals)
+  i.rate_per_s = 4.0                # server: mean arrivals per second
+  i.stop_at_eos = False             # end a request at the tokenizer's eos (else at output_len)
+  i.temperature = 0.0               # 0: greedy
+  i.top_k = 0                       # 0: off
+  i.top_p = 1.0                     # 1: off
+  i.eval_batches = 8                # held-out perplexity: batches of num_slots × data.seq_len
+  i.eval_tasks = ''                 # comma-separated lm-eval multiple-choice task YAMLs (local)
+  i.eval_limit = placeholder(int)   # documents per task; None: all
+
   d = c.data = config_dict.ConfigDict()
   d.corpus = 'stdlib'               # pretrain: stdlib | text:GLOB | hf:NAME[:CONFIG] | synthetic;
                                     #   finetune: functions[:GLOB] | jsonl:PATH
@@ -155,6 +183,7 @@ def get_config() -> config_dict.ConfigDict:
   me = c.metrics = config_dict.ConfigDict()
   me.sample_interval_s = 0.1        # memory / power sampler period
   me.peak_flops_per_s = placeholder(float)  # per device; None: the table in metrics/peaks.py
+  me.peak_bandwidth_bytes_per_s = placeholder(float)  # per device, for MBU; None: the table
 
   p = c.profile = config_dict.ConfigDict()
   p.steps = 0                       # >0: trace that many steps after warm-up (excluded from timings)

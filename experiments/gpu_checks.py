@@ -76,6 +76,15 @@ def summarize_bench_moe_gmm(result: dict) -> str:
 
 
 _GMM = 'experiments.bench_moe_gmm'
+def _summarize_decode(result: dict) -> str:
+  """bf16 at batch 1's bandwidth utilisation, and each row's tokens/s."""
+  rows = result.get('rows', [])
+  mbu = {(r['precision'], r['batch']): r.get('mbu') for r in rows}
+  head = (f"bf16 b1 MBU {mbu[('bf16', 1)]:.2f}; " if mbu.get(('bf16', 1)) else '')
+  return head + ', '.join(f"{r['precision']} b{r['batch']} {r['output_tokens_per_s']:.0f} tok/s"
+                          for r in rows)
+
+
 CHECKS: tuple[Check, ...] = (
     # Issue 6: kernels/moe_gmm/mosaic_gpu.py (TMA + wgmma). Its defaults were right and
     # 1.3-1.45x Triton's forward at five of six shape/group rows on an H100
@@ -126,6 +135,17 @@ CHECKS: tuple[Check, ...] = (
           'experiments.bench_finetune', ('--steps=12', '--batch=8', '--seq_len=1024'),
           estimate_s=420,
           summarize=lambda r: ', '.join(f'{k} {v:.2f}' for k, v in r.get('ratios', {}).items())),
+    # Issue 15: decode at batch 1 and 16, every precision, random weights: tokens/s and
+    # bandwidth utilisation (goal for bf16 at batch 1: >= 75% of peak bandwidth).
+    Check('decode_precisions_1b',
+          'decode step time, tokens/s and bandwidth utilisation of bf16, fp16, int8, int4 and '
+          'fp8 weights at the 1.24B Llama-3.2 shape, batch 1 and 16, 1024-token context',
+          'experiments.bench_decode', ('--shape=1b', '--batches=1,16', '--steps=64'),
+          estimate_s=300, summarize=_summarize_decode),
+    Check('decode_precisions_8b',
+          'the same at the Llama-3.1-8B shape',
+          'experiments.bench_decode', ('--shape=8b', '--batches=1,16', '--steps=64'),
+          estimate_s=480, summarize=_summarize_decode),
 )
 
 

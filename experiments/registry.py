@@ -9,6 +9,7 @@ from efficientjax.registry import Registry
 EXPERIMENTS: Registry[str] = Registry('kind')
 EXPERIMENTS.register('pretrain')('experiments.pretrain:run')
 EXPERIMENTS.register('finetune')('experiments.finetune:run')
+EXPERIMENTS.register('inference')('experiments.inference:run')
 
 
 def runner(kind: str) -> Callable:

@@ -30,11 +30,14 @@ from efficientjax.attention.nsa import COMPRESSIONS
 from efficientjax.data import instructions
 from efficientjax.data.corpora import parse_spec
 from efficientjax.errors import ConfigError
+from efficientjax.infer import workload
 from efficientjax.model import DTYPES, REMAT_POLICIES, ModelConfig
 from efficientjax.moe.dispatch import DISPATCH, GROUPED_MATMULS
 from efficientjax.moe.router import ROUTERS
 from efficientjax.nn import FFN
 from efficientjax.peft import METHODS, FinetuneConfig
+from efficientjax.quant import METHODS as QUANT_METHODS
+from efficientjax.quant import PRECISIONS
 from efficientjax.train import init_from
 from experiments.registry import EXPERIMENTS
 
@@ -337,6 +340,31 @@ RULES: dict[str, Rule] = {
     'model.scan_layers': Free(),
     'model.remat': OneOf(sorted(REMAT_POLICIES)),
 
+    'inference.precision': OneOf(PRECISIONS),
+    'inference.quant_method': OneOf(QUANT_METHODS),
+    'inference.group_size': AtLeast(1, note='int4 groups of 32, 64 or 128 input features'),
+    'inference.symmetric': Free(),
+    'inference.quantize_lm_head': Free(),
+    'inference.calibration_samples': AtLeast(1, note='AWQ and GPTQ use 128'),
+    'inference.kv_cache_dtype': Optional(OneOf(sorted(DTYPES) + ['int8']),
+                                         'use the compute dtype'),
+    'inference.num_slots': AtLeast(1),
+    'inference.max_len': AtLeast(2, note='prompt plus output tokens'),
+    'inference.prefill_chunk': AtLeast(1),
+    'inference.prompts': Free(),        # _inference_checks: corpus | jsonl:PATH
+    'inference.num_requests': AtLeast(1),
+    'inference.input_lengths': Free(),      # _inference_checks: the length grammar
+    'inference.output_lengths': Free(),
+    'inference.scenario': OneOf(workload.SCENARIOS),
+    'inference.rate_per_s': Positive(note='mean arrivals per second'),
+    'inference.stop_at_eos': Free(),
+    'inference.temperature': AtLeast(0.0, note='0: greedy'),
+    'inference.top_k': AtLeast(0, note='0: off'),
+    'inference.top_p': Range(0, 1, lo_open=True, note='1: off'),
+    'inference.eval_batches': AtLeast(1),
+    'inference.eval_tasks': Free(),     # _inference_checks: the files exist
+    'inference.eval_limit': Optional(AtLeast(1), 'every document of each task'),
+
     'data.corpus': Corpus(),
 
     'finetune.method': OneOf(METHODS),
@@ -385,6 +413,8 @@ RULES: dict[str, Rule] = {
     'metrics.sample_interval_s': Positive(note='seconds, e.g. 0.1'),
     'metrics.peak_flops_per_s': Optional(Positive(note='FLOP/s per device'), 'use the table in '
                                          'efficientjax/metrics/peaks.py'),
+    'metrics.peak_bandwidth_bytes_per_s': Optional(Positive(note='bytes/s per device'), 'use the '
+                                                   'table in efficientjax/metrics/peaks.py'),
     'profile.steps': AtLeast(0),
     'mesh.data': DeviceCount(),
     'mesh.fsdp': DeviceCount(),
@@ -523,6 +553,55 @@ def _finetune_method_checks(c, facts):
     return []  # the model's own rules and relations report it
   ft = FinetuneConfig.from_config(c['finetune'])
   return METHODS.get(ft.method)(cfg, ft).check()
+
+
+@_relation('kind', 'model', 'inference', 'data', 'seed')
+def _inference_checks(c, facts):
+  """What an inference run needs of its workload, precision and engine (kind 'inference')."""
+  if c['kind'] != 'inference':
+    return []
+  inf, d = c['inference'], c['data']
+  if (inf['precision'] == 'fp16' and facts.backend == 'cpu'
+      and c['model']['attention'] in ('mla', 'nsa')):
+    # Their scores are fp16 x fp16 -> f32 dots, which XLA's CPU backend does not have.
+    return [ConfigError('inference.precision', f"fp16 {c['model']['attention']} attention does "
+                        "not run on a CPU (XLA's CPU dot has no fp16 inputs with f32 "
+                        "accumulation); use bf16 here, or a GPU", {'inference.precision': 'bf16'})]
+  prompts = inf['prompts'] or d['corpus']
+  jsonl = prompts.startswith('jsonl:')
+  errors = workload.workload_errors(
+      prompts=prompts, num_requests=inf['num_requests'], output_lengths=inf['output_lengths'],
+      input_lengths=None if jsonl else inf['input_lengths'], scenario=inf['scenario'],
+      rate_per_s=inf['rate_per_s'], seed=c['seed'], eval_fraction=d['eval_fraction'])
+  m = dict(c['model'])
+  if m.get('vocab_size') is None:
+    m['vocab_size'] = 256  # the structure, not the vocabulary, is what the checks read
+  try:
+    cfg = ModelConfig.from_config(m, seq_len=d['seq_len'])
+  except (TypeError, ValueError):
+    return errors  # the model's own rules and relations report it
+  from efficientjax import quant  # pylint: disable=g-import-not-at-top
+  errors += quant.check(cfg, precision=inf['precision'], method=inf['quant_method'],
+                        group_size=inf['group_size'], symmetric=inf['symmetric'],
+                        has_calibration=True, quantize_lm_head=inf['quantize_lm_head'])
+  if not errors and not jsonl:
+    longest_in = workload.parse_lengths(inf['input_lengths'], 'inference.input_lengths').bounds[1]
+    longest_out = workload.parse_lengths(inf['output_lengths'],
+                                         'inference.output_lengths').bounds[1]
+    if longest_in and longest_out and longest_in + longest_out > inf['max_len']:
+      errors.append(ConfigError('inference.max_len', f'{inf["max_len"]} tokens cannot hold the '
+                                f'longest request ({longest_in} prompt + {longest_out} output '
+                                'tokens); raise it or shorten the lengths',
+                                {'inference.max_len': longest_in + longest_out}))
+  if cfg.position == 'learned' and inf['max_len'] > cfg.max_seq_len:
+    errors.append(ConfigError('inference.max_len', f'{inf["max_len"]} is beyond the learned '
+                              f'position table\'s {cfg.max_seq_len} rows; lower it',
+                              {'inference.max_len': cfg.max_seq_len}))
+  for task in (t.strip() for t in inf['eval_tasks'].split(',')):
+    if task and not os.path.isfile(task):
+      errors.append(ConfigError('inference.eval_tasks', f'{task} is not a file (an lm-eval task '
+                                'YAML); give existing paths, comma-separated'))
+  return errors
 
 
 @_relation('data.tokenizer', 'data.eos_token')

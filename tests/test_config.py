@@ -53,7 +53,7 @@ BAD = [
     ({'model.position': 'alibi'}, {}, 'model.position', 'valid values: absolute, learned, none'),
     ({'model.remat': 'some'}, {}, 'model.remat', 'dots_saveable, full, none'),
     ({'model.dtype': 'fp8'}, {}, 'model.dtype', 'bfloat16'),
-    ({'kind': 'serve'}, {}, 'kind', 'valid values: finetune, pretrain'),
+    ({'kind': 'serve'}, {}, 'kind', 'valid values: finetune, inference, pretrain'),
     ({'model.num_heads': 6, 'model.num_kv_heads': 4, 'model.embed_dim': 96}, {},
      'model.num_kv_heads', 'does not divide model.num_heads=6'),
     ({'model.embed_dim': 66}, {}, 'model.head_dim', 'set model.head_dim'),

@@ -17,10 +17,11 @@ until it is overwritten. The padding's positions are clamped to the prompt's las
 what it writes is finite (learned position tables give NaN beyond their rows, and 0·NaN would
 leak through the attention's masked sum).
 
-Each request draws from its own keys (`sampling.request_keys(seed, i)` for its i-th token, counting from 0), so
-what it generates depends on its prompt, its sampling settings and its seed, never on the slot
-it got or on the other requests: continuous batching gives every request the tokens it would
-get alone (up to float reassociation in batched matmuls; exact on the CPU).
+Each request draws from its own keys (`sampling.request_keys(seed, i)` for its i-th token,
+counting from 0), so what it generates depends on its prompt, its sampling settings and its
+seed, never on the slot it got or on the other requests: continuous batching gives every
+request the tokens it would get alone (up to float reassociation in batched matmuls; exact on
+the CPU).
 """
 
 import collections
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientjax.infer import sampling as sampling_lib
+from efficientjax.infer.workload import Request
 from efficientjax.model import ModelConfig, Transformer, init_cache
 
 MIN_PREFILL_BUCKET = 16
@@ -283,16 +285,6 @@ class Engine:
       return [c.tokens for c in self.serve(requests)]
     finally:
       self.stop_ids = saved
-
-
-@dataclasses.dataclass
-class Request:
-  """The minimal request `Engine.serve` takes (efficientjax.infer.workload builds richer ones)."""
-  id: Any
-  prompt: list[int]
-  max_new_tokens: int
-  arrival_s: float = 0.0
-  sampling: Any = dataclasses.field(default_factory=lambda: sampling_lib.Sampling())
 
 
 def _logprob(logits: jax.Array, token: jax.Array) -> jax.Array:

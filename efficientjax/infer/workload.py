@@ -88,8 +88,8 @@ class Request:
   id: int
   prompt: list[int]
   max_new_tokens: int
-  arrival_s: float
-  sampling: Sampling
+  arrival_s: float = 0.0
+  sampling: Sampling = Sampling()
 
 
 # ------------------------------------------------------------------------------ lengths

@@ -7,7 +7,10 @@ docs/metrics.md defines every field.
 
 from typing import Any
 
-from efficientjax.metrics.peaks import peak_flops_per_s
+import numpy as np
+
+from efficientjax.metrics import latency as latency_lib
+from efficientjax.metrics.peaks import peak_bandwidth_bytes_per_s, peak_flops_per_s
 from efficientjax.metrics.timing import summarize_ms
 
 
@@ -114,3 +117,93 @@ def training_metrics(result, *, peak_override: float | None = None) -> dict[str,
 
   return {'memory': memory, 'compute': compute, 'latency': latency, 'throughput': throughput,
           'energy': energy, 'compression': compression, 'trace': dict(result.trace)}
+
+
+def inference_metrics(result, *, peak_override: float | None = None,
+                      bandwidth_override: float | None = None) -> dict[str, Any]:
+  """The `metrics` section of an inference record. result: efficientjax.infer.run's
+  InferenceResult. MLPerf Inference's definitions (docs/metrics.md): TTFT from arrival to the
+  first token on the host, TPOT over the tokens after the first, end-to-end to the last."""
+  done, stats, window_s = result.completions, result.stats, result.window_s
+  output_tokens = sum(len(c.tokens) for c in done)
+  prompt_tokens = sum(c.prompt_len for c in done)
+  missing = None if window_s else 'the measurement window did not open and close'
+
+  latency = {
+      **latency_lib.request_latencies(
+          [latency_lib.RequestTimes(c.arrival_s, c.token_s) for c in done]),
+      'decode_step_ms': summarize_ms(stats.decode_step_s),
+      'prefill_ms': summarize_ms(stats.prefill_s),
+      'compile_s': stats.compile_s, 'window_s': window_s, 'reason': missing,
+  }
+  tokens_per_s = _rate(output_tokens, window_s)
+  throughput = {
+      'output_tokens_per_s': tokens_per_s,   # the paper's IT
+      'requests_per_s': _rate(len(done), window_s),
+      'prompt_tokens_per_s': _rate(prompt_tokens, window_s),
+      'output_tokens_per_param_per_s': tokens_per_s / result.num_params if tokens_per_s else None,
+      'output_tokens': output_tokens, 'prompt_tokens': prompt_tokens, 'requests': len(done),
+      'mean_active_slots': (float(np.mean(stats.decode_active_slots))
+                            if stats.decode_active_slots else None),
+      'reason': missing,
+  }
+
+  # Decode reads every weight and the whole cache each step (static shapes: the attention runs
+  # over every slot of every row, masked), so that is what the step's bandwidth is judged by.
+  bytes_per_step = result.weight_bytes + result.kv_cache_bytes
+  step_s = float(np.median(stats.decode_step_s)) if stats.decode_step_s else None
+  bandwidth, bandwidth_source = peak_bandwidth_bytes_per_s(result.device_kind, bandwidth_override)
+  achieved_bw = bytes_per_step / step_s if step_s else None
+  peak, peak_source = peak_flops_per_s(result.device_kind, peak_override)
+  compute = {
+      'decode_bytes_per_step': bytes_per_step,
+      'decode_bytes_per_s': achieved_bw,
+      'peak_bandwidth_bytes_per_s': bandwidth,
+      'peak_bandwidth_source': bandwidth_source,
+      'mbu': achieved_bw / bandwidth if achieved_bw and bandwidth else None,
+      'peak_flops_per_s_per_device': peak,
+      'peak_source': peak_source,
+      'nvml_utilization_pct_mean': result.sampler.get('utilization_pct_mean'),
+      'reason': (None if step_s else 'no decode steps ran') or (None if bandwidth
+                                                                  else bandwidth_source),
+  }
+
+  s = result.sampler
+  memory = {
+      'bytes_in_use_mean': s.get('bytes_in_use_mean'),
+      'bytes_in_use_peak': s.get('bytes_in_use_peak'),
+      'bytes_limit': s.get('bytes_limit'),
+      'amu': s.get('amu'),
+      'per_device': s.get('devices'),
+      'host_rss_bytes_mean': s.get('host_rss_bytes_mean'),
+      'host_rss_bytes_peak': s.get('host_rss_bytes_peak'),
+      'weight_bytes': result.weight_bytes,
+      'kv_cache_bytes': result.kv_cache_bytes,
+      'kv_cache_bytes_per_token': result.kv_cache_bytes_per_token,
+      'samples': s.get('samples'),
+      'sample_interval_s': s.get('interval_s'),
+      'reason': s.get('reason'),
+  }
+
+  e = dict(result.energy)
+  energy_j = e.get('energy_j')
+  energy = {**e, 'avg_power_w_sampled': s.get('power_w_mean'),
+            'joules_per_output_token': (energy_j / output_tokens
+                                        if energy_j is not None and output_tokens else None),
+            'joules_per_request': energy_j / len(done) if energy_j is not None and done else None}
+
+  q = result.quality
+  size_ratio = result.baseline_weight_bytes / result.weight_bytes
+  compression = {
+      'weight_bytes': result.weight_bytes,
+      'weight_bytes_per_param': result.weight_bytes / result.num_params,
+      'baseline_weight_bytes': result.baseline_weight_bytes,
+      'baseline_precision': 'bf16',
+      'size_ratio': size_ratio,
+      'quality_ratio': q.get('quality_ratio'),
+      'mcr': size_ratio * q['quality_ratio'] if q.get('quality_ratio') is not None else None,
+      'reason': None if q.get('quality_ratio') is not None else 'no held-out perplexity',
+  }
+  trace = {'available': False, 'reason': 'inference runs are not traced'}
+  return {'memory': memory, 'compute': compute, 'latency': latency, 'throughput': throughput,
+          'energy': energy, 'compression': compression, 'trace': trace}

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from efficientjax.attention import ATTENTION
-from efficientjax.infer.engine import Engine, Request, prefill_buckets
+from efficientjax.infer.engine import Engine, prefill_buckets
+from efficientjax.infer.workload import Request
 from efficientjax.infer.sampling import Sampling, request_keys, sample, stack_params
 from efficientjax.model import Transformer
 from tests.attention.variants import BASE, TINY

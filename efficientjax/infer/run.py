@@ -1,0 +1,252 @@
+"""`kind = 'inference'`: serve a workload with a model at one precision and measure it.
+
+In order: the weights (`model.init`, or random), the precision (`efficientjax.quant`; a
+calibrated model is saved under `<workdir>/quantized/` and reused by a rerun rather than
+calibrated again), quality (held-out perplexity of this precision and of bf16 on the same
+tokens; lm-eval multiple-choice tasks if given), then the workload through the engine inside
+the measurement window (memory and power sampled, energy counted), after a warm-up that
+compiles every shape the engine uses.
+
+Serving runs on one device (the first): sharded serving belongs with the memory-and-scale
+work. The record says so (`env.mesh_shape`).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficientjax import quant
+from efficientjax.attention import cache as kv_cache
+from efficientjax.data import build_data, get_tokenizer
+from efficientjax.infer import workload as workload_lib
+from efficientjax.infer.engine import Completion, Engine, EngineStats
+from efficientjax.infer.sampling import Sampling
+from efficientjax.metrics.energy import make_energy_meter
+from efficientjax.metrics.sampler import Sampler
+from efficientjax.metrics.window import MeasurementWindow
+from efficientjax.model import ModelConfig, Transformer
+from efficientjax.train import init_from
+
+QUANTIZED_DIR = 'quantized'
+
+
+@dataclasses.dataclass
+class InferenceResult:
+  """What an inference run measured; experiments/inference.py turns it into the record."""
+  model_config: ModelConfig
+  num_params: int
+  init: dict[str, Any] | None
+  precision: dict[str, Any]            # name, method, compute dtype, what was quantised
+  weight_bytes: int                    # as stored at this precision
+  baseline_weight_bytes: int           # the same weights in bf16
+  kv_cache_bytes: int                  # the engine's whole cache, measured from its arrays
+  kv_cache_bytes_per_token: float      # one token's entries over every layer
+  data_stats: dict[str, Any]
+  quality: dict[str, Any]
+  completions: list[Completion]
+  stats: EngineStats
+  window_s: float | None
+  energy: dict[str, Any]
+  sampler: dict[str, Any]
+  device_kind: str
+  workload: dict[str, Any]
+  quantize_s: float | None
+
+
+def _say(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def model_config(config: dict[str, Any], tokenizer, compute_dtype: Any) -> ModelConfig:
+  """The run's model, computing in the precision's dtype."""
+  m = dict(config['model'])
+  m['dtype'] = jnp.dtype(compute_dtype).name
+  return ModelConfig.from_config(m, tokenizer_vocab_size=tokenizer.vocab_size,
+                                 seq_len=config['data']['seq_len'])
+
+
+def load_params(config: dict[str, Any], cfg: ModelConfig) -> tuple[Any, dict[str, Any] | None]:
+  """model.init's weights on the first device, or random ones from the seed."""
+  spec = config['model'].get('init')
+  device = jax.devices()[0]
+  if spec:
+    source = init_from.source(spec)
+    params = init_from.load(source, cfg)['params']
+    return jax.device_put(params, device), source.record()
+  model = Transformer(cfg)
+  init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))['params'],
+                 out_shardings=jax.sharding.SingleDeviceSharding(device))
+  return init(jax.random.key(config['seed'])), None
+
+
+def cast_floats(params: Any, dtype: Any) -> Any:
+  """Every floating-point leaf in `dtype` (quantised containers' leaves untouched)."""
+  def cast(a):
+    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  return jax.tree.map(cast, params)
+
+
+def held_out_loss(cfg: ModelConfig, params: Any, batches: list[np.ndarray]) -> float | None:
+  """Mean next-token cross-entropy (nats) over every token of the held-out batches."""
+  if not batches:
+    return None
+  model = Transformer(cfg)
+
+  @jax.jit
+  def nll(p, rows):
+    logits = model.apply({'params': p}, rows[:, :-1])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1))
+
+  total = sum(float(nll(params, jnp.asarray(b))) for b in batches)
+  return total / sum(b[:, 1:].size for b in batches)
+
+
+def _quantized(config: dict[str, Any], cfg: ModelConfig, params: Any, calibration: Callable,
+               workdir: str) -> tuple[Any, dict[str, Any], float | None]:
+  """The precision's params: loaded from `<workdir>/quantized` when it holds this model at
+  these settings, else quantised (and calibrated) now and saved there."""
+  inf = config['inference']
+  settings = {'precision': inf['precision'], 'method': inf['quant_method'],
+              'group_size': inf['group_size'], 'symmetric': inf['symmetric'],
+              'quantize_lm_head': inf['quantize_lm_head'],
+              'calibration_samples': inf['calibration_samples'],
+              'model': config['model'], 'data': config['data'], 'seed': config['seed']}
+  path = os.path.join(os.path.abspath(workdir), QUANTIZED_DIR)
+  if os.path.isdir(path):
+    loaded, meta = quant.load(path)
+    if meta.get('settings') == json.loads(json.dumps(settings)):
+      _say(f'precision: {inf["precision"]} weights read from {path} (not calibrated again)')
+      return jax.device_put(loaded, jax.devices()[0]), meta['report'], None
+    _say(f'{path} holds another model or other settings; quantising again (it is replaced)')
+  start = time.perf_counter()
+  needs_data = inf['quant_method'] in ('awq', 'gptq') and inf['precision'] in ('int8', 'int4')
+  # Calibration statistics from the weights as loaded, at full precision (not the serving
+  # dtype), as AWQ's and GPTQ's references collect them.
+  float_cfg = dataclasses.replace(cfg, dtype=jnp.dtype(jnp.float32))
+  qparams, report = quant.quantize(
+      float_cfg, params, precision=inf['precision'], method=inf['quant_method'],
+      group_size=inf['group_size'], symmetric=inf['symmetric'],
+      calibration=calibration() if needs_data else None,
+      quantize_lm_head=inf['quantize_lm_head'])
+  qparams = jax.block_until_ready(qparams)
+  seconds = time.perf_counter() - start
+  if jax.process_index() == 0 and inf['precision'] not in ('bf16', 'fp16'):
+    quant.save(path, qparams, {'settings': settings, 'report': report})
+  return qparams, report, seconds
+
+
+def prompt_source(config: dict[str, Any]) -> str:
+  return config['inference']['prompts'] or config['data']['corpus']
+
+
+def build_requests(config: dict[str, Any], tokenizer) -> list[workload_lib.Request]:
+  """The run's requests (efficientjax.infer.workload), every one with the run's sampling."""
+  inf, d = config['inference'], config['data']
+  prompts = prompt_source(config)
+  return workload_lib.build_workload(
+      prompts=prompts, tokenizer=tokenizer, num_requests=inf['num_requests'],
+      output_lengths=inf['output_lengths'],
+      input_lengths=None if prompts.startswith('jsonl:') else inf['input_lengths'],
+      scenario=inf['scenario'], rate_per_s=inf['rate_per_s'], seed=config['seed'],
+      sampling=Sampling(temperature=inf['temperature'], top_k=inf['top_k'], top_p=inf['top_p']),
+      eval_fraction=d['eval_fraction'], max_documents=d['max_documents'])
+
+
+def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
+        ) -> InferenceResult:
+  inf, d = config['inference'], config['data']
+  tokenizer = get_tokenizer(d['tokenizer'], eos_token=d['eos_token'])
+  compute_dtype = quant.compute_dtype(inf['precision'])
+  cfg = model_config(config, tokenizer, compute_dtype)
+  params, init = load_params(config, cfg)
+  num_params = sum(a.size for a in jax.tree.leaves(params))
+  say(f'model: {num_params:,} parameters, ' + (f"from {init['source']}" if init else
+                                              f'random (seed {config["seed"]})'))
+
+  data = build_data(corpus=d['corpus'], tokenizer=tokenizer, seq_len=d['seq_len'],
+                    global_batch_size=inf['num_slots'], seed=config['seed'],
+                    eval_fraction=d['eval_fraction'], eval_batches=inf['eval_batches'],
+                    max_documents=d['max_documents'])
+
+  def calibration() -> np.ndarray:
+    rows = []
+    while sum(len(r) for r in rows) < inf['calibration_samples']:
+      rows.append(data.train.next())
+    return np.concatenate(rows)[:inf['calibration_samples'], :-1]
+
+  baseline = cast_floats(params, jnp.bfloat16)
+  baseline_bytes = quant.weight_bytes(baseline)
+  qparams, report, quantize_s = _quantized(config, cfg, params, calibration, workdir)
+  del params
+  weight_bytes = quant.weight_bytes(qparams)
+  say(f'precision: {inf["precision"]} ({inf["quant_method"]}): {weight_bytes:,} weight bytes, '
+      f'bf16 {baseline_bytes:,}')
+
+  eval_batches = data.eval_batches()
+  eval_loss = held_out_loss(cfg, qparams, eval_batches)
+  bf16_cfg = dataclasses.replace(cfg, dtype=jnp.dtype(jnp.bfloat16))
+  baseline_loss = (eval_loss if inf['precision'] == 'bf16'
+                   else held_out_loss(bf16_cfg, baseline, eval_batches))
+  del baseline
+  quality = {'eval_loss': eval_loss, 'eval_perplexity': _exp(eval_loss),
+             'baseline_precision': 'bf16', 'baseline_eval_loss': baseline_loss,
+             'baseline_eval_perplexity': _exp(baseline_loss),
+             'eval_tokens': int(sum(b[:, 1:].size for b in eval_batches))}
+  quality['quality_ratio'] = (quality['baseline_eval_perplexity'] / quality['eval_perplexity']
+                              if eval_loss is not None and baseline_loss is not None else None)
+  say(f'held-out perplexity: {quality["eval_perplexity"]:.4g} '
+      f'(bf16: {quality["baseline_eval_perplexity"]:.4g})')
+  tasks = [t.strip() for t in inf['eval_tasks'].split(',') if t.strip()]
+  if tasks:
+    from efficientjax.infer import multiple_choice  # pylint: disable=g-import-not-at-top
+    quality['tasks'] = {}
+    for task in tasks:
+      scores = multiple_choice.evaluate(cfg, qparams, tokenizer, task, limit=inf['eval_limit'])
+      quality['tasks'][scores['task']] = scores
+      say(f'task {scores["task"]}: acc {scores["acc"]:.4f}, acc_norm {scores["acc_norm"]:.4f} '
+          f'({scores["n"]} documents)')
+
+  requests = build_requests(config, tokenizer)
+  workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
+              **workload_lib.workload_stats(requests)}
+  stop_ids = tokenizer.eos_ids if inf['stop_at_eos'] else ()
+  engine = Engine(cfg, qparams, num_slots=inf['num_slots'], max_len=inf['max_len'],
+                  prefill_chunk=inf['prefill_chunk'], cache_dtype=inf['kv_cache_dtype'],
+                  stop_ids=stop_ids)
+  compile_s = engine.warmup()
+  say(f'engine: {inf["num_slots"]} slots × {engine.cache_len} tokens, compiled in '
+      f'{compile_s:.1f} s; serving {len(requests)} requests ({inf["scenario"]})')
+
+  meter = make_energy_meter(jax.default_backend(), jax.local_devices()[:1])
+  sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices()[:1],
+                    energy_meter=meter)
+  window = MeasurementWindow(meter, sampler)
+  window.open(engine.cache)
+  completions = engine.serve(requests)
+  window.close(engine.cache)
+  cache_bytes = kv_cache.nbytes(engine.cache)
+  return InferenceResult(
+      model_config=cfg, num_params=num_params, init=init,
+      precision={'name': inf['precision'], 'method': inf['quant_method'],
+                 'compute_dtype': jnp.dtype(compute_dtype).name, **report},
+      weight_bytes=weight_bytes, baseline_weight_bytes=baseline_bytes,
+      kv_cache_bytes=cache_bytes,
+      kv_cache_bytes_per_token=cache_bytes / (inf['num_slots'] * engine.cache_len),
+      data_stats=data.stats, quality=quality, completions=completions, stats=engine.stats,
+      window_s=window.seconds, energy=window.energy(), sampler=sampler.summary(),
+      device_kind=jax.devices()[0].device_kind, workload=workload, quantize_s=quantize_s)
+
+
+def _exp(loss: float | None) -> float | None:
+  return math.exp(loss) if loss is not None else None
+
+

@@ -1,0 +1,145 @@
+"""The inference study's configs: valid, and runnable end to end with records that add up.
+
+int4 (AWQ) runs through the CLI as a user runs it, serving a trained project run
+(`model.init=run:`); the other precisions' `:smoke` presets run through the runner the CLI
+calls (experiments/inference.py), in this process. Every record is validated against the
+schema and checked against what the run itself measured.
+"""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from efficientjax.metrics.record import read_records, validate_record
+from experiments import inference, validate
+from tests.test_cli import _main
+
+PRECISIONS = ('bf16', 'fp16', 'int8', 'int4', 'fp8')
+
+
+def _config(name, preset=None):
+  return importlib.import_module(f'configs.{name}').get_config(preset)
+
+
+@pytest.mark.parametrize('preset', [None, 'smoke', 'quickstart'])
+@pytest.mark.parametrize('precision', PRECISIONS)
+def test_configs_validate(precision, preset):
+  c = _config(f'infer_{precision}', preset).to_dict()
+  assert c['kind'] == 'inference' and c['inference']['precision'] == precision
+  assert validate.check(c, num_devices=1, process_count=1, backend='gpu') == []
+
+
+@pytest.mark.parametrize('overrides, field, words', [
+    ({'inference.group_size': 48}, 'inference.group_size', 'divide'),
+    ({'inference.max_len': 20}, 'inference.max_len', 'longest request'),
+    ({'inference.output_lengths': 'gamma:3'}, 'inference.output_lengths', 'unknown length'),
+    ({'inference.scenario': 'server', 'inference.rate_per_s': 0.0}, 'inference.rate_per_s', ''),
+    ({'inference.eval_tasks': '/no/such/task.yaml'}, 'inference.eval_tasks', 'not a file'),
+    ({'model.position': 'learned', 'inference.max_len': 80}, 'inference.max_len', 'learned'),
+])
+def test_bad_inference_settings_name_the_field(overrides, field, words):
+  c = _config('infer_int4', 'smoke').to_dict()
+  for path, value in overrides.items():
+    section, key = path.split('.')
+    c[section][key] = value
+  errors = validate.check(c, num_devices=1, process_count=1, backend='cpu')
+  assert [e.field for e in errors] == [field], errors
+  assert words in errors[0].message
+
+
+def _check_record(record, config):
+  """What every inference record must say, against the config and its own measurements."""
+  validate_record(record)
+  inf = record['inference']
+  m, q = record['metrics'], record['quality']
+  n = config['inference']['num_requests']
+  assert m['throughput']['requests'] == n == inf['workload']['requests']
+  outputs = [r['output_len'] for r in inf['requests']]
+  assert all(1 <= o <= int(config['inference']['output_lengths']) for o in outputs)
+  assert m['throughput']['output_tokens'] >= sum(outputs)
+  assert m['latency']['ttft_ms']['count'] == n
+  # Bytes: measured from the stored trees; the ratio and MCR follow from them and perplexity.
+  c = m['compression']
+  assert c['size_ratio'] == pytest.approx(c['baseline_weight_bytes'] / c['weight_bytes'])
+  assert q['quality_ratio'] == pytest.approx(q['baseline_eval_perplexity'] / q['eval_perplexity'])
+  assert c['mcr'] == pytest.approx(c['size_ratio'] * q['quality_ratio'])
+  assert q['eval_perplexity'] == pytest.approx(np.exp(q['eval_loss']))
+  assert m['compute']['decode_bytes_per_step'] == (m['memory']['weight_bytes']
+                                                   + m['memory']['kv_cache_bytes'])
+  return record
+
+
+def test_int4_awq_through_the_cli_from_a_project_run(tmp_path):
+  """The issue's command at smoke size: serve a trained run (model.init=run:) at int4 (AWQ);
+  a rerun reads the quantised weights back instead of calibrating again."""
+  train = _main('--config=configs/quickstart.py:smoke', f'--workdir={tmp_path}/train',
+                '--config.train.steps=3', '--config.train.checkpoint_every=3',
+                '--config.train.timing_warmup_steps=0', '--config.train.warmup_steps=1')
+  assert train.returncode == 0, train.stderr
+  args = ('--config=configs/infer_int4.py:smoke', f'--workdir={tmp_path}/serve',
+          f'--config.model.init=run:{tmp_path}/train')
+  first = _main(*args)
+  assert first.returncode == 0, first.stderr
+  assert 'not calibrated again' not in first.stdout
+  again = _main(*args)
+  assert again.returncode == 0, again.stderr
+  assert 'not calibrated again' in again.stdout
+  records = read_records(tmp_path / 'serve' / 'results.jsonl')
+  assert len(records) == 2
+  with open(tmp_path / 'serve' / 'config.json') as f:
+    config = json.load(f)
+  for r in records:
+    _check_record(r, config)
+    assert r['model']['init']['kind'] == 'run'
+    assert r['inference']['precision']['method'] == 'awq'
+  assert records[0]['inference']['quantize_s'] > 0 and records[1]['inference']['quantize_s'] is None
+  # The same weights and the same greedy workload: the same tokens and perplexity.
+  assert records[0]['inference']['requests'] == records[1]['inference']['requests']
+  assert records[0]['quality'] == records[1]['quality']
+  c = records[0]['metrics']['compression']
+  # Layers in 4 bits (+ a bf16 scale per 32), the embeddings and head (half of this tiny
+  # model) in bf16; tests/quant checks the bytes exactly.
+  assert 1.5 < c['size_ratio'] < 4.0
+  assert len(records[0]['inference']['precision']['quantized']) == 7  # q k v o gate up down
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16', 'int8', 'fp8'])
+def test_smoke_presets_through_the_runner(precision, tmp_path):
+  config = _config(f'infer_{precision}', 'smoke')
+  path = inference.run(config, str(tmp_path))
+  (record,) = read_records(path)
+  _check_record(record, config.to_dict())
+  q, c = record['quality'], record['metrics']['compression']
+  if precision == 'bf16':
+    assert q['quality_ratio'] == 1.0 and c['size_ratio'] == 1.0
+  else:
+    # The same random weights in another format: close to bf16's perplexity, not equal.
+    assert 0.9 < q['quality_ratio'] < 1.1
+  # 8-bit layers (+ a scale per output), the embeddings and head (most of this tiny model) in
+  # 16 bits: above 1, below 2; tests/quant checks the bytes exactly.
+  expected_ratio = {'bf16': 1.0, 'fp16': 1.0, 'int8': (1.2, 2.0), 'fp8': (1.2, 2.0)}[precision]
+  if isinstance(expected_ratio, tuple):
+    assert expected_ratio[0] < c['size_ratio'] < expected_ratio[1]
+  else:
+    assert c['size_ratio'] == expected_ratio
+
+
+def test_an_int8_kv_cache_halves_the_cache_and_keeps_quality(tmp_path):
+  config = _config('infer_bf16', 'smoke')
+  base = read_records(inference.run(config, str(tmp_path / 'bf16')))[0]
+  config.inference.kv_cache_dtype = 'int8'
+  int8 = read_records(inference.run(config, str(tmp_path / 'int8')))[0]
+  _check_record(int8, config.to_dict())
+  mb, mi = base['metrics']['memory'], int8['metrics']['memory']
+  # bf16's 2 bytes per value become 1, plus a float32 scale per head_dim values (16 here).
+  assert mi['kv_cache_bytes'] == pytest.approx(mb['kv_cache_bytes'] / 2 * (1 + 4 / 16))
+  # The same greedy requests: the cache's rounding may change a late token, rarely the first.
+  firsts = [r['tokens'][0] for r in int8['inference']['requests']]
+  assert firsts == [r['tokens'][0] for r in base['inference']['requests']]
+
+
+def test_configs_are_data():
+  assert isinstance(_config('infer_bf16'), ConfigDict)
