@@ -143,7 +143,8 @@ def get_config() -> config_dict.ConfigDict:
   i.top_k = 0                       # 0: off
   i.top_p = 1.0                     # 1: off
   i.eval_batches = 8                # held-out perplexity: batches of num_slots × data.seq_len
-  i.eval_tasks = ''                 # comma-separated lm-eval multiple-choice task YAMLs (local)
+  i.eval_tasks = ''                 # comma-separated lm-eval multiple-choice task YAMLs (local
+                                    #   data) or offline tasks: stdlib_next_line
   i.eval_limit = placeholder(int)   # documents per task; None: all
 
   d = c.data = config_dict.ConfigDict()

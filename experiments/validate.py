@@ -597,10 +597,12 @@ def _inference_checks(c, facts):
     errors.append(ConfigError('inference.max_len', f'{inf["max_len"]} is beyond the learned '
                               f'position table\'s {cfg.max_seq_len} rows; lower it',
                               {'inference.max_len': cfg.max_seq_len}))
+  from efficientjax.data.mc_tasks import OFFLINE_TASKS  # pylint: disable=g-import-not-at-top
   for task in (t.strip() for t in inf['eval_tasks'].split(',')):
-    if task and not os.path.isfile(task):
+    if task and task not in OFFLINE_TASKS and not os.path.isfile(task):
       errors.append(ConfigError('inference.eval_tasks', f'{task} is not a file (an lm-eval task '
-                                'YAML); give existing paths, comma-separated'))
+                                'YAML) nor an offline task ('
+                                f'{", ".join(OFFLINE_TASKS)}); give those, comma-separated'))
   return errors
 
 

@@ -121,3 +121,8 @@ def write_stdlib_next_line(directory: str, n: int = 200, choices: int = 4, seed:
   with open(yaml_path, 'w', encoding='utf-8') as f:
     yaml.dump(task, f, Dumper=Dumper, sort_keys=False, allow_unicode=True)
   return yaml_path
+
+
+# Offline tasks by name (`inference.eval_tasks` takes these beside YAML paths): each writes its
+# files into a directory, given the run's data.eval_fraction, and returns the YAML's path.
+OFFLINE_TASKS = {'stdlib_next_line': write_stdlib_next_line}

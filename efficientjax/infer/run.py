@@ -207,9 +207,13 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       f'(bf16: {quality["baseline_eval_perplexity"]:.4g})')
   tasks = [t.strip() for t in inf['eval_tasks'].split(',') if t.strip()]
   if tasks:
+    from efficientjax.data import mc_tasks  # pylint: disable=g-import-not-at-top
     from efficientjax.infer import multiple_choice  # pylint: disable=g-import-not-at-top
     quality['tasks'] = {}
     for task in tasks:
+      if task in mc_tasks.OFFLINE_TASKS:  # written for this run, from its held-out split
+        task = mc_tasks.OFFLINE_TASKS[task](os.path.join(workdir, 'tasks'),
+                                            eval_fraction=d['eval_fraction'])
       scores = multiple_choice.evaluate(cfg, qparams, tokenizer, task, limit=inf['eval_limit'])
       quality['tasks'][scores['task']] = scores
       say(f'task {scores["task"]}: acc {scores["acc"]:.4f}, acc_norm {scores["acc_norm"]:.4f} '
