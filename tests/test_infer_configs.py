@@ -1,9 +1,10 @@
 """The inference study's configs: valid, and runnable end to end with records that add up.
 
-int4 (AWQ) runs through the CLI as a user runs it, serving a trained project run
-(`model.init=run:`); the other precisions' `:smoke` presets run through the runner the CLI
-calls (experiments/inference.py), in this process. Every record is validated against the
-schema and checked against what the run itself measured.
+Every `configs/infer_*.py:smoke` runs through the CLI as a user runs it; int4 (AWQ) serves a
+trained project run (`model.init=run:`) and is rerun to read its quantised weights back. The
+int8 KV cache runs through the runner the CLI calls (experiments/inference.py), in this
+process. Every record is validated against the schema and checked against what the run itself
+measured.
 """
 
 import importlib
@@ -11,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from efficientjax.metrics.record import read_records, validate_record
 from experiments import inference, validate
@@ -107,11 +107,11 @@ def test_int4_awq_through_the_cli_from_a_project_run(tmp_path):
 
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16', 'int8', 'fp8'])
-def test_smoke_presets_through_the_runner(precision, tmp_path):
-  config = _config(f'infer_{precision}', 'smoke')
-  path = inference.run(config, str(tmp_path))
-  (record,) = read_records(path)
-  _check_record(record, config.to_dict())
+def test_smoke_presets_through_the_cli(precision, tmp_path):
+  proc = _main(f'--config=configs/infer_{precision}.py:smoke', f'--workdir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr
+  (record,) = read_records(tmp_path / 'results.jsonl')
+  _check_record(record, _config(f'infer_{precision}', 'smoke').to_dict())
   q, c = record['quality'], record['metrics']['compression']
   if precision == 'bf16':
     assert q['quality_ratio'] == 1.0 and c['size_ratio'] == 1.0
@@ -139,7 +139,3 @@ def test_an_int8_kv_cache_halves_the_cache_and_keeps_quality(tmp_path):
   # The same greedy requests: the cache's rounding may change a late token, rarely the first.
   firsts = [r['tokens'][0] for r in int8['inference']['requests']]
   assert firsts == [r['tokens'][0] for r in base['inference']['requests']]
-
-
-def test_configs_are_data():
-  assert isinstance(_config('infer_bf16'), ConfigDict)
