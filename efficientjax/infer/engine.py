@@ -190,12 +190,15 @@ class Engine:
 
   # --- serving ---------------------------------------------------------------------------------
 
-  def serve(self, requests: Sequence[Any], *, clock: Callable[[], float] = time.perf_counter,
+  def serve(self, requests: Sequence[Any], *, stop_ids: Sequence[int] | None = None,
+            clock: Callable[[], float] = time.perf_counter,
             sleep: Callable[[float], None] = time.sleep) -> list[Completion]:
     """Serves `requests` (objects with `id`, `prompt`, `max_new_tokens`, `arrival_s`,
     `sampling`), each admitted once its arrival time has passed, first come first served;
     returns their completions in the order given. A request is prefilled as soon as a slot is
-    free (before the next decode step: prefill first, as vLLM schedules by default)."""
+    free (before the next decode step: prefill first, as vLLM schedules by default).
+    `stop_ids` replaces the engine's for this call."""
+    stop = self.stop_ids if stop_ids is None else frozenset(int(t) for t in stop_ids)
     for r in requests:
       self.check_request(r.prompt, r.max_new_tokens)
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
@@ -215,7 +218,7 @@ class Engine:
       a.completion.tokens.append(token)
       a.completion.logprobs.append(logprob)
       a.completion.token_s.append(at)
-      if token in self.stop_ids:
+      if token in stop:
         finish(a, 'stop')
       elif len(a.completion.tokens) >= a.request.max_new_tokens:
         finish(a, 'length')
@@ -236,16 +239,17 @@ class Engine:
         record(a, token, logprob, t)
       running = [a for a in active if a is not None]
       if running:
-        self._decode_once(running)
+        drawn = self._decode_once(running)
         t = now()
-        for a, (token, logprob) in zip(running, self._last):
+        for a, (token, logprob) in zip(running, drawn):
           a.position += 1
           record(a, token, logprob, t)
       elif pending and not waiting:
         sleep(max(0.0, pending[0].arrival_s - now()))
     return [done[id(r)] for r in requests]
 
-  def _decode_once(self, running: list[_Active]) -> None:
+  def _decode_once(self, running: list[_Active]) -> list[tuple[int, float]]:
+    """One decode step of every slot; the (token, logprob) of each running request."""
     tokens = np.zeros(self.num_slots, np.int32)
     positions = np.zeros(self.num_slots, np.int32)
     seeds = np.zeros(self.num_slots, np.uint32)
@@ -264,7 +268,7 @@ class Engine:
     token, logprob = np.asarray(token), np.asarray(logprob)
     self.stats.decode_step_s.append(time.perf_counter() - start)
     self.stats.decode_active_slots.append(len(running))
-    self._last = [(int(token[a.slot]), float(logprob[a.slot])) for a in running]
+    return [(int(token[a.slot]), float(logprob[a.slot])) for a in running]
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                sampling: Any = None, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
@@ -276,15 +280,9 @@ class Engine:
                 else [sampling or sampling_lib.Sampling()] * n)
     if len(lengths) != n or len(settings) != n:
       raise ValueError(f'{n} prompts need as many max_new_tokens and sampling settings')
-    saved = self.stop_ids
-    if stop_ids is not None:
-      self.stop_ids = frozenset(int(t) for t in stop_ids)
-    try:
-      requests = [Request(i, list(p), m, 0.0, s)
-                  for i, (p, m, s) in enumerate(zip(prompts, lengths, settings))]
-      return [c.tokens for c in self.serve(requests)]
-    finally:
-      self.stop_ids = saved
+    requests = [Request(i, list(p), m, 0.0, s)
+                for i, (p, m, s) in enumerate(zip(prompts, lengths, settings))]
+    return [c.tokens for c in self.serve(requests, stop_ids=stop_ids)]
 
 
 def _logprob(logits: jax.Array, token: jax.Array) -> jax.Array:

@@ -23,16 +23,23 @@ PEAK_BF16_FLOPS_PER_S: tuple[tuple[str, float], ...] = (
 )
 
 
+def _lookup(table: tuple[tuple[str, float], ...], device_kind: str, override: float | None,
+            field: str, what: str, datasheet: str) -> tuple[float | None, str]:
+  """(the config's override, or the table's first entry whose key is in `device_kind`; where
+  it came from or why it is missing)."""
+  if override:
+    return float(override), f'config: metrics.{field}'
+  for key, peak in table:
+    if key.lower() in device_kind.lower():
+      return peak, f'table: {key} ({datasheet})'
+  return None, f'no {what} known for device kind {device_kind!r}; set --config.metrics.{field}'
+
+
 def peak_flops_per_s(device_kind: str, override: float | None = None
                      ) -> tuple[float | None, str]:
   """(peak FLOP/s per device, where it came from or why it is missing)."""
-  if override:
-    return float(override), 'config: metrics.peak_flops_per_s'
-  for key, peak in PEAK_BF16_FLOPS_PER_S:
-    if key.lower() in device_kind.lower():
-      return peak, f'table: {key} (dense bf16 datasheet)'
-  return None, (f'no peak FLOP/s known for device kind {device_kind!r}; set '
-                '--config.metrics.peak_flops_per_s')
+  return _lookup(PEAK_BF16_FLOPS_PER_S, device_kind, override, 'peak_flops_per_s',
+                 'peak FLOP/s', 'dense bf16 datasheet')
 
 
 # Datasheet memory (HBM) bandwidth per device, the denominator of memory-bandwidth utilisation
@@ -73,10 +80,5 @@ PEAK_MEMORY_BANDWIDTH_BYTES_PER_S: tuple[tuple[str, float], ...] = (
 def peak_bandwidth_bytes_per_s(device_kind: str, override: float | None = None
                                ) -> tuple[float | None, str]:
   """(peak memory bandwidth per device in bytes/s, where it came from or why it is missing)."""
-  if override:
-    return float(override), 'config: metrics.peak_bandwidth_bytes_per_s'
-  for key, peak in PEAK_MEMORY_BANDWIDTH_BYTES_PER_S:
-    if key.lower() in device_kind.lower():
-      return peak, f'table: {key} (HBM bandwidth datasheet)'
-  return None, (f'no peak memory bandwidth known for device kind {device_kind!r}; set '
-                '--config.metrics.peak_bandwidth_bytes_per_s')
+  return _lookup(PEAK_MEMORY_BANDWIDTH_BYTES_PER_S, device_kind, override,
+                 'peak_bandwidth_bytes_per_s', 'peak memory bandwidth', 'HBM bandwidth datasheet')

@@ -28,6 +28,24 @@ def _no_window_reason(result) -> str | None:
           'profile.steps; run more steps')
 
 
+def _memory(s: dict[str, Any], **extra: Any) -> dict[str, Any]:
+  """The memory group from the sampler's summary `s`, with the kind's own fields."""
+  return {
+      'bytes_in_use_mean': s.get('bytes_in_use_mean'),
+      'bytes_in_use_peak': s.get('bytes_in_use_peak'),
+      'bytes_limit': s.get('bytes_limit'),
+      'amu': s.get('amu'),
+      'per_device': s.get('devices'),
+      'host_rss_bytes_mean': s.get('host_rss_bytes_mean'),
+      'host_rss_bytes_peak': s.get('host_rss_bytes_peak'),
+      'samples': s.get('samples'),
+      'sample_interval_s': s.get('interval_s'),
+      'sampler_overhead_s': s.get('overhead_s'),
+      **extra,
+      'reason': s.get('reason'),
+  }
+
+
 def training_metrics(result, *, peak_override: float | None = None) -> dict[str, Any]:
   """result: an efficientjax.train.loop.TrainResult."""
   window_s, n = result.window_s, result.window_steps
@@ -78,20 +96,7 @@ def training_metrics(result, *, peak_override: float | None = None) -> dict[str,
   }
 
   s = result.sampler
-  memory = {
-      'bytes_in_use_mean': s.get('bytes_in_use_mean'),
-      'bytes_in_use_peak': s.get('bytes_in_use_peak'),
-      'bytes_limit': s.get('bytes_limit'),
-      'amu': s.get('amu'),
-      'per_device': s.get('devices'),
-      'host_rss_bytes_mean': s.get('host_rss_bytes_mean'),
-      'host_rss_bytes_peak': s.get('host_rss_bytes_peak'),
-      'samples': s.get('samples'),
-      'sample_interval_s': s.get('interval_s'),
-      'sampler_overhead_s': s.get('overhead_s'),
-      'compiler_estimate_bytes': result.memory_analysis or None,
-      'reason': s.get('reason'),
-  }
+  memory = _memory(s, compiler_estimate_bytes=result.memory_analysis or None)
 
   e = dict(result.energy)
   energy_j = e.get('energy_j')
@@ -141,6 +146,8 @@ def inference_metrics(result, *, peak_override: float | None = None,
       'output_tokens_per_s': tokens_per_s,   # the paper's IT
       'requests_per_s': _rate(len(done), window_s),
       'prompt_tokens_per_s': _rate(prompt_tokens, window_s),
+      # While prefilling: prompt tokens over the prefill calls' own time.
+      'prefill_tokens_per_s': _rate(stats.prefill_tokens, sum(stats.prefill_s)),
       'output_tokens_per_param_per_s': tokens_per_s / result.num_params if tokens_per_s else None,
       'output_tokens': output_tokens, 'prompt_tokens': prompt_tokens, 'requests': len(done),
       'mean_active_slots': (float(np.mean(stats.decode_active_slots))
@@ -169,21 +176,8 @@ def inference_metrics(result, *, peak_override: float | None = None,
   }
 
   s = result.sampler
-  memory = {
-      'bytes_in_use_mean': s.get('bytes_in_use_mean'),
-      'bytes_in_use_peak': s.get('bytes_in_use_peak'),
-      'bytes_limit': s.get('bytes_limit'),
-      'amu': s.get('amu'),
-      'per_device': s.get('devices'),
-      'host_rss_bytes_mean': s.get('host_rss_bytes_mean'),
-      'host_rss_bytes_peak': s.get('host_rss_bytes_peak'),
-      'weight_bytes': result.weight_bytes,
-      'kv_cache_bytes': result.kv_cache_bytes,
-      'kv_cache_bytes_per_token': result.kv_cache_bytes_per_token,
-      'samples': s.get('samples'),
-      'sample_interval_s': s.get('interval_s'),
-      'reason': s.get('reason'),
-  }
+  memory = _memory(s, weight_bytes=result.weight_bytes, kv_cache_bytes=result.kv_cache_bytes,
+                   kv_cache_bytes_per_token=result.kv_cache_bytes_per_token)
 
   e = dict(result.energy)
   energy_j = e.get('energy_j')

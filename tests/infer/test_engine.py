@@ -17,9 +17,9 @@ from efficientjax.infer.sampling import Sampling, request_keys, sample, stack_pa
 from efficientjax.model import Transformer
 from tests.attention.variants import BASE, TINY
 
-CHUNK = 32             # prefill buckets 16 and 32: prompts below pad, longer ones chunk
+CHUNK = 16             # one prefill shape (a compile each fewer): short prompts pad to it
 MAX_LEN = 64
-PROMPT_LENGTHS = (5, 20, 40)  # one bucket-16 chunk; one padded 32; 32 + a padded 16
+PROMPT_LENGTHS = (5, 20, 40)  # one padded chunk; 16 + a padded 4; 16 + 16 + a padded 8
 NEW = 6
 
 
@@ -34,7 +34,7 @@ def _model(name, scale=8.0):
 
 
 # Learned positions give NaN beyond their table: the prefill's padding must never reach there
-# (the 40-token prompt's second chunk pads to positions 32..47, past the table's 46 rows).
+# (the 40-token prompt's third chunk pads to positions 32..47, past the table's 46 rows).
 LEARNED = dataclasses.replace(BASE, position='learned', max_seq_len=46)
 
 
