@@ -322,6 +322,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
   return jax.tree.map(lambda a: jnp.zeros((cfg.num_layers,) + a.shape, a.dtype), layer)
 
 
+def as_variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
+  """`Transformer.apply`'s variables from a params tree, or a variables dict as it is (one with
+  a 'params' entry, e.g. `init_from.load`'s, where a MoE model's routing bias rides beside the
+  params in `moe_state`)."""
+  return params if 'params' in params else {'params': params}
+
+
 def auxiliary_loss(losses: Mapping[str, Any]) -> jax.Array:
   """The sum of every auxiliary loss the layers left in the `losses` collection (0 if none)."""
   return sum((jnp.sum(x) for x in jax.tree.leaves(losses)), jnp.zeros((), jnp.float32))

@@ -36,7 +36,7 @@ import numpy as np
 
 from efficientjax.infer import sampling as sampling_lib
 from efficientjax.infer.workload import Request
-from efficientjax.model import ModelConfig, Transformer, init_cache
+from efficientjax.model import ModelConfig, Transformer, as_variables, init_cache
 
 MIN_PREFILL_BUCKET = 16
 
@@ -94,7 +94,8 @@ class Engine:
   """Serves requests on one model with `num_slots` concurrent decode slots.
 
   Args:
-    cfg: the model; `params` its parameters (quantised containers included), already placed.
+    cfg: the model; `params` its parameters (quantised containers included), already placed,
+      or its variables (params and e.g. a MoE model's `moe_state` routing bias).
     num_slots: requests decoded together (the decode step's batch).
     max_len: the longest request, prompt plus generated tokens.
     prefill_chunk: the most prompt tokens one prefill call processes.
@@ -107,7 +108,7 @@ class Engine:
     if num_slots < 1 or max_len < 2 or prefill_chunk < 1:
       raise ValueError(f'num_slots={num_slots}, max_len={max_len} and prefill_chunk='
                        f'{prefill_chunk} must be >= 1, >= 2 and >= 1')
-    self.cfg, self.params = cfg, params
+    self.cfg, self.variables = cfg, as_variables(params)
     # A chunk longer than any request would only compile a bigger shape than is ever used.
     prefill_chunk = min(prefill_chunk, max_len)
     self.num_slots, self.max_len, self.prefill_chunk = num_slots, max_len, prefill_chunk
@@ -118,20 +119,19 @@ class Engine:
     self.cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
     # On the params' device, committed: a cache that started uncommitted would compile each
     # step once more when the first (committed) output comes back.
-    device = next(iter(jax.tree.leaves(params)[0].devices()))
+    device = next(iter(jax.tree.leaves(self.variables['params'])[0].devices()))
     self.cache = jax.device_put(init_cache(cfg, num_slots, self.cache_len, self.cache_dtype),
                                 device)
     self.buckets = prefill_buckets(prefill_chunk)
     self.stats = EngineStats()
     model = Transformer(cfg)
 
-    def prefill(params, cache, slot, tokens, start, last, seed, settings):
+    def prefill(variables, cache, slot, tokens, start, last, seed, settings):
       """Runs tokens [1, b] at positions start.. into `slot`'s row; samples at index `last`."""
       row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1), cache)
       offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
       positions = (start + jnp.minimum(offsets, last))[None]
-      logits, row = model.apply({'params': params}, tokens, positions, row,
-                                method=Transformer.decode_step)
+      logits, row = model.apply(variables, tokens, positions, row, method=Transformer.decode_step)
       cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=1),
                            cache, row)
       logits = logits[:, last]
@@ -139,8 +139,8 @@ class Engine:
       token = sampling_lib.sample(logits, keys, settings)
       return token, _logprob(logits, token), cache
 
-    def decode(params, cache, tokens, positions, seeds, indices, settings):
-      logits, cache = model.apply({'params': params}, tokens[:, None], positions[:, None], cache,
+    def decode(variables, cache, tokens, positions, seeds, indices, settings):
+      logits, cache = model.apply(variables, tokens[:, None], positions[:, None], cache,
                                   method=Transformer.decode_step)
       logits = logits[:, 0]
       token = sampling_lib.sample(logits, sampling_lib.request_keys(seeds, indices), settings)
@@ -172,7 +172,7 @@ class Engine:
       tokens = np.zeros((1, size), np.int32)
       tokens[0, :len(chunk)] = chunk
       token, logprob, self.cache = self._prefill(
-          self.params, self.cache, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(start),
+          self.variables, self.cache, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(start),
           jnp.int32(len(chunk) - 1), seed, settings)
     return int(token[0]), float(logprob[0])
 
@@ -263,7 +263,7 @@ class Engine:
       settings[a.slot] = a.request.sampling
     start = time.perf_counter()
     token, logprob, self.cache = self._decode(
-        self.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seeds),
+        self.variables, self.cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seeds),
         jnp.asarray(indices), sampling_lib.stack_params(settings))
     token, logprob = np.asarray(token), np.asarray(logprob)
     self.stats.decode_step_s.append(time.perf_counter() - start)

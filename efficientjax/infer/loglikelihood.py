@@ -33,18 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientjax.model import ModelConfig, Transformer
+from efficientjax.model import ModelConfig, Transformer, as_variables
 
 # Shortest padded row: tiny requests share one program instead of one per length 1, 2, 4, 8.
 MIN_BUCKET = 16
 
 Request = tuple[Sequence[int], Sequence[int]]
-
-
-def _variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
-  """`Transformer.apply`'s variables from a params tree, or a variables dict as it is (one with
-  a 'params' entry: init_from.load's, where a MoE model's routing bias rides beside params)."""
-  return params if 'params' in params else {'params': params}
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +102,7 @@ def score(cfg: ModelConfig, params: Mapping[str, Any], requests: Sequence[Reques
   for i, (inputs, _, _) in enumerate(rows):
     by_bucket.setdefault(bucket_length(len(inputs), max_len), []).append(i)
   fn = _token_scores(cfg)
-  variables = _variables(params)
+  variables = as_variables(params)
   results: list[tuple[float, bool] | None] = [None] * len(rows)
   for length, members in sorted(by_bucket.items()):
     for start in range(0, len(members), batch_size):

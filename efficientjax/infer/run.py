@@ -32,7 +32,8 @@ from efficientjax.infer.sampling import Sampling
 from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.window import MeasurementWindow
-from efficientjax.model import ModelConfig, Transformer
+from efficientjax.model import ModelConfig, Transformer, as_variables
+from efficientjax.train.state import PERSISTENT_COLLECTIONS
 from efficientjax.train import init_from
 
 QUANTIZED_DIR = 'quantized'
@@ -73,17 +74,22 @@ def model_config(config: dict[str, Any], tokenizer, compute_dtype: Any) -> Model
                                  seq_len=config['data']['seq_len'])
 
 
-def load_params(config: dict[str, Any], cfg: ModelConfig) -> tuple[Any, dict[str, Any] | None]:
-  """model.init's weights on the first device, or random ones from the seed."""
+def load_variables(config: dict[str, Any], cfg: ModelConfig
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """model.init's variables on the first device, or random ones from the seed: params, and
+  the model state a MoE model routes with (`moe_state`) where it has one."""
   spec = config['model'].get('init')
   device = jax.devices()[0]
   if spec:
     source = init_from.source(spec)
-    params = init_from.load(source, cfg)['params']
-    return jax.device_put(params, device), source.record()
+    return jax.device_put(init_from.load(source, cfg), device), source.record()
   model = Transformer(cfg)
-  init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))['params'],
-                 out_shardings=jax.sharding.SingleDeviceSharding(device))
+
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, 8), jnp.int32))
+    return {k: v for k, v in variables.items() if k in ('params',) + PERSISTENT_COLLECTIONS}
+
+  init = jax.jit(init, out_shardings=jax.sharding.SingleDeviceSharding(device))
   return init(jax.random.key(config['seed'])), None
 
 
@@ -94,19 +100,20 @@ def cast_floats(params: Any, dtype: Any) -> Any:
   return jax.tree.map(cast, params)
 
 
-def held_out_loss(cfg: ModelConfig, params: Any, batches: list[np.ndarray]) -> float | None:
+def held_out_loss(cfg: ModelConfig, variables: Any, batches: list[np.ndarray]) -> float | None:
   """Mean next-token cross-entropy (nats) over every token of the held-out batches."""
   if not batches:
     return None
   model = Transformer(cfg)
 
   @jax.jit
-  def nll(p, rows):
-    logits = model.apply({'params': p}, rows[:, :-1])
+  def nll(v, rows):
+    logits = model.apply(v, rows[:, :-1])
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.sum(jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1))
 
-  total = sum(float(nll(params, jnp.asarray(b))) for b in batches)
+  variables = as_variables(variables)
+  total = sum(float(nll(variables, jnp.asarray(b))) for b in batches)
   return total / sum(b[:, 1:].size for b in batches)
 
 
@@ -167,7 +174,8 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   tokenizer = get_tokenizer(d['tokenizer'], eos_token=d['eos_token'])
   compute_dtype = quant.compute_dtype(inf['precision'])
   cfg = model_config(config, tokenizer, compute_dtype)
-  params, init = load_params(config, cfg)
+  variables, init = load_variables(config, cfg)
+  params = variables.pop('params')  # the rest (moe_state) serves as it is, at every precision
   num_params = sum(a.size for a in jax.tree.leaves(params))
   say(f'model: {num_params:,} parameters, ' + (f"from {init['source']}" if init else
                                               f'random (seed {config["seed"]})'))
@@ -183,16 +191,17 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       rows.append(data.train.next())
     return np.concatenate(rows)[:inf['calibration_samples'], :-1]
 
-  baseline = cast_floats(params, jnp.bfloat16)
-  baseline_bytes = quant.weight_bytes(baseline)
+  baseline = {'params': cast_floats(params, jnp.bfloat16), **variables}
+  baseline_bytes = quant.weight_bytes(baseline['params'])
   qparams, report, quantize_s = _quantized(config, cfg, params, calibration, workdir)
   del params
   weight_bytes = quant.weight_bytes(qparams)
+  served = {'params': qparams, **variables}
   say(f'precision: {inf["precision"]} ({inf["quant_method"]}): {weight_bytes:,} weight bytes, '
       f'bf16 {baseline_bytes:,}')
 
   eval_batches = data.eval_batches()
-  eval_loss = held_out_loss(cfg, qparams, eval_batches)
+  eval_loss = held_out_loss(cfg, served, eval_batches)
   bf16_cfg = dataclasses.replace(cfg, dtype=jnp.dtype(jnp.bfloat16))
   baseline_loss = (eval_loss if inf['precision'] == 'bf16'
                    else held_out_loss(bf16_cfg, baseline, eval_batches))
@@ -214,7 +223,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       if task in mc_tasks.OFFLINE_TASKS:  # written for this run, from its held-out split
         task = mc_tasks.OFFLINE_TASKS[task](os.path.join(workdir, 'tasks'),
                                             eval_fraction=d['eval_fraction'])
-      scores = multiple_choice.evaluate(cfg, qparams, tokenizer, task, limit=inf['eval_limit'])
+      scores = multiple_choice.evaluate(cfg, served, tokenizer, task, limit=inf['eval_limit'])
       quality['tasks'][scores['task']] = scores
       say(f'task {scores["task"]}: acc {scores["acc"]:.4f}, acc_norm {scores["acc_norm"]:.4f} '
           f'({scores["n"]} documents)')
@@ -223,7 +232,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
               **workload_lib.workload_stats(requests)}
   stop_ids = tokenizer.eos_ids if inf['stop_at_eos'] else ()
-  engine = Engine(cfg, qparams, num_slots=inf['num_slots'], max_len=inf['max_len'],
+  engine = Engine(cfg, served, num_slots=inf['num_slots'], max_len=inf['max_len'],
                   prefill_chunk=inf['prefill_chunk'], cache_dtype=inf['kv_cache_dtype'],
                   stop_ids=stop_ids)
   compile_s = engine.warmup()

@@ -26,14 +26,14 @@ class TrainState(flax.struct.PyTreeNode):
   frozen: Any = flax.struct.field(default_factory=dict)
 
 
-_PERSISTENT = ('moe_state',)  # the collections of model.init kept in the train state
+PERSISTENT_COLLECTIONS = ('moe_state',)  # the collections of model.init kept in the train state
 
 
 def _boxed_init(model: nn.Module, seq_len: int, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
   """(boxed params, model state) as `model.init` makes them."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   variables = model.init(rng, tokens)
-  return variables['params'], {k: v for k, v in variables.items() if k in _PERSISTENT}
+  return variables['params'], {k: v for k, v in variables.items() if k in PERSISTENT_COLLECTIONS}
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,

@@ -14,7 +14,7 @@ from efficientjax.attention import ATTENTION
 from efficientjax.infer.engine import Engine, prefill_buckets
 from efficientjax.infer.workload import Request
 from efficientjax.infer.sampling import Sampling, request_keys, sample, stack_params
-from efficientjax.model import Transformer
+from efficientjax.model import MoEConfig, Transformer
 from tests.attention.variants import BASE, TINY
 
 CHUNK = 16             # one prefill shape (a compile each fewer): short prompts pad to it
@@ -160,6 +160,28 @@ def test_a_stop_token_ends_the_request_and_frees_its_slot():
   assert out[0].tokens == tokens[:cut] and out[0].finish_reason == 'stop'
   assert out[1].tokens == tokens[:cut] and out[1].slot == 0
   assert engine.generate([prompt], max_new_tokens=NEW, stop_ids=()) == [tokens]
+
+
+def test_a_moe_model_serves_with_its_routing_bias():
+  """Variables, not just params: an auxiliary-loss-free MoE routes with the bias in its
+  `moe_state`, and the engine's tokens are the full forward pass's with that bias."""
+  cfg = dataclasses.replace(BASE, ffn='moe', moe=MoEConfig(
+      num_experts=4, top_k=2, expert_dim=16, router='sigmoid', aux_free=True))
+  variables = Transformer(cfg).init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
+  params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, variables['params'])
+  bias = jax.tree.map(lambda b: jax.random.normal(jax.random.key(4), b.shape), variables['moe_state'])
+  served = {'params': params, 'moe_state': bias}
+  prompt = _prompts(cfg)[1]
+  engine = Engine(cfg, served, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK)
+  tokens = engine.generate([prompt], max_new_tokens=4)[0]
+  forward = jax.jit(lambda v, t: Transformer(cfg).apply(v, t))
+  seq = list(prompt)
+  for _ in range(4):
+    seq.append(int(jnp.argmax(forward(served, jnp.asarray([seq]))[0, -1])))
+  assert tokens == seq[len(prompt):]
+  unbiased = {'params': params, 'moe_state': jax.tree.map(jnp.zeros_like, bias)}
+  assert Engine(cfg, unbiased, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK).generate(
+      [prompt], max_new_tokens=4)[0] != tokens  # the bias matters to this test
 
 
 def test_requests_that_do_not_fit_are_refused_before_anything_runs():
