@@ -81,8 +81,10 @@ def run_row(precision: str, batches: list[int]) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
   for i, batch in enumerate(batches):
+    chunk = min(512, _CONTEXT.value)
+    # Prompts of whole chunks (--context a multiple of 512, or below it) use one prefill shape.
     engine = Engine(cfg, params, num_slots=batch, max_len=_CONTEXT.value + _STEPS.value,
-                    prefill_chunk=min(512, _CONTEXT.value))
+                    prefill_chunk=chunk, buckets=(chunk,) if _CONTEXT.value % chunk == 0 else None)
     compile_s = engine.warmup()
     prompts = [rng.integers(0, cfg.vocab_size, _CONTEXT.value).tolist() for _ in range(batch)]
     out = engine.serve([Request(j, p, _STEPS.value) for j, p in enumerate(prompts)])

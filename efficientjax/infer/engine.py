@@ -101,10 +101,14 @@ class Engine:
     prefill_chunk: the most prompt tokens one prefill call processes.
     cache_dtype: the KV cache's dtype (default the model's compute dtype).
     stop_ids: tokens that end a request (e.g. the tokenizer's end-of-sequence ids).
+    buckets: the padded lengths prefill compiles (default `prefill_buckets(prefill_chunk)`);
+      the largest must be `prefill_chunk`. A benchmark whose prompts fill whole chunks needs
+      only that one.
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_slots: int = 8, max_len: int = 2048,
-               prefill_chunk: int = 512, cache_dtype: Any = None, stop_ids: Sequence[int] = ()):
+               prefill_chunk: int = 512, cache_dtype: Any = None, stop_ids: Sequence[int] = (),
+               buckets: Sequence[int] | None = None):
     if num_slots < 1 or max_len < 2 or prefill_chunk < 1:
       raise ValueError(f'num_slots={num_slots}, max_len={max_len} and prefill_chunk='
                        f'{prefill_chunk} must be >= 1, >= 2 and >= 1')
@@ -122,7 +126,10 @@ class Engine:
     device = next(iter(jax.tree.leaves(self.variables['params'])[0].devices()))
     self.cache = jax.device_put(init_cache(cfg, num_slots, self.cache_len, self.cache_dtype),
                                 device)
-    self.buckets = prefill_buckets(prefill_chunk)
+    self.buckets = tuple(sorted(buckets)) if buckets else prefill_buckets(prefill_chunk)
+    if self.buckets[-1] != prefill_chunk:
+      raise ValueError(f'the largest prefill bucket {self.buckets[-1]} must be prefill_chunk='
+                       f'{prefill_chunk}')
     self.stats = EngineStats()
     model = Transformer(cfg)
 
