@@ -139,3 +139,19 @@ def test_an_int8_kv_cache_halves_the_cache_and_keeps_quality(tmp_path):
   # The same greedy requests: the cache's rounding may change a late token, rarely the first.
   firsts = [r['tokens'][0] for r in int8['inference']['requests']]
   assert firsts == [r['tokens'][0] for r in base['inference']['requests']]
+
+
+def test_the_server_scenario_admits_requests_as_they_arrive(tmp_path):
+  """Poisson arrivals: nobody is served before arriving, and latencies count from arrival."""
+  config = _config('infer_bf16', 'smoke')
+  config.inference.scenario = 'server'
+  config.inference.rate_per_s = 20.0
+  config.inference.num_requests = 4
+  (record,) = read_records(inference.run(config, str(tmp_path)))
+  _check_record(record, config.to_dict())
+  w, lat = record['inference']['workload'], record['metrics']['latency']
+  assert w['scenario'] == 'server' and w['arrival_span_s'] > 0 and w['offered_rate_per_s'] > 0
+  # The window spans the arrivals; every TTFT is measured from its own arrival.
+  assert lat['window_s'] >= w['arrival_span_s']
+  assert lat['ttft_ms']['count'] == 4 and lat['ttft_ms']['p50'] > 0
+  assert lat['e2e_ms']['max'] <= lat['window_s'] * 1e3
