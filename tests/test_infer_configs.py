@@ -74,7 +74,8 @@ def _check_record(record, config):
 
 def test_int4_awq_through_the_cli_from_a_project_run(tmp_path):
   """The issue's command at smoke size: serve a trained run (model.init=run:) at int4 (AWQ);
-  a rerun reads the quantised weights back instead of calibrating again."""
+  a rerun reads the quantised weights back instead of calibrating again, and other settings
+  quantise into their own folder."""
   train = _main('--config=configs/quickstart.py:smoke', f'--workdir={tmp_path}/train',
                 '--config.train.steps=3', '--config.train.checkpoint_every=3',
                 '--config.train.timing_warmup_steps=0', '--config.train.warmup_steps=1')
@@ -87,8 +88,11 @@ def test_int4_awq_through_the_cli_from_a_project_run(tmp_path):
   again = _main(*args)
   assert again.returncode == 0, again.stderr
   assert 'not calibrated again' in again.stdout
-  records = read_records(tmp_path / 'serve' / 'results.jsonl')
-  assert len(records) == 2
+  other = _main(*args, '--config.inference.group_size=16')  # its own folder, beside the first
+  assert other.returncode == 0, other.stderr
+  assert 'not calibrated again' not in other.stdout
+  assert len(list((tmp_path / 'serve' / 'quantized').iterdir())) == 2
+  records = read_records(tmp_path / 'serve' / 'results.jsonl')[:2]
   with open(tmp_path / 'serve' / 'config.json') as f:
     config = json.load(f)
   for r in records:

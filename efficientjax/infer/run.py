@@ -1,8 +1,8 @@
 """`kind = 'inference'`: serve a workload with a model at one precision and measure it.
 
 In order: the weights (`model.init`, or random), the precision (`efficientjax.quant`; a
-calibrated model is saved under `<workdir>/quantized/` and reused by a rerun rather than
-calibrated again), quality (held-out perplexity of this precision and of bf16 on the same
+quantised model is saved under `<workdir>/quantized/<hash of its settings>/` and read back by a
+rerun with the same model and settings rather than calibrated again), quality (held-out perplexity of this precision and of bf16 on the same
 tokens; lm-eval multiple-choice tasks if given), then the workload through the engine inside
 the measurement window (memory and power sampled, energy counted), after a warm-up that
 compiles every shape the engine uses.
@@ -29,6 +29,7 @@ from efficientjax.data import build_data, get_tokenizer
 from efficientjax.infer import workload as workload_lib
 from efficientjax.infer.engine import Completion, Engine, EngineStats
 from efficientjax.infer.sampling import Sampling
+from efficientjax.metrics import record as records
 from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.window import MeasurementWindow
@@ -118,22 +119,29 @@ def held_out_loss(cfg: ModelConfig, variables: Any, batches: list[np.ndarray]) -
 
 
 def _quantized(config: dict[str, Any], cfg: ModelConfig, params: Any, calibration: Callable,
-               workdir: str) -> tuple[Any, dict[str, Any], float | None]:
-  """The precision's params: loaded from `<workdir>/quantized` when it holds this model at
-  these settings, else quantised (and calibrated) now and saved there."""
+               workdir: str, say: Callable[[str], None]) -> tuple[Any, dict[str, Any], float | None]:
+  """The precision's params: read from `<workdir>/quantized/<settings hash>/` when a run of
+  this workdir already quantised this model at these settings, else quantised (and
+  calibrated) now and saved there. Other settings get their own folder; nothing is replaced."""
   inf = config['inference']
   settings = {'precision': inf['precision'], 'method': inf['quant_method'],
               'group_size': inf['group_size'], 'symmetric': inf['symmetric'],
               'quantize_lm_head': inf['quantize_lm_head'],
               'calibration_samples': inf['calibration_samples'],
               'model': config['model'], 'data': config['data'], 'seed': config['seed']}
-  path = os.path.join(os.path.abspath(workdir), QUANTIZED_DIR)
+  path = os.path.join(os.path.abspath(workdir), QUANTIZED_DIR, records.config_hash(settings)[:16])
   if os.path.isdir(path):
-    loaded, meta = quant.load(path)
-    if meta.get('settings') == json.loads(json.dumps(settings)):
-      _say(f'precision: {inf["precision"]} weights read from {path} (not calibrated again)')
+    try:
+      loaded, meta = quant.load(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # A damaged copy is set aside (never deleted) and the weights quantised again.
+      aside = f'{path}.set_aside-{time.strftime("%Y%m%d-%H%M%S")}'
+      os.rename(path, aside)
+      say(f'{path} could not be read ({type(e).__name__}: {e}); moved to {aside}, quantising '
+          'again')
+    else:
+      say(f'precision: {inf["precision"]} weights read from {path} (not calibrated again)')
       return jax.device_put(loaded, jax.devices()[0]), meta['report'], None
-    _say(f'{path} holds another model or other settings; quantising again (it is replaced)')
   start = time.perf_counter()
   needs_data = inf['quant_method'] in ('awq', 'gptq') and inf['precision'] in ('int8', 'int4')
   # Calibration statistics from the weights as loaded, at full precision (not the serving
@@ -193,7 +201,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
 
   baseline = {'params': cast_floats(params, jnp.bfloat16), **variables}
   baseline_bytes = quant.weight_bytes(baseline['params'])
-  qparams, report, quantize_s = _quantized(config, cfg, params, calibration, workdir)
+  qparams, report, quantize_s = _quantized(config, cfg, params, calibration, workdir, say)
   del params
   weight_bytes = quant.weight_bytes(qparams)
   served = {'params': qparams, **variables}
