@@ -146,13 +146,18 @@ class Engine:
       token = sampling_lib.sample(logits, keys, settings)
       return token, _logprob(logits, token), cache
 
-    def decode(variables, cache, tokens, positions, seeds, indices, settings):
+    def decode(variables, cache, slots, settings):
+      """slots uint32 [4, S]: each slot's last token, position, seed and token index (one
+      host-to-device copy a step rather than four)."""
+      tokens, positions = slots[0].astype(jnp.int32), slots[1].astype(jnp.int32)
+      seeds, indices = slots[2], slots[3]
       logits, cache = model.apply(variables, tokens[:, None], positions[:, None], cache,
                                   method=Transformer.decode_step)
       logits = logits[:, 0]
       token = sampling_lib.sample(logits, sampling_lib.request_keys(seeds, indices), settings)
       return token, _logprob(logits, token), cache
 
+    self._settings_key, self._settings = None, None
     self._prefill = jax.jit(prefill, donate_argnums=1)
     self._decode = jax.jit(decode, donate_argnums=1)
 
@@ -257,21 +262,19 @@ class Engine:
 
   def _decode_once(self, running: list[_Active]) -> list[tuple[int, float]]:
     """One decode step of every slot; the (token, logprob) of each running request."""
-    tokens = np.zeros(self.num_slots, np.int32)
-    positions = np.zeros(self.num_slots, np.int32)
-    seeds = np.zeros(self.num_slots, np.uint32)
-    indices = np.zeros(self.num_slots, np.int32)
+    slots = np.zeros((4, self.num_slots), np.uint32)  # token, position, seed, index
     settings = [sampling_lib.Sampling()] * self.num_slots
     for a in running:
-      tokens[a.slot] = a.completion.tokens[-1]
-      positions[a.slot] = a.position
-      seeds[a.slot] = a.request.sampling.seed
-      indices[a.slot] = len(a.completion.tokens)
+      slots[:, a.slot] = (a.completion.tokens[-1], a.position, a.request.sampling.seed,
+                          len(a.completion.tokens))
       settings[a.slot] = a.request.sampling
+    # The per-slot settings change only when requests come or go: built (and copied) then.
+    key = tuple(settings)
+    if key != self._settings_key:
+      self._settings_key, self._settings = key, sampling_lib.stack_params(settings)
     start = time.perf_counter()
-    token, logprob, self.cache = self._decode(
-        self.variables, self.cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seeds),
-        jnp.asarray(indices), sampling_lib.stack_params(settings))
+    token, logprob, self.cache = self._decode(self.variables, self.cache, jnp.asarray(slots),
+                                              self._settings)
     token, logprob = np.asarray(token), np.asarray(logprob)
     self.stats.decode_step_s.append(time.perf_counter() - start)
     self.stats.decode_active_slots.append(len(running))
