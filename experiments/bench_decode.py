@@ -6,7 +6,8 @@ For each (precision, batch) the engine (`efficientjax/infer/engine.py`) serves `
 requests of a `--context`-token prompt and `--steps` new tokens each, all at once, so every
 decode step runs with every slot busy. A row reports the median decode step, output tokens/s
 (batch / step), and bandwidth utilisation: (weight bytes as stored + the whole KV cache's
-bytes) / step / the device's peak bandwidth (efficientjax/metrics/peaks.py). Before timing, the
+bytes, of an untied input embedding only the rows gathered) / step / the device's peak
+bandwidth (efficientjax/metrics/peaks.py). Before timing, the
 first row of each precision checks the engine against the full forward pass: the log-
 probabilities of its greedy tokens, recomputed from the whole sequence, agree within 0.1 nats
 (bf16/int arithmetic; a broken cache or quantised matmul is off by whole nats).
@@ -16,6 +17,7 @@ probabilities of its greedy tokens, recomputed from the whole sequence, agree wi
 """
 
 import json
+import math
 import time
 import traceback
 
@@ -81,10 +83,11 @@ def run_row(precision: str, batches: list[int]) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
   for i, batch in enumerate(batches):
-    chunk = min(512, _CONTEXT.value)
-    # Prompts of whole chunks (--context a multiple of 512, or below it) use one prefill shape.
+    # One prefill shape that divides both the prompt and the cache, so the cache holds exactly
+    # context + steps slots (a cache rounded up to a bigger chunk would be read every step).
+    chunk = math.gcd(_CONTEXT.value, _CONTEXT.value + _STEPS.value)
     engine = Engine(cfg, params, num_slots=batch, max_len=_CONTEXT.value + _STEPS.value,
-                    prefill_chunk=chunk, buckets=(chunk,) if _CONTEXT.value % chunk == 0 else None)
+                    prefill_chunk=chunk, buckets=(chunk,))
     compile_s = engine.warmup()
     prompts = [rng.integers(0, cfg.vocab_size, _CONTEXT.value).tolist() for _ in range(batch)]
     out = engine.serve([Request(j, p, _STEPS.value) for j, p in enumerate(prompts)])
@@ -96,7 +99,7 @@ def run_row(precision: str, batches: list[int]) -> list[dict]:
              if n == batch]
     step_s = float(np.median(steps))
     cache_bytes = kv_cache.nbytes(engine.cache)
-    bytes_per_step = weight_bytes + cache_bytes
+    bytes_per_step = engine.decode_bytes_per_step()
     rows.append({
         'precision': precision, 'batch': batch, 'context': _CONTEXT.value,
         'decode_steps': len(steps), 'decode_step_ms_p50': step_s * 1e3,

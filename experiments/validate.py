@@ -598,11 +598,25 @@ def _inference_checks(c, facts):
                               f'position table\'s {cfg.max_seq_len} rows; lower it',
                               {'inference.max_len': cfg.max_seq_len}))
   from efficientjax.data.mc_tasks import OFFLINE_TASKS  # pylint: disable=g-import-not-at-top
+  from efficientjax.infer import multiple_choice  # pylint: disable=g-import-not-at-top
   for task in (t.strip() for t in inf['eval_tasks'].split(',')):
-    if task and task not in OFFLINE_TASKS and not os.path.isfile(task):
+    if not task or task in OFFLINE_TASKS:
+      continue
+    if not os.path.isfile(task):
       errors.append(ConfigError('inference.eval_tasks', f'{task} is not a file (an lm-eval task '
                                 'YAML) nor an offline task ('
                                 f'{", ".join(OFFLINE_TASKS)}); give those, comma-separated'))
+      continue
+    try:  # its format, its data and what the evaluator supports, before anything is computed
+      multiple_choice.load_task(task)
+    except ConfigError as e:
+      errors.append(ConfigError('inference.eval_tasks', f'{task}: {e.message}'))
+  if c['model']['ffn'] == 'moe' and c['model']['moe']['dispatch'] == 'capacity':
+    # Capacity is shared by the tokens of a batch: an empty slot's or a prefill's padding would
+    # take it from real requests, so a request's tokens would depend on the others'.
+    errors.append(ConfigError('model.moe.dispatch', "'capacity' drops tokens by what else is in "
+                              "the batch, which serving must not do; use 'dropless' (or 'dense')",
+                              {'model.moe.dispatch': 'dropless'}))
   return errors
 
 

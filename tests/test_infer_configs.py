@@ -13,6 +13,8 @@ import json
 import numpy as np
 import pytest
 
+from efficientjax.errors import ConfigError
+from efficientjax.infer import run as infer_run
 from efficientjax.metrics.record import read_records, validate_record
 from experiments import inference, validate
 from tests.test_cli import _main
@@ -38,13 +40,18 @@ def test_configs_validate(precision, preset):
     ({'inference.output_lengths': 'gamma:3'}, 'inference.output_lengths', 'unknown length'),
     ({'inference.scenario': 'server', 'inference.rate_per_s': 0.0}, 'inference.rate_per_s', ''),
     ({'inference.eval_tasks': '/no/such/task.yaml'}, 'inference.eval_tasks', 'not a file'),
+    ({'inference.eval_tasks': 'configs/base.py'}, 'inference.eval_tasks', 'configs/base.py'),
+    ({'model.ffn': 'moe', 'model.moe.dispatch': 'capacity'}, 'model.moe.dispatch', 'dropless'),
     ({'model.position': 'learned', 'inference.max_len': 80}, 'inference.max_len', 'learned'),
 ])
 def test_bad_inference_settings_name_the_field(overrides, field, words):
   c = _config('infer_int4', 'smoke').to_dict()
   for path, value in overrides.items():
-    section, key = path.split('.')
-    c[section][key] = value
+    *parents, key = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[key] = value
   errors = validate.check(c, num_devices=1, process_count=1, backend='cpu')
   assert [e.field for e in errors] == [field], errors
   assert words in errors[0].message
@@ -67,7 +74,14 @@ def _check_record(record, config):
   assert q['quality_ratio'] == pytest.approx(q['baseline_eval_perplexity'] / q['eval_perplexity'])
   assert c['mcr'] == pytest.approx(c['size_ratio'] * q['quality_ratio'])
   assert q['eval_perplexity'] == pytest.approx(np.exp(q['eval_loss']))
-  assert m['compute']['decode_bytes_per_step'] == (m['memory']['weight_bytes']
+  # A decode step reads every weight but the untied embedding's table, of which only a row
+  # per slot; and the whole cache.
+  model = record['model']['config']
+  embed = model['vocab_size'] * model['embed_dim'] * 2  # bf16 at every precision
+  rows = config['inference']['num_slots'] * model['embed_dim'] * 2
+  assert not model['tie_embeddings']
+  assert m['compute']['decode_weight_bytes_per_step'] == m['memory']['weight_bytes'] - embed + rows
+  assert m['compute']['decode_bytes_per_step'] == (m['compute']['decode_weight_bytes_per_step']
                                                    + m['memory']['kv_cache_bytes'])
   return record
 
@@ -159,3 +173,14 @@ def test_the_server_scenario_admits_requests_as_they_arrive(tmp_path):
   assert lat['window_s'] >= w['arrival_span_s']
   assert lat['ttft_ms']['count'] == 4 and lat['ttft_ms']['p50'] > 0
   assert lat['e2e_ms']['max'] <= lat['window_s'] * 1e3
+
+
+def test_a_request_longer_than_the_engine_stops_the_run_before_any_work(tmp_path, monkeypatch):
+  """Lengths drawn from a normal have no bound validation can check: the run checks the drawn
+  requests first, before quantising, evaluating or compiling anything."""
+  config = _config('infer_int8', 'smoke')
+  config.inference.output_lengths = 'normal:40:1'  # + prompts of 4..24 > max_len 48
+  monkeypatch.setattr(infer_run.quant, 'quantize', lambda *a, **k: pytest.fail('quantised'))
+  with pytest.raises(ConfigError) as e:
+    inference.run(config, str(tmp_path))
+  assert e.value.field == 'inference.max_len' and 'do not fit 48 tokens' in e.value.message

@@ -91,7 +91,8 @@ def prefill_buckets(chunk: int) -> tuple[int, ...]:
 
 
 class Engine:
-  """Serves requests on one model with `num_slots` concurrent decode slots.
+  """Serves requests on one model with `num_slots` concurrent decode slots, on one device
+  (the params' and its cache's; sharded serving is not built).
 
   Args:
     cfg: the model; `params` its parameters (quantised containers included), already placed,
@@ -194,11 +195,24 @@ class Engine:
     no later request can see); returns the seconds it took. The stats start afresh after."""
     t0 = time.perf_counter()
     longest = self.max_len - 1  # a prompt that leaves room for its one token
+    # No stop ids: the last request must reach its decode step, whatever it draws first.
     self.serve([Request(i, [0] * min(size, longest), 1) for i, size in enumerate(self.buckets)]
-               + [Request(len(self.buckets), [0], 2)])  # and one decode step
+               + [Request(len(self.buckets), [0], 2)], stop_ids=())
     jax.block_until_ready(self.cache)
     self.stats = EngineStats(compile_s=time.perf_counter() - t0)
     return self.stats.compile_s
+
+  def decode_bytes_per_step(self) -> int:
+    """The bytes a decode step must read: every weight as stored and the whole cache (the
+    step attends over every slot of every row, masked), but of an untied input embedding only
+    the `num_slots` rows it gathers (a tied one is read whole, as the head)."""
+    params = self.variables['params']
+    total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    if not self.cfg.tie_embeddings and 'embed' in params:
+      table = jax.tree.leaves(params['embed'])[0]
+      total -= table.size * table.dtype.itemsize
+      total += self.num_slots * table.shape[-1] * table.dtype.itemsize
+    return total + sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.cache))
 
   # --- serving ---------------------------------------------------------------------------------
 

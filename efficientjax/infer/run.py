@@ -26,6 +26,7 @@ import numpy as np
 from efficientjax import quant
 from efficientjax.attention import cache as kv_cache
 from efficientjax.data import build_data, get_tokenizer
+from efficientjax.errors import ConfigError
 from efficientjax.infer import workload as workload_lib
 from efficientjax.infer.engine import Completion, Engine, EngineStats
 from efficientjax.infer.sampling import Sampling
@@ -50,6 +51,7 @@ class InferenceResult:
   weight_bytes: int                    # as stored at this precision
   baseline_weight_bytes: int           # the same weights in bf16
   kv_cache_bytes: int                  # the engine's whole cache, measured from its arrays
+  decode_weight_bytes: int             # of those weights, what a decode step reads
   kv_cache_bytes_per_token: float      # one token's entries over every layer
   data_stats: dict[str, Any]
   quality: dict[str, Any]
@@ -199,6 +201,20 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       rows.append(data.train.next())
     return np.concatenate(rows)[:inf['calibration_samples'], :-1]
 
+  # The workload before any costly step, so that a request the engine cannot hold stops the
+  # run now (lengths drawn from a normal, or a jsonl line's own max_new_tokens, have no bound
+  # validation could check).
+  requests = build_requests(config, tokenizer)
+  too_long = [r for r in requests if len(r.prompt) + r.max_new_tokens > inf['max_len']]
+  if too_long:
+    r = max(too_long, key=lambda r: len(r.prompt) + r.max_new_tokens)
+    raise ConfigError('inference.max_len', f'{len(too_long)} of {len(requests)} requests do not '
+                      f'fit {inf["max_len"]} tokens (the longest: {len(r.prompt)} prompt + '
+                      f'{r.max_new_tokens} output); raise it to {len(r.prompt) + r.max_new_tokens} '
+                      'or shorten the lengths', {'inference.max_len': len(r.prompt) + r.max_new_tokens})
+  workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
+              **workload_lib.workload_stats(requests)}
+
   baseline = {'params': cast_floats(params, jnp.bfloat16), **variables}
   baseline_bytes = quant.weight_bytes(baseline['params'])
   qparams, report, quantize_s = _quantized(config, cfg, params, calibration, workdir, say)
@@ -236,9 +252,6 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       say(f'task {scores["task"]}: acc {scores["acc"]:.4f}, acc_norm {scores["acc_norm"]:.4f} '
           f'({scores["n"]} documents)')
 
-  requests = build_requests(config, tokenizer)
-  workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
-              **workload_lib.workload_stats(requests)}
   stop_ids = tokenizer.eos_ids if inf['stop_at_eos'] else ()
   engine = Engine(cfg, served, num_slots=inf['num_slots'], max_len=inf['max_len'],
                   prefill_chunk=inf['prefill_chunk'], cache_dtype=inf['kv_cache_dtype'],
@@ -261,6 +274,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
                  'compute_dtype': jnp.dtype(compute_dtype).name, **report},
       weight_bytes=weight_bytes, baseline_weight_bytes=baseline_bytes,
       kv_cache_bytes=cache_bytes,
+      decode_weight_bytes=engine.decode_bytes_per_step() - cache_bytes,
       kv_cache_bytes_per_token=cache_bytes / (inf['num_slots'] * engine.cache_len),
       data_stats=data.stats, quality=quality, completions=completions, stats=engine.stats,
       window_s=window.seconds, energy=window.energy(), sampler=sampler.summary(),

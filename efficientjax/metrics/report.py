@@ -155,15 +155,17 @@ def inference_metrics(result, *, peak_override: float | None = None,
       'reason': missing,
   }
 
-  # Decode reads every weight and the whole cache each step (static shapes: the attention runs
-  # over every slot of every row, masked), so that is what the step's bandwidth is judged by.
-  bytes_per_step = result.weight_bytes + result.kv_cache_bytes
+  # Decode reads every weight (of an untied embedding only the rows it gathers) and the whole
+  # cache each step (static shapes: the attention runs over every slot of every row, masked),
+  # so that is what the step's bandwidth is judged by (Engine.decode_bytes_per_step).
+  bytes_per_step = result.decode_weight_bytes + result.kv_cache_bytes
   step_s = float(np.median(stats.decode_step_s)) if stats.decode_step_s else None
   bandwidth, bandwidth_source = peak_bandwidth_bytes_per_s(result.device_kind, bandwidth_override)
   achieved_bw = bytes_per_step / step_s if step_s else None
   peak, peak_source = peak_flops_per_s(result.device_kind, peak_override)
   compute = {
       'decode_bytes_per_step': bytes_per_step,
+      'decode_weight_bytes_per_step': result.decode_weight_bytes,
       'decode_bytes_per_s': achieved_bw,
       'peak_bandwidth_bytes_per_s': bandwidth,
       'peak_bandwidth_source': bandwidth_source,

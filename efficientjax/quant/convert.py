@@ -236,6 +236,12 @@ def _search(kernel, site, entry: Precision, method: str, stats, alphas: dict, *,
   q, scales, zeros = gptq_lib.gptq(w, stats.hessian, bits=entry.bits, group_size=group,
                                    symmetric=symmetric, block_size=block_size,
                                    act_order=act_order, damp=damp, scale_dtype=scale_dtype)
+  if not bool(jnp.all(jnp.isfinite(q))):
+    # float32 Cholesky of a badly conditioned H gives NaN rather than failing (torch raises):
+    # codes cast from NaN would be garbage, so stop here.
+    raise ValueError(f"GPTQ: the Hessian of {'/'.join(site.path)} is not positive definite "
+                     f'in float32 at damp={damp} (its Cholesky factor is not finite); raise the '
+                     'dampening or give more calibration data')
   return container(entry.kind, q, scales, zeros, bits=entry.bits, group_size=group,
                    shape=tuple(kernel.shape), in_dims=site.in_dims, scale_dtype=scale_dtype,
                    dtype=entry.compute_dtype)

@@ -184,6 +184,20 @@ def test_a_moe_model_serves_with_its_routing_bias():
       [prompt], max_new_tokens=4)[0] != tokens  # the bias matters to this test
 
 
+def test_decode_bytes_count_an_untied_embedding_by_the_rows_a_step_gathers():
+  cfg, params = _model('mha')
+  engine = Engine(cfg, params, num_slots=3, max_len=MAX_LEN, prefill_chunk=CHUNK)
+  nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+  table = jax.tree.leaves(params['embed'])[0]  # (boxed as init makes it)
+  rows = 3 * cfg.embed_dim * table.dtype.itemsize
+  assert engine.decode_bytes_per_step() == (nbytes(params) - nbytes(table) + rows
+                                            + nbytes(engine.cache))
+  tied = dataclasses.replace(cfg, tie_embeddings=True)
+  tied_params = {k: v for k, v in params.items() if k != 'lm_head'}
+  engine = Engine(tied, tied_params, num_slots=3, max_len=MAX_LEN, prefill_chunk=CHUNK)
+  assert engine.decode_bytes_per_step() == nbytes(tied_params) + nbytes(engine.cache)
+
+
 def test_requests_that_do_not_fit_are_refused_before_anything_runs():
   cfg, params = _model('mha')
   engine = Engine(cfg, params, num_slots=1, max_len=16, prefill_chunk=16)
