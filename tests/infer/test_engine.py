@@ -97,9 +97,9 @@ def _engine(name, slots):
   return Engine(cfg, params, num_slots=slots, max_len=MAX_LEN, prefill_chunk=CHUNK)
 
 
-def _serve(engine, requests):
+def _serve(engine, requests, **kw):
   clock = FakeClock()
-  return engine.serve(requests, clock=clock, sleep=clock.sleep)
+  return engine.serve(requests, clock=clock, sleep=clock.sleep, **kw)
 
 
 def test_prefill_buckets():
@@ -149,17 +149,17 @@ def test_a_batch_equals_its_requests_alone_under_sampling():
 
 
 def test_a_stop_token_ends_the_request_and_frees_its_slot():
-  cfg, params = _model('mha')
+  cfg, _ = _model('mha')
   prompt = _prompts(cfg)[1]
   tokens, _ = _reference('mha', prompt, NEW)
   stop = tokens[2]
   cut = tokens.index(stop) + 1
-  engine = Engine(cfg, params, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK,
-                  stop_ids=[stop])
-  out = _serve(engine, [Request(0, prompt, NEW), Request(1, prompt, NEW, 0.0)])
-  assert out[0].tokens == tokens[:cut] and out[0].finish_reason == 'stop'
-  assert out[1].tokens == tokens[:cut] and out[1].slot == 0
-  assert engine.generate([prompt], max_new_tokens=NEW, stop_ids=()) == [tokens]
+  engine = _engine('mha', 2)  # compiled already by the greedy test on this worker
+  out = _serve(engine, [Request(0, prompt, NEW), Request(1, prompt, NEW), Request(2, prompt, NEW)],
+               stop_ids=[stop])
+  assert all(c.tokens == tokens[:cut] and c.finish_reason == 'stop' for c in out)
+  assert out[2].slot == out[0].slot or out[2].slot == out[1].slot  # a freed slot, reused
+  assert engine.generate([prompt], max_new_tokens=NEW) == [tokens]  # no stop ids: to the end
 
 
 def test_a_moe_model_serves_with_its_routing_bias():
@@ -172,16 +172,20 @@ def test_a_moe_model_serves_with_its_routing_bias():
   bias = jax.tree.map(lambda b: jax.random.normal(jax.random.key(4), b.shape), variables['moe_state'])
   served = {'params': params, 'moe_state': bias}
   prompt = _prompts(cfg)[1]
-  engine = Engine(cfg, served, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK)
-  tokens = engine.generate([prompt], max_new_tokens=4)[0]
+  tokens = Engine(cfg, served, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK).generate(
+      [prompt], max_new_tokens=4)[0]
   forward = jax.jit(lambda v, t: Transformer(cfg).apply(v, t))
-  seq = list(prompt)
-  for _ in range(4):
-    seq.append(int(jnp.argmax(forward(served, jnp.asarray([seq]))[0, -1])))
-  assert tokens == seq[len(prompt):]
+
+  def greedy(variables):  # the whole sequence again for each token, in a fixed buffer
+    buf = np.zeros((1, MAX_LEN), np.int32)
+    buf[0, :len(prompt)] = prompt
+    for n in range(len(prompt), len(prompt) + 4):
+      buf[0, n] = int(jnp.argmax(forward(variables, jnp.asarray(buf))[0, n - 1]))
+    return buf[0, len(prompt):len(prompt) + 4].tolist()
+
+  assert tokens == greedy(served)
   unbiased = {'params': params, 'moe_state': jax.tree.map(jnp.zeros_like, bias)}
-  assert Engine(cfg, unbiased, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK).generate(
-      [prompt], max_new_tokens=4)[0] != tokens  # the bias matters to this test
+  assert greedy(unbiased) != tokens  # the bias matters to this test
 
 
 def test_decode_bytes_count_an_untied_embedding_by_the_rows_a_step_gathers():
