@@ -1,14 +1,15 @@
 """`kind = 'inference'`: serve a workload with a model at one precision and measure it.
 
-In order: the weights (`model.init`, or random), the precision (`efficientjax.quant`; a
-quantised model is saved under `<workdir>/quantized/<hash of its settings>/` and read back by a
-rerun with the same model and settings rather than calibrated again), quality (held-out perplexity of this precision and of bf16 on the same
-tokens; lm-eval multiple-choice tasks if given), then the workload through the engine inside
-the measurement window (memory and power sampled, energy counted), after a warm-up that
-compiles every shape the engine uses.
+In order: the weights (`model.init`, or random), the workload (every request checked against
+the engine's length before any costly step), the precision (`efficientjax.quant`; a quantised
+model is saved under `<workdir>/quantized/<hash of its settings>/` and read back by a rerun with
+the same model and settings rather than calibrated again), quality (held-out perplexity of
+this precision and of bf16 on the same tokens; lm-eval multiple-choice tasks if given), then
+the workload through the engine inside the measurement window (memory and power sampled,
+energy counted), after a warm-up that compiles every shape the engine uses.
 
-Serving runs on one device (the first): sharded serving belongs with the memory-and-scale
-work. The record says so (`env.mesh_shape`).
+Serving runs on one device (the first): sharded serving belongs with the memory-and-scale work.
+The record says so (`env.mesh_shape`).
 """
 
 import dataclasses
@@ -121,7 +122,8 @@ def held_out_loss(cfg: ModelConfig, variables: Any, batches: list[np.ndarray]) -
 
 
 def _quantized(config: dict[str, Any], cfg: ModelConfig, params: Any, calibration: Callable,
-               workdir: str, say: Callable[[str], None]) -> tuple[Any, dict[str, Any], float | None]:
+               workdir: str, say: Callable[[str], None]
+               ) -> tuple[Any, dict[str, Any], float | None]:
   """The precision's params: read from `<workdir>/quantized/<settings hash>/` when a run of
   this workdir already quantised this model at these settings, else quantised (and
   calibrated) now and saved there. Other settings get their own folder; nothing is replaced."""
@@ -208,10 +210,11 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   too_long = [r for r in requests if len(r.prompt) + r.max_new_tokens > inf['max_len']]
   if too_long:
     r = max(too_long, key=lambda r: len(r.prompt) + r.max_new_tokens)
+    need = len(r.prompt) + r.max_new_tokens
     raise ConfigError('inference.max_len', f'{len(too_long)} of {len(requests)} requests do not '
                       f'fit {inf["max_len"]} tokens (the longest: {len(r.prompt)} prompt + '
-                      f'{r.max_new_tokens} output); raise it to {len(r.prompt) + r.max_new_tokens} '
-                      'or shorten the lengths', {'inference.max_len': len(r.prompt) + r.max_new_tokens})
+                      f'{r.max_new_tokens} output); raise it to {need} or shorten the lengths',
+                      {'inference.max_len': need})
   workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
               **workload_lib.workload_stats(requests)}
 

@@ -72,7 +72,8 @@ class Linear(nn.Module):
       y = self._adapted(x, quant.dequantize(kernel, self.dtype), y)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), features, self.param_dtype)
+          nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), features,
+          self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 

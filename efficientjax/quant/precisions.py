@@ -55,16 +55,16 @@ class Precision:
     against group_size later, once the kernels are known)."""
     errors = []
     if method not in METHODS:
-      errors.append(ConfigError('inference.quant_method', f'unknown value {method!r}; valid values: '
-                                f'{", ".join(METHODS)}'))
+      errors.append(ConfigError('inference.quant_method', f'unknown value {method!r}; valid '
+                                f'values: {", ".join(METHODS)}'))
     elif method not in self.methods:
       errors.append(ConfigError(
           'inference.quant_method', f'{method} is not available for precision {self.name} '
           f'({"round-to-nearest only" if self.kind else "nothing is quantised"}); use '
           f'{" or ".join(self.methods)}', {'inference.quant_method': 'rtn'}))
     elif method != 'rtn' and not has_calibration:
-      errors.append(ConfigError('inference.quant_method', f'{method} needs a calibration set (token '
-                                'ids [n, length] drawn from the corpus); none was given'))
+      errors.append(ConfigError('inference.quant_method', f'{method} needs a calibration set '
+                                '(token ids [n, length] drawn from the corpus); none was given'))
     if self.grouped and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
       errors.append(ConfigError('inference.group_size', f'must be a positive even number of '
                                 f'input features (32, 64 or 128 as usual), got {group_size!r}',

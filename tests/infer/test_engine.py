@@ -169,7 +169,8 @@ def test_a_moe_model_serves_with_its_routing_bias():
       num_experts=4, top_k=2, expert_dim=16, router='sigmoid', aux_free=True))
   variables = Transformer(cfg).init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
   params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, variables['params'])
-  bias = jax.tree.map(lambda b: jax.random.normal(jax.random.key(4), b.shape), variables['moe_state'])
+  bias = jax.tree.map(lambda b: jax.random.normal(jax.random.key(4), b.shape),
+                      variables['moe_state'])
   served = {'params': params, 'moe_state': bias}
   prompt = _prompts(cfg)[1]
   tokens = Engine(cfg, served, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK).generate(
