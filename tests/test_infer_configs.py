@@ -48,6 +48,7 @@ def test_configs_validate(precision, preset):
     ({'inference.eval_tasks': '/no/such/task.yaml'}, 'inference.eval_tasks', 'not a file'),
     ({'inference.eval_tasks': 'configs/base.py'}, 'inference.eval_tasks', 'configs/base.py'),
     ({'model.ffn': 'moe', 'model.moe.dispatch': 'capacity'}, 'model.moe.dispatch', 'dropless'),
+    ({'inference.precision': 'fp16', 'model.attention': 'mla'}, 'inference.precision', 'CPU'),
     ({'model.position': 'learned', 'inference.max_len': 80}, 'inference.max_len', 'learned'),
 ])
 def test_bad_inference_settings_name_the_field(overrides, field, words):
