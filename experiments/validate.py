@@ -537,6 +537,19 @@ def _variant_checks(c, facts):
   return errors
 
 
+def _structure(c) -> ModelConfig | None:
+  """The config's model for checks that read its structure (a method's targets, a precision's
+  group sizes), with a stand-in vocabulary when the tokenizer decides it; None when the model
+  section does not build (its own rules and relations report why)."""
+  m = dict(c['model'])
+  if m.get('vocab_size') is None:
+    m['vocab_size'] = 256  # the structure, not the vocabulary, is what the checks read
+  try:
+    return ModelConfig.from_config(m, seq_len=c['data']['seq_len'])
+  except (TypeError, ValueError):
+    return None
+
+
 @_relation('kind', 'model', 'finetune', 'data.seq_len')
 def _finetune_method_checks(c, facts):
   """The method's own checks against the model's shape (LoRA's targets and rank, freeze's
@@ -544,12 +557,8 @@ def _finetune_method_checks(c, facts):
   del facts
   if c['kind'] != 'finetune':
     return []
-  m = dict(c['model'])
-  if m.get('vocab_size') is None:
-    m['vocab_size'] = 256  # the structure, not the vocabulary, is what the checks read
-  try:
-    cfg = ModelConfig.from_config(m, seq_len=c['data']['seq_len'])
-  except (TypeError, ValueError):
+  cfg = _structure(c)
+  if cfg is None:
     return []  # the model's own rules and relations report it
   ft = FinetuneConfig.from_config(c['finetune'])
   return METHODS.get(ft.method)(cfg, ft).check()
@@ -573,12 +582,8 @@ def _inference_checks(c, facts):
       prompts=prompts, num_requests=inf['num_requests'], output_lengths=inf['output_lengths'],
       input_lengths=None if jsonl else inf['input_lengths'], scenario=inf['scenario'],
       rate_per_s=inf['rate_per_s'], seed=c['seed'], eval_fraction=d['eval_fraction'])
-  m = dict(c['model'])
-  if m.get('vocab_size') is None:
-    m['vocab_size'] = 256  # the structure, not the vocabulary, is what the checks read
-  try:
-    cfg = ModelConfig.from_config(m, seq_len=d['seq_len'])
-  except (TypeError, ValueError):
+  cfg = _structure(c)
+  if cfg is None:
     return errors  # the model's own rules and relations report it
   from efficientjax import quant  # pylint: disable=g-import-not-at-top
   errors += quant.check(cfg, precision=inf['precision'], method=inf['quant_method'],

@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientjax.attention import cache as kv_cache
 from efficientjax.infer import sampling as sampling_lib
 from efficientjax.infer.workload import Request
 from efficientjax.model import ModelConfig, Transformer, as_variables, init_cache
+from efficientjax.quant import weight_bytes
 
 MIN_PREFILL_BUCKET = 16
 
@@ -207,12 +209,11 @@ class Engine:
     step attends over every slot of every row, masked), but of an untied input embedding only
     the `num_slots` rows it gathers (a tied one is read whole, as the head)."""
     params = self.variables['params']
-    total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    total = weight_bytes(params)
     if not self.cfg.tie_embeddings and 'embed' in params:
       table = jax.tree.leaves(params['embed'])[0]
-      total -= table.size * table.dtype.itemsize
-      total += self.num_slots * table.shape[-1] * table.dtype.itemsize
-    return total + sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.cache))
+      total -= weight_bytes(table) - self.num_slots * table.shape[-1] * table.dtype.itemsize
+    return total + kv_cache.nbytes(self.cache)
 
   # --- serving ---------------------------------------------------------------------------------
 

@@ -36,8 +36,9 @@ from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer, as_variables
-from efficientjax.train.state import PERSISTENT_COLLECTIONS
 from efficientjax.train import init_from
+from efficientjax.train.state import PERSISTENT_COLLECTIONS
+from efficientjax.train.step import token_losses
 
 QUANTIZED_DIR = 'quantized'
 
@@ -97,27 +98,17 @@ def load_variables(config: dict[str, Any], cfg: ModelConfig
   return init(jax.random.key(config['seed'])), None
 
 
-def cast_floats(params: Any, dtype: Any) -> Any:
-  """Every floating-point leaf in `dtype` (quantised containers' leaves untouched)."""
-  def cast(a):
-    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-  return jax.tree.map(cast, params)
-
-
 def held_out_loss(cfg: ModelConfig, variables: Any, batches: list[np.ndarray]) -> float | None:
-  """Mean next-token cross-entropy (nats) over every token of the held-out batches."""
+  """Mean next-token cross-entropy (nats) over every token of the held-out batches: the
+  training step's own loss (`train.step.token_losses`), with whatever `variables` hold beside
+  params (a MoE's routing bias)."""
   if not batches:
     return None
   model = Transformer(cfg)
-
-  @jax.jit
-  def nll(v, rows):
-    logits = model.apply(v, rows[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1))
-
-  variables = as_variables(variables)
-  total = sum(float(nll(variables, jnp.asarray(b))) for b in batches)
+  variables = dict(as_variables(variables))
+  params = variables.pop('params')
+  nll = jax.jit(lambda p, s, rows: jnp.sum(token_losses(model, p, rows, s)))
+  total = sum(float(nll(params, variables, jnp.asarray(b))) for b in batches)
   return total / sum(b[:, 1:].size for b in batches)
 
 
@@ -218,7 +209,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
               **workload_lib.workload_stats(requests)}
 
-  baseline = {'params': cast_floats(params, jnp.bfloat16), **variables}
+  baseline = {'params': quant.quantize(cfg, params, precision='bf16')[0], **variables}
   baseline_bytes = quant.weight_bytes(baseline['params'])
   qparams, report, quantize_s = _quantized(config, cfg, params, calibration, workdir, say)
   del params
