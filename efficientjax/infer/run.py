@@ -138,7 +138,9 @@ def _quantized(config: dict[str, Any], cfg: ModelConfig, params: Any, calibratio
       say(f'precision: {inf["precision"]} weights read from {path} (not calibrated again)')
       return jax.device_put(loaded, jax.devices()[0]), meta['report'], None
   start = time.perf_counter()
-  needs_data = inf['quant_method'] in ('awq', 'gptq') and inf['precision'] in ('int8', 'int4')
+  entry = quant.PRECISIONS.get(inf['precision'])
+  # Only the calibrated methods read data, and only precisions that quantise take them.
+  needs_data = entry.kind is not None and inf['quant_method'] != 'rtn'
   # Calibration statistics from the weights as loaded, at full precision (not the serving
   # dtype), as AWQ's and GPTQ's references collect them.
   float_cfg = dataclasses.replace(cfg, dtype=jnp.dtype(jnp.float32))
@@ -149,7 +151,7 @@ def _quantized(config: dict[str, Any], cfg: ModelConfig, params: Any, calibratio
       quantize_lm_head=inf['quantize_lm_head'])
   qparams = jax.block_until_ready(qparams)
   seconds = time.perf_counter() - start
-  if jax.process_index() == 0 and inf['precision'] not in ('bf16', 'fp16'):
+  if jax.process_index() == 0 and entry.kind is not None:  # a cast is not worth keeping
     quant.save(path, qparams, {'settings': settings, 'report': report})
   return qparams, report, seconds
 
