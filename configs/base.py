@@ -169,6 +169,9 @@ def get_config() -> config_dict.ConfigDict:
   t.b2 = 0.95
   t.eps = 1e-8
   t.grad_clip_norm = 1.0            # 0 disables clipping
+  t.opt_state_dtype = 'float32'     # AdamW's moments: float32 | bfloat16 (half the bytes)
+  t.offload_optimizer = False       # keep the moments in host memory (pinned_host), brought to
+                                    #   the device for the update only (GPU/TPU; GH200: C2C)
   t.eval_every = 200                # steps; 0: only at the start and the end
   t.eval_batches = 8
   t.log_every = 10

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -106,15 +107,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail([_flag_error(e)])
 
 
-def _config_name(argv: list[str]) -> str:
-  """'quickstart_smoke' for --config=configs/quickstart.py:smoke: names the default workdir."""
+def _config_arg(argv: list[str]) -> str:
+  """The --config value in argv ('configs/quickstart.py:smoke'), or the default's."""
   arg = DEFAULT_CONFIG
   for i, a in enumerate(argv):
     if a.startswith('--config='):
       arg = a.split('=', 1)[1]
     elif a == '--config' and i + 1 < len(argv):
       arg = argv[i + 1]
-  path, _, preset = arg.partition(':')
+  return arg
+
+
+def _config_name(argv: list[str]) -> str:
+  """'quickstart_smoke' for --config=configs/quickstart.py:smoke: names the default workdir."""
+  path, _, preset = _config_arg(argv).partition(':')
   name = os.path.splitext(os.path.basename(path))[0]
   return f'{name}_{preset}' if preset else name
 
@@ -171,6 +177,29 @@ def _resolve_init(config, workdir: str) -> None:
       node[key] = value
 
 
+def _remove_if_only_config(workdir: str, new: bool) -> None:
+  """A run stopped before it began leaves no workdir behind that it created (its config.json
+  alone); anything else there stays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not new or jax.process_index() != 0:
+    return
+  try:
+    if os.listdir(workdir) == ['config.json']:
+      os.remove(os.path.join(workdir, 'config.json'))
+      os.rmdir(workdir)
+  except OSError:
+    pass
+
+
+def _presets(argv: list[str]) -> str:
+  """'configs/mla_7b.py:smoke, configs/mla_7b.py:1gpu' for the config named in argv."""
+  path = os.path.abspath(_config_arg(argv).partition(':')[0])
+  for file, _, presets in config_files():
+    if os.path.join(_ROOT, file) == path:
+      return ', '.join(f'{file}:{p}' for p in presets)
+  return ''
+
+
 def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail([ConfigError('argv', f'unexpected arguments {argv[1:]}; settings go in '
@@ -180,22 +209,35 @@ def _main(argv: list[str]) -> None:
     config.keys()  # a file that failed to load raises only when first read
   except Exception as e:  # pylint: disable=broad-except
     fail([_flag_error(e)])
+  import jax  # pylint: disable=g-import-not-at-top
   from efficientjax import parallel  # pylint: disable=g-import-not-at-top
   from experiments import validate  # pylint: disable=g-import-not-at-top
   from experiments.registry import runner  # pylint: disable=g-import-not-at-top
+  # Before anything asks JAX for devices: the checks below need the global device count.
+  distributed = parallel.maybe_initialize_distributed()
+  if distributed and not flags.FLAGS.workdir:
+    fail([ConfigError('--workdir', 'a multi-process run needs one --workdir, the same in every '
+                      'process and on a file system they all see (each would name its own '
+                      'default from its own clock)')])
   workdir = flags.FLAGS.workdir or os.path.join(
       'runs', f'{_config_name(sys.argv)}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}')
-  # Before anything asks JAX for devices: the checks below need the global device count.
-  parallel.maybe_initialize_distributed()
   _resolve_init(config, workdir)
   errors = validate.check_run(config, workdir)
   if errors:
     fail(errors)
 
   from efficientjax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from efficientjax.train.fit import DoesNotFit  # pylint: disable=g-import-not-at-top
   from efficientjax.train.loop import TrainingDiverged  # pylint: disable=g-import-not-at-top
+  new_workdir = not os.path.exists(workdir)
   try:
     record_path = runner(config.kind)(config, workdir)
+  except DoesNotFit as e:
+    _remove_if_only_config(workdir, new_workdir)
+    presets = _presets(sys.argv)
+    if presets:
+      e.message += f'\nPresets of this config: {presets}.'
+    fail([e])
   except ConfigError as e:
     fail([e])
   except TrainingDiverged as e:
@@ -204,7 +246,19 @@ def _main(argv: list[str]) -> None:
   except CheckpointError as e:  # a checkpoint the run cannot use (train.on_bad_checkpoint=fail)
     sys.stderr.write(f'{e}\n')
     sys.exit(1)
-  print(f'result record: {record_path}')
+  except Exception:  # pylint: disable=broad-except
+    if not distributed:
+      raise
+    # Not into jax's exit-time shutdown barrier: a peer that died (the usual cause here: a
+    # collective failed) never reaches it, and the barrier waits out the heartbeat timeout
+    # (EFFICIENTJAX_HEARTBEAT_TIMEOUT_S, 100 s). Exiting now fails the peers' next collective,
+    # or their coordinator.
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+  if jax.process_index() == 0:  # one line for the job, not one per process
+    print(f'result record: {record_path}')
 
 
 def run() -> None:

@@ -398,6 +398,8 @@ RULES: dict[str, Rule] = {
     'train.b2': Range(0, 1, hi_open=True),
     'train.eps': Positive(note="Adam's denominator guard, e.g. 1e-8"),
     'train.grad_clip_norm': AtLeast(0.0, note='0 disables clipping'),
+    'train.opt_state_dtype': OneOf(['bfloat16', 'float32']),
+    'train.offload_optimizer': Free(),  # _offload_needs_host_memory
     'train.eval_every': AtLeast(0, note='0: only at the start and the end'),
     'train.eval_batches': AtLeast(1),
     'train.log_every': AtLeast(1),
@@ -451,6 +453,21 @@ def _relation(*reads: str):
     RELATIONS.append(Relation(reads, fn))
     return fn
   return add
+
+
+@_relation('train.offload_optimizer')
+def _offload_needs_host_memory(c, facts):
+  del facts
+  if not c['train']['offload_optimizer']:
+    return []
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  kinds = {m.kind for m in device.addressable_memories()}
+  if 'pinned_host' in kinds:
+    return []
+  return [ConfigError('train.offload_optimizer', f'{device.platform} devices here have no '
+                      f'pinned_host memory (only {", ".join(sorted(kinds))}) to offload to; '
+                      'set it to False', {'train.offload_optimizer': False})]
 
 
 def _kv_heads(m: Mapping[str, Any]) -> int:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,11 +32,13 @@ from efficientjax.errors import ConfigError
 from efficientjax.infer import workload as workload_lib
 from efficientjax.infer.engine import Completion, Engine, EngineStats
 from efficientjax.infer.sampling import Sampling
+from efficientjax.metrics import memory
 from efficientjax.metrics import record as records
 from efficientjax.metrics.energy import make_energy_meter
+from efficientjax.metrics.memory import StepPeak, gib
 from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.window import MeasurementWindow
-from efficientjax.model import ModelConfig, Transformer, as_variables
+from efficientjax.model import ModelConfig, Transformer, as_variables, init_cache
 from efficientjax.train import init_from
 from efficientjax.train.state import PERSISTENT_COLLECTIONS
 from efficientjax.train.step import token_losses
@@ -65,6 +68,8 @@ class InferenceResult:
   device_kind: str
   workload: dict[str, Any]
   quantize_s: float | None
+  # memory_plan: the analytic estimate by phase, the device's limit, the measured peak.
+  memory_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _say(msg: str) -> None:
@@ -179,6 +184,15 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   tokenizer = get_tokenizer(d['tokenizer'], eos_token=d['eos_token'])
   compute_dtype = quant.compute_dtype(inf['precision'])
   cfg = model_config(config, tokenizer, compute_dtype)
+  plan = memory_plan(config, cfg)
+  if plan['limit_bytes'] is not None and plan['device_bytes'] > plan['limit_bytes']:
+    raise _does_not_fit(config, plan)
+  say(f'memory (analytic): {gib(plan["device_bytes"])} at most on the device (weights '
+      f'{gib(plan["served_weights_bytes"])}, KV cache {gib(plan["kv_cache_bytes"])}); limit '
+      f'{gib(plan["limit_bytes"])} ({plan["limit_source"]})')
+  # From before the weights exist to the end of serving: what the plan predicts.
+  peak = StepPeak(jax.devices()[:1])
+  peak.start()
   variables, init = load_variables(config, cfg)
   params = variables.pop('params')  # the rest (moe_state) serves as it is, at every precision
   num_params = sum(a.size for a in jax.tree.leaves(params))
@@ -263,6 +277,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   window.open(engine.cache)
   completions = engine.serve(requests)
   window.close(engine.cache)
+  plan.update(peak.stop())
   cache_bytes = kv_cache.nbytes(engine.cache)
   return InferenceResult(
       model_config=cfg, num_params=num_params, init=init,
@@ -274,7 +289,60 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       kv_cache_bytes_per_token=cache_bytes / (inf['num_slots'] * engine.cache_len),
       data_stats=data.stats, quality=quality, completions=completions, stats=engine.stats,
       window_s=window.seconds, energy=window.energy(), sampler=sampler.summary(),
-      device_kind=jax.devices()[0].device_kind, workload=workload, quantize_s=quantize_s)
+      device_kind=jax.devices()[0].device_kind, workload=workload, quantize_s=quantize_s,
+      memory_plan=plan)
+
+
+def memory_plan(config: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+  """The analytic estimate of the run's device memory (metrics.memory.inference_estimate),
+  from abstract shapes before anything is loaded, and the device's memory."""
+  inf = config['inference']
+  model = Transformer(cfg)
+  source = jax.eval_shape(
+      lambda k: nn.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))['params']),
+      jax.random.key(0))
+  settings = dict(method='rtn', group_size=inf['group_size'], symmetric=inf['symmetric'],
+                  quantize_lm_head=inf['quantize_lm_head'])  # AWQ/GPTQ store the same shapes
+  served = jax.eval_shape(
+      lambda p: quant.quantize(cfg, p, precision=inf['precision'], **settings)[0], source)
+  if inf['quant_method'] == 'awq' and quant.PRECISIONS.get(inf['precision']).kind:
+    # AWQ also keeps each quantised kernel's float32 input-channel scale (`act_scale`).
+    kernels = [k for k in jax.tree.leaves(served, is_leaf=lambda x: isinstance(
+        x, quant.QuantizedKernel)) if isinstance(k, quant.QuantizedKernel)]
+    served = (served, [jax.ShapeDtypeStruct(
+        k.values.shape[:-2] + (k.in_features,), jnp.float32)  # values: [..., in, out]
+        for k in kernels])
+  baseline = (None if inf['precision'] == 'bf16' else jax.eval_shape(
+      lambda p: quant.quantize(cfg, p, precision='bf16')[0], source))
+  chunk = min(inf['prefill_chunk'], inf['max_len'])
+  cache_len = -(-inf['max_len'] // chunk) * chunk  # the engine's (room for a chunk's padding)
+  cache = jax.eval_shape(lambda: init_cache(cfg, inf['num_slots'], cache_len,
+                                            jnp.dtype(inf['kv_cache_dtype'] or cfg.dtype)))
+  plan = memory.inference_estimate(
+      source=source, served=served, baseline=baseline, cache=cache, num_slots=inf['num_slots'],
+      seq_len=config['data']['seq_len'], prefill_chunk=chunk, vocab_size=cfg.vocab_size)
+  limit, where = memory.device_memory_bytes(jax.devices()[0])
+  return {**plan, 'limit_bytes': limit, 'limit_source': where}
+
+
+def _does_not_fit(config: dict[str, Any], plan: dict[str, Any]) -> ConfigError:
+  inf = config['inference']
+  phases = ', '.join(f'{k[:-len("_bytes")]} {gib(plan[k])}'
+                     for k in ('quantize_bytes', 'evaluate_bytes', 'serve_bytes'))
+  advice = []
+  if plan['serve_bytes'] == plan['device_bytes']:
+    advice.append(f'fewer slots or a shorter cache (inference.num_slots={inf["num_slots"]}, '
+                  f'inference.max_len={inf["max_len"]}; the cache is {gib(plan["kv_cache_bytes"])})')
+    if inf['kv_cache_dtype'] != 'int8':
+      advice.append('inference.kv_cache_dtype=int8 (about half the cache)')
+  if plan['evaluate_bytes'] == plan['device_bytes']:
+    advice.append(f'a shorter data.seq_len or fewer slots for the held-out evaluation (its '
+                  f'logits are {gib(plan["eval_logits_bytes"])})')
+  if plan['quantize_bytes'] == plan['device_bytes'] or inf['precision'] in ('bf16', 'fp16'):
+    advice.append('a smaller precision (inference.precision=int8 or int4) or a smaller model')
+  return ConfigError('inference', f'the run needs {gib(plan["device_bytes"])} (analytic: '
+                     f'{phases}) but {gib(plan["limit_bytes"])} is available '
+                     f'({plan["limit_source"]}); try ' + '; '.join(advice))
 
 
 def _exp(loss: float | None) -> float | None:

@@ -96,7 +96,8 @@ def training_metrics(result, *, peak_override: float | None = None) -> dict[str,
   }
 
   s = result.sampler
-  memory = _memory(s, compiler_estimate_bytes=result.memory_analysis or None)
+  memory = _memory(s, compiler_estimate_bytes=result.memory_analysis or None,
+                   plan=result.memory_plan or None)
 
   e = dict(result.energy)
   energy_j = e.get('energy_j')
@@ -179,7 +180,8 @@ def inference_metrics(result, *, peak_override: float | None = None,
 
   s = result.sampler
   memory = _memory(s, weight_bytes=result.weight_bytes, kv_cache_bytes=result.kv_cache_bytes,
-                   kv_cache_bytes_per_token=result.kv_cache_bytes_per_token)
+                   kv_cache_bytes_per_token=result.kv_cache_bytes_per_token,
+                   plan=getattr(result, 'memory_plan', None) or None)
 
   e = dict(result.energy)
   energy_j = e.get('energy_j')

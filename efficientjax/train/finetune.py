@@ -41,7 +41,7 @@ from efficientjax.peft.methods import LoRA, freeze_layers, layer_module_trains
 from efficientjax.train import init_from
 from efficientjax.train.loop import Recipe, TrainResult, param_count, run, tree_bytes
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
-from efficientjax.train.state import TrainState, state_from_variables
+from efficientjax.train.state import TrainState, optimizer_shardings, state_from_variables
 from efficientjax.train.step import make_eval_step, make_train_step
 
 # Keeps the key of a method's initialisation (LoRA's A, PiSSA's randomised SVD) apart from the
@@ -152,7 +152,8 @@ class FinetuneRecipe(Recipe):
 
   def train_step(self, model: Transformer, tx) -> Callable:
     return make_train_step(model, tx, self.config['train']['grad_accum_steps'], self.schedule,
-                           variables=self.method.variables, dropout=self.ft.dropout > 0)
+                           variables=self.method.variables, dropout=self.ft.dropout > 0,
+                           opt_state_on_device=self.opt_state_on_device())
 
   def eval_step(self) -> Callable:
     return make_eval_step(self.model, self.method.variables)
@@ -220,9 +221,7 @@ def _state_shapes(model: Transformer, method, cfg_train: Mapping[str, Any], mesh
   trainable_sh = parallel.logical_to_sharding(trainable_axes, mesh)
   frozen_sh = parallel.logical_to_sharding(frozen_axes, mesh)
   rep = parallel.replicated(mesh)
-  import optax  # pylint: disable=g-import-not-at-top
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt, trainable_sh,
-                                 transform_non_params=lambda _: rep)
+  opt_sh = optimizer_shardings(tx, opt, trainable_sh, mesh, cfg_train.get('offload_optimizer', False))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                         opt_state=opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
                         model_state=model_state, frozen=frozen)

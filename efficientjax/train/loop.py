@@ -19,6 +19,7 @@ from efficientjax import parallel
 from efficientjax.attention.core import resolve_implementation
 from efficientjax.data import Data, build_data, get_tokenizer
 from efficientjax.metrics import flops as flop_counts
+from efficientjax.metrics import memory
 from efficientjax.metrics.architecture import attention_summary
 from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.sampler import Sampler
@@ -28,9 +29,10 @@ from efficientjax.model import ModelConfig, Transformer
 from efficientjax.moe.report import ExpertStats
 from efficientjax.train import init_from
 from efficientjax.train.checkpoint import Checkpointer, NonFiniteCheckpoint, check_finite
+from efficientjax.train.fit import DoesNotFit, memory_plan
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
-from efficientjax.train.state import (TrainState, init_state, state_from_variables,
+from efficientjax.train.state import (TrainState, init_state, on_device, state_from_variables,
                                       state_shardings)
 from efficientjax.train.step import make_eval_step, make_train_step
 
@@ -78,6 +80,8 @@ class TrainResult:
   compiler_flops_reason: str | None = None
   compiled_step_flops: float | None = None   # the real compiled step's own count
   memory_analysis: dict[str, int] = dataclasses.field(default_factory=dict)
+  # efficientjax.train.fit.MemoryPlan.record: the estimate beside the compiler's and the limit.
+  memory_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
   window_s: float | None = None
   window_steps: int = 0
   # Examples in the measured steps, every process's: packed rows hold several (fine-tuning).
@@ -133,7 +137,14 @@ class Recipe:
     self.tx = make_optimizer(cfg_train)
     self.schedule = learning_rate_schedule(cfg_train)
     self.abstract, self.shardings = state_shardings(self.model, self.tx, mesh,
-                                                    self.config['data']['seq_len'])
+                                                    self.config['data']['seq_len'],
+                                                    cfg_train['offload_optimizer'])
+
+  def opt_state_on_device(self) -> Any:
+    """The optimizer state's device-memory shardings where it is offloaded, else None."""
+    if not self.config['train']['offload_optimizer']:
+      return None
+    return on_device(self.shardings.opt_state)
 
   def data(self, tokenizer) -> Data:
     cfg_data, cfg_train = self.config['data'], self.config['train']
@@ -165,7 +176,8 @@ class Recipe:
     return state
 
   def train_step(self, model: Transformer, tx) -> Callable:
-    return make_train_step(model, tx, self.config['train']['grad_accum_steps'], self.schedule)
+    return make_train_step(model, tx, self.config['train']['grad_accum_steps'], self.schedule,
+                           opt_state_on_device=self.opt_state_on_device())
 
   def eval_step(self) -> Callable:
     return make_eval_step(self.model)
@@ -228,15 +240,45 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
   measured steps with evaluations and checkpoints, and what the record needs."""
   config = recipe.config
   cfg_data, cfg_train = config['data'], config['train']
-  bar = Progress(cfg_train['steps'], cfg_train['log_every']) if progress else None
+  # One display for the job: every process would print the same lines.
+  bar = (Progress(cfg_train['steps'], cfg_train['log_every'])
+         if progress and jax.process_index() == 0 else None)
   say = bar.message if bar else lambda text: None
-  t_data = time.perf_counter()
   tokenizer = get_tokenizer(cfg_data['tokenizer'], eos_token=cfg_data['eos_token'])
   model_cfg = recipe.model_config(tokenizer)
   mesh = parallel.make_mesh(config['mesh'], devices)
   seq_len = cfg_data['seq_len']
   global_batch = cfg_train['global_batch_size']
 
+  recipe.setup(model_cfg, mesh)
+  model, tx, abstract, shardings = recipe.model, recipe.tx, recipe.abstract, recipe.shardings
+  batch_sh = jax.tree.map(lambda a: parallel.batch_sharding(mesh, a.ndim),
+                          recipe.abstract_batch(sharding=None))
+
+  # Compiled from abstract shapes before any array exists, so that a step that cannot fit
+  # stops here with the numbers, not in the allocator after minutes of loading.
+  say(f'compiling the train and eval steps ({model_cfg.num_layers} layers, {global_batch} x '
+      f'{seq_len} tokens a step, {mesh.devices.size} {jax.default_backend()} device(s)) ...')
+  with parallel.activate(mesh):
+    t0 = time.perf_counter()
+    abstract_batch = recipe.abstract_batch(sharding=None)
+    abstract_batch = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_batch,
+        batch_sh)
+    train_step = jax.jit(recipe.train_step(model, tx),
+                         in_shardings=(shardings, batch_sh), donate_argnums=0,
+                         out_shardings=(shardings, parallel.replicated(mesh))
+                         ).lower(abstract, abstract_batch).compile()
+    eval_step = jax.jit(recipe.eval_step(), in_shardings=(shardings, batch_sh)
+                        ).lower(abstract, abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory_analysis = _memory_analysis(train_step)
+    plan = memory_plan(recipe, memory_analysis, abstract_batch)
+  if not plan.fits:
+    raise DoesNotFit(plan)  # its message has the numbers and what would fit
+  say(plan.text())
+
+  t_data = time.perf_counter()
   data = recipe.data(tokenizer)
   eval_batches = data.eval_batches()
   counts = [f'{data.stats[f"{split}_{what}"]:,} {split} {what}' for split in ('train', 'eval')
@@ -245,11 +287,17 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
   say(f'data: {cfg_data["corpus"]}{" (random tokens)" if data.synthetic else ""}: '
       f'{", ".join(counts)} ({time.perf_counter() - t_data:.1f} s)')
 
-  recipe.setup(model_cfg, mesh)
-  model, tx, abstract, shardings = recipe.model, recipe.tx, recipe.abstract, recipe.shardings
-  batch_sh = jax.tree.map(lambda a: parallel.batch_sharding(mesh, a.ndim),
-                          recipe.abstract_batch(sharding=None))
+  analytic = recipe.analytic_flops()
+  t0 = time.perf_counter()
+  # Counted on an unsharded twin outside the mesh context: only the arithmetic matters here.
+  compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, recipe.twin)
+  twin_s = time.perf_counter() - t0
+  say(f'compiled in {compile_s:.1f} s (and {twin_s:.1f} s for the compiler\'s FLOP count of '
+      'an unrolled twin of the step)')
 
+  # From before the state exists to the end of the first step: what the plan predicts.
+  step_peak = memory.StepPeak(jax.local_devices())
+  step_peak.start()
   checkpointer = None
   if cfg_train['checkpoint_every'] > 0:
     checkpointer = Checkpointer(workdir, keep=cfg_train['keep_checkpoints'],
@@ -269,30 +317,8 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
     state = recipe.fresh_state(say)
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
-  analytic = recipe.analytic_flops()
-  say(f'compiling the train and eval steps ({model_cfg.num_layers} layers, {global_batch} x '
-      f'{seq_len} tokens a step, {mesh.devices.size} {jax.default_backend()} device(s)) ...')
-  t0 = time.perf_counter()
-  # Counted on an unsharded twin outside the mesh context: only the arithmetic matters here.
-  compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, recipe.twin)
-  twin_s = time.perf_counter() - t0
   with parallel.activate(mesh):
-    t0 = time.perf_counter()
-    abstract_batch = recipe.abstract_batch(sharding=None)
-    abstract_batch = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_batch,
-        batch_sh)
-    train_step = jax.jit(recipe.train_step(model, tx),
-                         in_shardings=(shardings, batch_sh), donate_argnums=0,
-                         out_shardings=(shardings, parallel.replicated(mesh))
-                         ).lower(abstract, abstract_batch).compile()
-    eval_step = jax.jit(recipe.eval_step(), in_shardings=(shardings, batch_sh)
-                        ).lower(abstract, abstract_batch).compile()
-    compile_s = time.perf_counter() - t0
-    say(f'compiled in {compile_s:.1f} s (and {twin_s:.1f} s for the compiler\'s FLOP count of '
-        'an unrolled twin of the step)')
     compiled_raw = flop_counts.flops_of(train_step)
-    memory_analysis = _memory_analysis(train_step)
 
     if resume_step is None:
       t_eval = time.perf_counter()
@@ -302,6 +328,8 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
     else:
       say(f'resumed from the checkpoint at step {resume_step} in {checkpointer.directory}')
     start_step = int(state.step)
+    measured_peak = {'measured_peak_bytes': None,
+                     'measured_peak_source': 'no step ran in this process'}
     total = cfg_train['steps']
     last = total if stop_after_step is None else min(total, stop_after_step)
 
@@ -317,8 +345,12 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
     warmup, profile_steps = cfg_train['timing_warmup_steps'], config['profile']['steps']
     first_profiled = start_step + warmup + 1
     first_measured = first_profiled + profile_steps
-    trace = _StepTrace(os.path.join(os.path.abspath(workdir), 'trace'), first_profiled,
-                       profile_steps)
+    # A folder per process: the profiler names its file after the host, which processes on one
+    # machine share.
+    trace_dir = os.path.join(os.path.abspath(workdir), 'trace')
+    if jax.process_count() > 1:
+      trace_dir = os.path.join(trace_dir, f'process_{jax.process_index()}')
+    trace = _StepTrace(trace_dir, first_profiled, profile_steps)
     meter = make_energy_meter(jax.default_backend(), jax.local_devices())
     sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices(),
                       energy_meter=meter)
@@ -341,6 +373,8 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       state, metrics = train_step(state, _device_batch(local, batch_sh))
       loss = float(metrics['loss'])  # a sync point: the step is done when its loss is on host
       dt = time.perf_counter() - t
+      if step == start_step + 1:
+        measured_peak = step_peak.stop()
       if window.is_open:
         step_times.append(dt)
         window.steps += 1
@@ -438,6 +472,7 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       compiler_flops_reason=compiler_reason,
       compiled_step_flops=compiled_raw,
       memory_analysis=memory_analysis,
+      memory_plan={**plan.record(), **measured_peak},
       window_s=window.seconds,
       window_steps=window.steps,
       paused_s=window.paused_s,
@@ -464,7 +499,10 @@ def _all_processes(count: int) -> int:
 
 
 def _log_line(path: str, line: dict[str, Any]) -> None:
-  """One strict-JSON line: a non-finite number becomes null, and the line says so."""
+  """One strict-JSON line: a non-finite number becomes null, and the line says so. Process 0
+  writes it (the workdir is shared; every process has the same loss)."""
+  if jax.process_index() != 0:
+    return
   bad = [k for k, v in line.items() if isinstance(v, float) and not math.isfinite(v)]
   if bad:
     line = {**{k: (None if k in bad else v) for k, v in line.items()}, 'nonfinite': True,

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Parameters by leaf name that weight decay must not shrink: norm gains and biases.
@@ -35,9 +36,31 @@ def updates_applied(opt_state: Any) -> jax.Array | None:
   return counts[0] if counts else None
 
 
+def stored_as(inner: optax.GradientTransformation, dtype: Any
+              ) -> optax.GradientTransformation:
+  """`inner` with its floating-point state kept in `dtype` (bfloat16 moments: half of AdamW's
+  memory) and its arithmetic in float32: the state is widened for each update and rounded to
+  `dtype` (to nearest) after it. Counters keep their integer dtype."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(tree, to):
+    return jax.tree.map(
+        lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def init(params):
+    return cast(inner.init(params), dtype)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train: Mapping[str, Any], lr_multipliers: Any = None
                    ) -> optax.GradientTransformation:
-  """Clipping by the global norm of every gradient, then AdamW.
+  """Clipping by the global norm of every gradient, then AdamW (its moments stored in
+  `train.opt_state_dtype`).
 
   lr_multipliers: a tree of floats like the params, each leaf's learning rate as a multiple of
   the schedule's (LoRA+: B at 16×); None: one rate. AdamW's moments do not depend on the rate,
@@ -48,8 +71,10 @@ def make_optimizer(train: Mapping[str, Any], lr_multipliers: Any = None
   parts = []
   if train['grad_clip_norm'] > 0:
     parts.append(optax.clip_by_global_norm(train['grad_clip_norm']))
-  parts.append(optax.adamw(learning_rate_schedule(train), b1=train['b1'], b2=train['b2'],
-                           eps=train['eps'], weight_decay=train['weight_decay'], mask=decay_mask))
+  adamw = optax.adamw(learning_rate_schedule(train), b1=train['b1'], b2=train['b2'],
+                      eps=train['eps'], weight_decay=train['weight_decay'], mask=decay_mask)
+  state_dtype = train.get('opt_state_dtype') or 'float32'
+  parts.append(adamw if state_dtype == 'float32' else stored_as(adamw, state_dtype))
   if lr_multipliers is not None and any(f != 1.0 for f in jax.tree.leaves(lr_multipliers)):
     factors = jax.tree.map(float, lr_multipliers)
     parts.append(optax.stateless(

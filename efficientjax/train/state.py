@@ -36,17 +36,36 @@ def _boxed_init(model: nn.Module, seq_len: int, rng: jax.Array) -> tuple[Any, di
   return variables['params'], {k: v for k, v in variables.items() if k in PERSISTENT_COLLECTIONS}
 
 
+HOST = 'pinned_host'  # the memory kind offloaded state lives in (DMA-able host memory)
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt: Any, param_sh: Any,
+                        mesh: Mesh, offload: bool = False) -> Any:
+  """The optimizer state's placement: moments mirror their params' (in host memory when
+  `offload`: train.offload_optimizer); counters are replicated on the devices, where the step
+  reads them for the learning rate."""
+  if offload:
+    param_sh = jax.tree.map(lambda s: s.with_memory_kind(HOST), param_sh)
+  return optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                               transform_non_params=lambda _: parallel.replicated(mesh))
+
+
+def on_device(shardings: Any) -> Any:
+  """The same placement in device memory (where the step computes with offloaded state)."""
+  return jax.tree.map(lambda s: s.with_memory_kind('device'), shardings)
+
+
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                    seq_len: int) -> tuple[TrainState, TrainState]:
-  """(abstract state, shardings): every leaf placed by its logical axis names."""
+                    seq_len: int, offload_optimizer: bool = False
+                    ) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings): every leaf placed by its logical axis names; the optimizer's
+  moments in host memory with `offload_optimizer`."""
   boxed, abstract_model_state = jax.eval_shape(lambda k: _boxed_init(model, seq_len, k),
                                                jax.random.key(0))
   param_sh = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   abstract_params = nn.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  # Optimizer moments mirror the params' placement; counters are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: parallel.replicated(mesh))
+  opt_sh = optimizer_shardings(tx, abstract_opt, param_sh, mesh, offload_optimizer)
   rep = parallel.replicated(mesh)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),

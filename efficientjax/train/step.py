@@ -85,7 +85,8 @@ def update_routing_bias(model_state: Mapping[str, Any], moe_stats: Mapping[str, 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum_steps: int,
                     schedule: optax.Schedule | None = None, *,
-                    variables: Variables = plain_variables, dropout: bool = False
+                    variables: Variables = plain_variables, dropout: bool = False,
+                    opt_state_on_device: Any = None
                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
   """One optimizer step over a global batch, accumulating over `grad_accum_steps` micro-batches.
 
@@ -95,6 +96,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
   whole global batch, however it is split into micro-batches. Gradients are taken with respect
   to `state.params` only: the frozen tree gets none. dropout: give the model a 'dropout' rng
   (from the state's key and step), which adapters with finetune.dropout > 0 use.
+  opt_state_on_device: the optimizer state's shardings in device memory, where the state is
+  kept in host memory (train.offload_optimizer): it is brought over for the update, after the
+  gradients, and the jit's out_shardings send it back.
+
+  The returned step has a `loss(params, model_state, batch, frozen)` attribute, the loss it
+  differentiates (efficientjax.metrics.memory traces what its backward keeps).
   """
   def loss_fn(params, model_state, micro, frozen, total, rng):
     model_params, adapters = variables(params, frozen)
@@ -109,6 +116,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
     return ce + aux, (ce, aux, reported.get('moe_stats', {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def loss(params, model_state, batch, frozen):
+    weights = loss_weights(batch)
+    total = None if weights is None else jnp.maximum(jnp.sum(weights), 1.0)
+    return loss_fn(params, model_state, batch, frozen, total, jax.random.key(0))[0]
 
   def step(state: TrainState, batch: Any):
     weights = loss_weights(batch)
@@ -148,14 +160,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
     # instead would cost a second pass over it every step. A finite update that overflows the
     # parameters shows at the next step's loss, and the loop checks every state it saves.
     finite = jnp.isfinite(ce) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    old_opt_state = state.opt_state
+    if opt_state_on_device is not None:
+      # Offloaded moments come to the devices only now, for the update (MaxText's optimizer
+      # offload); the copy back to host memory is the jit's out_shardings'.
+      old_opt_state = jax.device_put(old_opt_state, opt_state_on_device)
+    updates, opt_state = tx.update(grads, old_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # What the layers keep and report decides what the step does with it: a routing bias in the
     # model state is updated from the loads, reported stats go into the metrics.
     model_state = update_routing_bias(state.model_state, stats, model.config.moe.bias_update_rate)
     params, opt_state, model_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
-        (state.params, state.opt_state, state.model_state))
+        (state.params, old_opt_state, state.model_state))
     metrics = {'loss': ce, 'grad_norm': grad_norm, 'finite': finite}
     if stats:
       metrics['aux_loss'] = aux
@@ -168,6 +185,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state), metrics
 
+  step.loss = loss
   return step
 
 

@@ -1,0 +1,144 @@
+"""The memory estimate against the compiler's plan and the measured peak, config by config.
+
+For each case (a small model on one device, a study point's shape), builds the training step
+as a run does (efficientjax/train/fit.py), reads the analytic estimate and the compiled step's
+memory analysis, then allocates the state, runs one step and measures the peak
+(efficientjax.metrics.memory.StepPeak: the allocator's peak on a GPU, the resident
+high-water mark's rise on a CPU). Writes one row per case.
+
+  python -m experiments.bench_memory [--cases=mha_none,...] [--out=FILE.json]
+
+On Linux CPUs it re-executes itself with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_),
+so that freed buffers leave the resident set and the high-water mark measures the step alone;
+on a GPU each case runs in its own process (the allocator's peak cannot be reset).
+"""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from configs import base
+from efficientjax import parallel
+from efficientjax.data import get_tokenizer
+from efficientjax.metrics import memory
+from efficientjax.metrics.record import environment
+from efficientjax.train.fit import memory_plan
+from efficientjax.train.loop import Recipe, _memory_analysis
+
+_MMAP_ENV = 'MALLOC_MMAP_THRESHOLD_'
+
+# name -> overrides of a small model (2 layers, width 256, 8 x 256 tokens): big enough that
+# activations are most of the step, small enough to compile in seconds.
+SMALL = {'model.embed_dim': 256, 'model.num_layers': 2, 'model.num_heads': 4,
+         'model.mlp_dim': 768, 'model.vocab_size': None, 'model.dtype': 'float32',
+         'data.seq_len': 256, 'train.global_batch_size': 8}
+_MLA = {'model.attention': 'mla', 'model.mla.kv_lora_rank': 64, 'model.mla.q_lora_rank': 96,
+        'model.mla.qk_nope_head_dim': 32, 'model.mla.qk_rope_head_dim': 16,
+        'model.mla.v_head_dim': 32}
+_MOE = {'model.ffn': 'moe', 'model.moe.num_experts': 4, 'model.moe.top_k': 2,
+        'model.mlp_dim': 384}
+CASES = {
+    'mha_none': {},
+    'mha_full': {'model.remat': 'full'},
+    'mha_dots_saveable': {'model.remat': 'dots_saveable'},
+    'gqa_bf16_full': {'model.attention': 'gqa', 'model.num_kv_heads': 2, 'model.remat': 'full',
+                      'model.dtype': 'bfloat16'},
+    'mla_full': {**_MLA, 'model.remat': 'full'},
+    'mla_none': _MLA,
+    'moe_dropless_none': _MOE,
+    'moe_capacity_full': {**_MOE, 'model.moe.dispatch': 'capacity', 'model.remat': 'full'},
+    'mha_accum2_offload': {'train.grad_accum_steps': 2, 'train.offload_optimizer': True},
+    'nsa_full': {'model.attention': 'nsa', 'model.remat': 'full', 'model.nsa.window': 64,
+                 'model.nsa.num_selected': 4},
+}
+
+_CASES = flags.DEFINE_list('cases', list(CASES), 'which cases to run')
+_OUT = flags.DEFINE_string('out', None, 'write the results here as JSON')
+
+
+def config_of(overrides: dict) -> dict:
+  c = base.get_config().to_dict()
+  for path, value in {**SMALL, **overrides}.items():
+    *parents, key = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[key] = value
+  c['train']['checkpoint_every'] = 0
+  return c
+
+
+def measure(config: dict) -> dict:
+  """One case: the plan before anything is allocated, then the measured peak of one step."""
+  recipe = Recipe(config)
+  model_cfg = recipe.model_config(get_tokenizer('byte'))
+  mesh = parallel.make_mesh(config['mesh'], jax.devices()[:1])
+  recipe.setup(model_cfg, mesh)
+  batch_sh = parallel.batch_sharding(mesh)
+  with parallel.activate(mesh):
+    abstract_batch = recipe.abstract_batch(sharding=batch_sh)
+    t0 = time.perf_counter()
+    step = jax.jit(recipe.train_step(recipe.model, recipe.tx),
+                   in_shardings=(recipe.shardings, batch_sh), donate_argnums=0,
+                   out_shardings=(recipe.shardings, parallel.replicated(mesh))
+                   ).lower(recipe.abstract, abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    plan = memory_plan(recipe, _memory_analysis(step), abstract_batch)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, model_cfg.vocab_size, abstract_batch.shape, dtype=np.int32)
+  gc.collect()
+  peak = memory.StepPeak(jax.local_devices()[:1])
+  peak.start()
+  state = recipe.fresh_state(lambda _: None)
+  state, metrics = step(state, jax.device_put(tokens, batch_sh))
+  jax.block_until_ready((state, metrics))
+  measured = peak.stop()
+  del state, metrics
+  gc.collect()
+  row = {**plan.record(), **measured, 'compile_s': compile_s}
+  est, comp, meas = (row['estimate']['device_bytes'], row['compiler_bytes'],
+                     row['measured_peak_bytes'])
+  row['estimate_over_compiler'] = est / comp if comp else None
+  row['estimate_over_measured'] = est / meas if meas else None
+  return row
+
+
+def main(argv):
+  del argv
+  if sys.platform == 'linux' and _MMAP_ENV not in os.environ:
+    os.execve(sys.executable, [sys.executable, '-m', 'experiments.bench_memory'] + sys.argv[1:],
+              {**os.environ, _MMAP_ENV: str(1 << 17)})
+  rows = {}
+  for name in _CASES.value:
+    if jax.default_backend() != 'cpu' and len(_CASES.value) > 1:
+      # An allocator's peak counts from process start and cannot be reset: a process a case.
+      with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'case.json')
+        subprocess.run([sys.executable, '-m', 'experiments.bench_memory', f'--cases={name}',
+                        f'--out={out}'], check=True)
+        with open(out) as f:
+          row = json.load(f)['rows'][name]
+    else:
+      row = measure(config_of(CASES[name]))
+    rows[name] = row
+    mib = lambda n: f'{n / 2**20:8.1f}' if n is not None else '       ?'
+    print(f'{name:20s} estimate {mib(row["estimate"]["device_bytes"])} MiB  compiler '
+          f'{mib(row["compiler_bytes"])}  measured {mib(row["measured_peak_bytes"])}  '
+          f'est/compiler {row["estimate_over_compiler"] or 0:.2f}  est/measured '
+          f'{row["estimate_over_measured"] or 0:.2f}', flush=True)
+    if _OUT.value:
+      with open(_OUT.value, 'w') as f:
+        json.dump({'env': environment(), 'cases': CASES, 'small': SMALL, 'rows': rows}, f,
+                  indent=1, default=str)
+
+
+if __name__ == '__main__':
+  app.run(main)
