@@ -37,8 +37,10 @@ def _guard_workdir(workdir: str, config: dict[str, Any], sections: tuple[str, ..
                         '(nothing there is overwritten)')
   if jax.process_index() == 0:  # one writer on a shared file system
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
+    # Whole or not at all: the other processes may be reading it (above) meanwhile.
+    with open(path + '.tmp', 'w') as f:
       json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)
 
 
 def completed_record(workdir: str, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -68,10 +70,11 @@ def run_training(config: ConfigDict, workdir: str,
     # Rerunning a finished run (or restarting one killed after its record was written) must
     # not append a second record.
     path = os.path.join(workdir, records.RESULTS_FILE)
-    print(f'this run is already complete: it reached step {done["steps"]["final"]} '
-          f'(train.steps={cfg["train"]["steps"]}) and its record ({done["run_id"]}, '
-          f'{done["created_at"]}) is in {path}. Raise --config.train.steps to train further, '
-          'or use a new --workdir to run again.')
+    if jax.process_index() == 0:
+      print(f'this run is already complete: it reached step {done["steps"]["final"]} '
+            f'(train.steps={cfg["train"]["steps"]}) and its record ({done["run_id"]}, '
+            f'{done["created_at"]}) is in {path}. Raise --config.train.steps to train '
+            'further, or use a new --workdir to run again.')
     return path
   result = train_fn(cfg, workdir)
   record = records.new_record(cfg['kind'], cfg)

@@ -92,15 +92,32 @@ def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
 
 
 def maybe_initialize_distributed() -> bool:
-  """Starts multi-process JAX when the environment describes a multi-process job.
+  """Starts multi-process JAX when the environment describes a multi-process job; True if so.
 
-  `jax.distributed.initialize()` finds the coordinator itself on SLURM, Open MPI and
-  Kubernetes, or from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  Must run before anything asks JAX for devices. SLURM (`srun`, one task per GPU: SLURM_LOCALID
+  picks the task's GPU) and Open MPI are found by `jax.distributed.initialize()` itself;
+  JAX_LOCAL_DEVICE_IDS (e.g. `0,1,2,3`, for one task per node) overrides the GPUs a process
+  drives. Elsewhere JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID describe the job; jax reads only the first of them, so this passes the others.
+  EFFICIENTJAX_HEARTBEAT_TIMEOUT_S (default 100, jax's): how long a process may be silent
+  before the job counts it dead and ends every process.
   """
   env = os.environ
-  multi = (env.get('JAX_COORDINATOR_ADDRESS') or int(env.get('JAX_NUM_PROCESSES', '1')) > 1
-           or int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1)
+  num = int(env['JAX_NUM_PROCESSES']) if env.get('JAX_NUM_PROCESSES') else None
+  pid = int(env['JAX_PROCESS_ID']) if env.get('JAX_PROCESS_ID') else None
+  multi = (env.get('JAX_COORDINATOR_ADDRESS') or (num or 1) > 1
+           or int(env.get('SLURM_NTASKS', '1')) > 1
+           or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1)
   if not multi:
     return False
-  jax.distributed.initialize()
+  if not env.get('JAX_CPU_COLLECTIVES_IMPLEMENTATION'):
+    # A CPU backend's collectives across processes (the CPU-only job, or the host side of a GPU
+    # one): gloo over TCP needs nothing but the coordinator. It is jax 0.10's default; named here
+    # so a changed default cannot leave CPU processes without cross-process collectives.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # A process blocked in a collective whose peer died (XLA's CPU collectives can wait for ever)
+  # is ended only when the coordinator counts the peer dead, after this many silent seconds.
+  heartbeat_s = int(env.get('EFFICIENTJAX_HEARTBEAT_TIMEOUT_S') or 100)
+  jax.distributed.initialize(num_processes=num, process_id=pid,
+                             heartbeat_timeout_seconds=heartbeat_s)
   return True

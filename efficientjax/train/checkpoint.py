@@ -7,6 +7,9 @@ orbax commits the step by renaming `<step>.orbax-checkpoint-tmp` to `<step>`, so
 checkpoint has one and a SIGKILL at any moment leaves either both or neither. A restore checks
 sizes, then CRCs, before orbax reads a byte, then that every floating value is finite. A
 checkpoint without a manifest (saved before there were any) still loads, unverified, with a note.
+Many processes: each writes its own shards (orbax), process 0 the manifest once all are written
+(orbax's commit barrier comes first); on restore each CRCs its share of the files and all take
+the same verdict, so every process sets aside, or goes on from, the same checkpoint.
 
 What is bad, and what is not. A file that differs from its manifest, a checkpoint without one
 that orbax cannot read, or NaN/inf in the state: reported in one paragraph on stderr and, with
@@ -60,6 +63,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from efficientjax.train.state import TrainState
@@ -71,6 +75,7 @@ _COMMIT_FILES = frozenset({'_CHECKPOINT_METADATA', 'commit_success.txt'})
 # timestamp after it.
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
 _READ_BYTES = 8 << 20
+_PROBLEM_BYTES = 1024  # of a CorruptCheckpoint message, as processes tell each other
 
 
 class CheckpointError(RuntimeError):
@@ -140,9 +145,13 @@ def write_manifest(directory: str) -> None:
   os.replace(tmp, os.path.join(directory, MANIFEST))
 
 
-def verify_manifest(directory: str) -> bool:
+def verify_manifest(directory: str, *, share: tuple[int, int] = (0, 1)) -> bool:
   """Checks a checkpoint's files against its manifest; False when it has none (saved before
-  manifests existed). Raises CorruptCheckpoint naming the first file that differs."""
+  manifests existed). Raises CorruptCheckpoint naming the first file that differs.
+
+  share=(i, n): read (CRC) only the i-th of n equal-byte shares of the files; sizes are checked
+  for all of them (a stat each).
+  """
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
     return False
@@ -158,11 +167,37 @@ def verify_manifest(directory: str) -> bool:
       raise CorruptCheckpoint(f'{rel} is missing')
     if (size := os.path.getsize(full)) != want['bytes']:
       raise CorruptCheckpoint(f'{rel} holds {size} bytes where {want["bytes"]} were saved')
-  for rel, crc in _parallel_crc32(directory, list(files)).items():
+  index, count = share
+  # Largest first, dealt in turn: the same shares in every process, of about equal bytes.
+  mine = sorted(files, key=lambda r: (-files[r]['bytes'], r))[index::count]
+  for rel, crc in sorted(_parallel_crc32(directory, mine).items()):
     if f'{crc:08x}' != files[rel]['crc32']:
       raise CorruptCheckpoint(f'{rel} has CRC-32 {crc:08x} where {files[rel]["crc32"]} was saved '
                               '(its bytes changed after the save)')
   return True
+
+
+def verify_in_every_process(directory: str) -> bool:
+  """`verify_manifest` for a job of many processes: each reads its share of the files, so the
+  checkpoint is read once in all rather than once per process, and every process returns, or
+  raises, the same: the problem of the lowest-numbered process that found one."""
+  if jax.process_count() == 1:
+    return verify_manifest(directory)
+  problem = None
+  try:
+    verified = verify_manifest(directory, share=(jax.process_index(), jax.process_count()))
+  except (CorruptCheckpoint, OSError) as e:  # OSError: a file that went while being read
+    verified, problem = True, str(e)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # Each process's verdict as [found a problem, its message's UTF-8 bytes ...]: a fixed-size
+  # array every process can gather.
+  text = (problem or '').encode()[:_PROBLEM_BYTES]
+  mine = np.zeros(1 + _PROBLEM_BYTES, np.uint8)
+  mine[0], mine[1:1 + len(text)] = problem is not None, np.frombuffer(text, np.uint8)
+  for row in np.asarray(multihost_utils.process_allgather(mine)):
+    if row[0]:
+      raise CorruptCheckpoint(bytes(row[1:]).rstrip(b'\0').decode(errors='replace'))
+  return verified
 
 
 @jax.jit
@@ -270,7 +305,7 @@ class Checkpointer:
     directory = os.path.join(self.directory, str(step))
     if not os.path.isdir(directory):
       raise CorruptCheckpoint(f'{directory} is gone')
-    verified = verify_manifest(directory)
+    verified = verify_in_every_process(directory)
     if not verified:
       _say(f'checkpoint: step {step} has no {MANIFEST} (saved before checkpoints carried one); '
            'its files are not verified, only that its values are finite.')
