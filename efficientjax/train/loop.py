@@ -476,7 +476,7 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       window_s=window.seconds,
       window_steps=window.steps,
       paused_s=window.paused_s,
-      energy=window.energy(),
+      energy=_job_energy(window.energy(), window.seconds),
       sampler=sampler.summary(),
       trace=_trace_summary(trace.logdir, profile_steps, trace.seconds, train_step),
   )
@@ -496,6 +496,30 @@ def _all_processes(count: int) -> int:
     return count
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+
+
+def _job_energy(energy: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+  """This process's window energy -> the job's: every process's devices summed (each reads
+  only its own), so that J/token divides the job's energy by the job's tokens. Null where any
+  process has no reading. Every process must call it (a collective)."""
+  if jax.process_count() == 1:
+    return energy
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = energy.get('energy_j_per_device')
+  ok = mine is not None and energy.get('energy_j') is not None
+  n = jax.local_device_count()
+  flat = np.asarray(mine if ok and len(mine) == n else [np.nan] * n, np.float64)
+  everyone = np.asarray(multihost_utils.process_allgather(flat)).reshape(-1)
+  reliable = np.asarray(multihost_utils.process_allgather(
+      np.asarray(bool(energy.get('reliable')), np.bool_))).reshape(-1)
+  if not np.all(np.isfinite(everyone)):
+    return {**energy, 'energy_j': None, 'avg_power_w': None, 'energy_j_per_device': None,
+            'reason': energy.get('reason') or 'a process of the job had no energy reading'}
+  total = float(everyone.sum())
+  return {**energy, 'energy_j': total, 'energy_j_per_device': everyone.tolist(),
+          'avg_power_w': total / seconds if seconds else None,
+          'scope': f'{energy.get("scope")}, summed over the job\'s {jax.process_count()} '
+                   'processes', 'reliable': bool(reliable.all())}
 
 
 def _log_line(path: str, line: dict[str, Any]) -> None:

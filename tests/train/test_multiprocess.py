@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -252,3 +253,23 @@ def test_a_multi_process_run_needs_one_named_workdir(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stderr.startswith('config error: --workdir: a multi-process run needs one --workdir')
   assert os.listdir(tmp_path) == []
+
+
+def test_the_jobs_energy_sums_every_processs_devices(monkeypatch):
+  # Each process meters only its own devices: the record's energy (and so J/token) is the sum.
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from efficientjax.train import loop  # pylint: disable=g-import-not-at-top
+  n = jax.local_device_count()
+  peer = {'per_device': [5.0] * n, 'reliable': False}
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', lambda x: np.stack(
+      [x, np.asarray(peer['per_device'] if x.dtype != np.bool_ else peer['reliable'],
+                     x.dtype)]))
+  mine = {'source': 'nvml', 'scope': 'gpu', 'energy_j': 2.0 * n, 'energy_j_per_device': [2.0] * n,
+          'avg_power_w': 1.0, 'reliable': True, 'reason': None}
+  job = loop._job_energy(mine, seconds=7.0)  # pylint: disable=protected-access
+  assert job['energy_j'] == 7.0 * n and job['avg_power_w'] == 7.0 * n / 7.0
+  assert job['energy_j_per_device'] == [2.0] * n + [5.0] * n
+  assert job['reliable'] is False and 'summed over' in job['scope']
+  peer['per_device'] = [float('nan')] * n  # a process without a reading: no job total
+  assert loop._job_energy(mine, seconds=7.0)['energy_j'] is None  # pylint: disable=protected-access
