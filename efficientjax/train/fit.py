@@ -64,11 +64,15 @@ class MemoryPlan:
             f'{gib(self.limit_bytes)} is available ({self.limit_source}).\n{self.text()}\n')
     if self.options:
       text += 'Changes that would fit (analytic estimates, per device):\n' + '\n'.join(
-          f'  {label}: {gib(b)}  ({" ".join(f"--config.{k}={v}" for k, v in fix.items())})'
+          f'  {label}: {gib(b)}' + (
+              f'  ({" ".join(f"--config.{k}={v}" for k, v in fix.items())})' if fix else '')
           for label, fix, b in self.options)
     else:
       text += ('No single change found fits; combine more devices (mesh), remat and smaller '
                'batches, or use a smaller preset.')
+    if self.backend == 'gpu':
+      text += ('\n(JAX preallocates 75% of a GPU by default; XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 '
+               'raises the limit.)')
     return text
 
   def record(self) -> dict[str, Any]:
