@@ -184,6 +184,18 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   tokenizer = get_tokenizer(d['tokenizer'], eos_token=d['eos_token'])
   compute_dtype = quant.compute_dtype(inf['precision'])
   cfg = model_config(config, tokenizer, compute_dtype)
+  # The workload before any costly step, so that a request the engine cannot hold stops the
+  # run now (lengths drawn from a normal, or a jsonl line's own max_new_tokens, have no bound
+  # validation could check).
+  requests = build_requests(config, tokenizer)
+  too_long = [r for r in requests if len(r.prompt) + r.max_new_tokens > inf['max_len']]
+  if too_long:
+    r = max(too_long, key=lambda r: len(r.prompt) + r.max_new_tokens)
+    need = len(r.prompt) + r.max_new_tokens
+    raise ConfigError('inference.max_len', f'{len(too_long)} of {len(requests)} requests do not '
+                      f'fit {inf["max_len"]} tokens (the longest: {len(r.prompt)} prompt + '
+                      f'{r.max_new_tokens} output); raise it to {need} or shorten the lengths',
+                      {'inference.max_len': need})
   plan = memory_plan(config, cfg)
   if plan['limit_bytes'] is not None and plan['device_bytes'] > plan['limit_bytes']:
     raise _does_not_fit(config, plan)
@@ -210,18 +222,6 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       rows.append(data.train.next())
     return np.concatenate(rows)[:inf['calibration_samples'], :-1]
 
-  # The workload before any costly step, so that a request the engine cannot hold stops the
-  # run now (lengths drawn from a normal, or a jsonl line's own max_new_tokens, have no bound
-  # validation could check).
-  requests = build_requests(config, tokenizer)
-  too_long = [r for r in requests if len(r.prompt) + r.max_new_tokens > inf['max_len']]
-  if too_long:
-    r = max(too_long, key=lambda r: len(r.prompt) + r.max_new_tokens)
-    need = len(r.prompt) + r.max_new_tokens
-    raise ConfigError('inference.max_len', f'{len(too_long)} of {len(requests)} requests do not '
-                      f'fit {inf["max_len"]} tokens (the longest: {len(r.prompt)} prompt + '
-                      f'{r.max_new_tokens} output); raise it to {need} or shorten the lengths',
-                      {'inference.max_len': need})
   workload = {'prompts': prompt_source(config), 'scenario': inf['scenario'],
               **workload_lib.workload_stats(requests)}
 
