@@ -24,7 +24,7 @@ from efficientjax.data import get_tokenizer
 from efficientjax.metrics import memory
 from efficientjax.train import fit
 from efficientjax.train.loop import Recipe, _memory_analysis
-from experiments.bench_memory import CASES, config_of
+from experiments.memory_cases import CASES, config_of
 from tests.helpers import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
