@@ -32,6 +32,24 @@ def smoke_config(**overrides: Any) -> dict[str, Any]:
   return with_overrides(quickstart.get_config('smoke').to_dict(), overrides)
 
 
+# A fresh `jax.jit(Transformer(cfg).init)` traces and compiles again on every call, even for
+# the same config and shapes (a second or more each, for these tiny models); these are jitted
+# once per config, so a test process compiles each (config, shape) once, whichever file asks.
+
+
+@functools.cache
+def jitted_init(cfg: ModelConfig):
+  """`Transformer(cfg).init(key, tokens)` -> variables, jitted once per config."""
+  return jax.jit(Transformer(cfg).init)
+
+
+@functools.cache
+def jitted_forward(cfg: ModelConfig):
+  """`Transformer(cfg).apply(variables, tokens)` -> logits, jitted once per config."""
+  model = Transformer(cfg)
+  return jax.jit(lambda variables, tokens: model.apply(variables, tokens))
+
+
 @functools.cache
 def decode_step(cfg: ModelConfig):
   """`Transformer.decode_step` of `cfg`, jitted once per config."""

@@ -15,9 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(*args, cwd=ROOT):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a laptop
-  # At LLVM's optimisation level 0, as the suite's own processes (tests/conftest.py): these runs
-  # are compile-bound, and what they check does not depend on how fast XLA's code is.
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  # With the suite's own compile-time flags (tests/conftest.py: LLVM's optimisation level 0, the
+  # CPU's older fusion emitters): these runs are compile-bound, and what they check does not
+  # depend on how fast XLA's code is.
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   return subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)

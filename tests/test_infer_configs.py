@@ -2,9 +2,9 @@
 
 Every `configs/infer_*.py:smoke` runs through the CLI as a user runs it; int4 (AWQ) serves a
 trained project run (`model.init=run:`) and is rerun to read its quantised weights back. The
-int8 KV cache runs through the runner the CLI calls (experiments/inference.py), in this
-process. Every record is validated against the schema and checked against what the run itself
-measured.
+int8 KV cache and the server scenario run together (one run) through the runner the CLI calls
+(experiments/inference.py), in this process. Every record is validated against the schema
+and checked against what the run itself measured.
 """
 
 import functools
@@ -20,9 +20,9 @@ import pytest
 from efficientjax.errors import ConfigError
 from efficientjax.infer import run as infer_run
 from efficientjax.metrics.record import read_records, validate_record
-from efficientjax.model import Transformer
 from experiments import inference, validate
 from tests.attention.variants import TINY
+from tests.helpers import jitted_init
 from tests.test_cli import _main
 
 PRECISIONS = ('bf16', 'fp16', 'int8', 'int4', 'fp8')
@@ -147,11 +147,22 @@ def test_smoke_presets_through_the_cli(precision, tmp_path):
     assert c['size_ratio'] == expected_ratio
 
 
-def test_an_int8_kv_cache_holds_a_byte_per_value_and_a_scale_per_vector(tmp_path):
+@pytest.fixture(scope='module')
+def server_int8(tmp_path_factory):
+  """(record, config) of the bf16 smoke preset run through the runner the CLI calls, in the
+  server scenario and with an int8 KV cache: independent settings, so one run (seconds) serves
+  the two tests that read them."""
   config = _config('infer_bf16', 'smoke')
   config.inference.kv_cache_dtype = 'int8'
-  (record,) = read_records(inference.run(config, str(tmp_path)))
-  _check_record(record, config.to_dict())
+  config.inference.scenario = 'server'
+  config.inference.rate_per_s = 20.0
+  config.inference.num_requests = 4
+  (record,) = read_records(inference.run(config, str(tmp_path_factory.mktemp('server_int8'))))
+  return _check_record(record, config.to_dict()), config
+
+
+def test_an_int8_kv_cache_holds_a_byte_per_value_and_a_scale_per_vector(server_int8):
+  record, config = server_int8
   m = record['model']['config']
   slots, length = config.inference.num_slots, config.inference.max_len  # 48: whole chunks
   vectors = m['num_layers'] * 2 * slots * length * m['num_kv_heads']  # keys and values
@@ -164,7 +175,7 @@ def test_quantised_weights_are_kept_per_settings(tmp_path):
   deleted) and the weights quantised again; other settings get their own folder."""
   config = _config('infer_int8', 'smoke').to_dict()
   cfg = TINY['mha']
-  params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  params = jitted_init(cfg)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   quantized = functools.partial(infer_run._quantized, cfg=cfg, params=params,  # pylint: disable=protected-access
                                 calibration=None, workdir=str(tmp_path), say=lambda msg: None)
   first, _, first_s = quantized(config)
@@ -183,14 +194,9 @@ def test_quantised_weights_are_kept_per_settings(tmp_path):
   assert len([f for f in (tmp_path / 'quantized').iterdir() if 'set_aside' not in f.name]) == 2
 
 
-def test_the_server_scenario_admits_requests_as_they_arrive(tmp_path):
+def test_the_server_scenario_admits_requests_as_they_arrive(server_int8):
   """Poisson arrivals: nobody is served before arriving, and latencies count from arrival."""
-  config = _config('infer_bf16', 'smoke')
-  config.inference.scenario = 'server'
-  config.inference.rate_per_s = 20.0
-  config.inference.num_requests = 4
-  (record,) = read_records(inference.run(config, str(tmp_path)))
-  _check_record(record, config.to_dict())
+  record, _ = server_int8
   w, lat = record['inference']['workload'], record['metrics']['latency']
   assert w['scenario'] == 'server' and w['arrival_span_s'] > 0 and w['offered_rate_per_s'] > 0
   # The window spans the arrivals; every TTFT is measured from its own arrival.

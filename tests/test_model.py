@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from efficientjax.model import ModelConfig, Transformer, scan_params, unscan_params
+from tests.helpers import jitted_forward, jitted_init
 
 TINY = ModelConfig(vocab_size=97, embed_dim=48, num_layers=3, num_heads=4, num_kv_heads=2,
                    head_dim=12, mlp_dim=80, rope_theta=500.0)
@@ -17,13 +18,13 @@ TINY = ModelConfig(vocab_size=97, embed_dim=48, num_layers=3, num_heads=4, num_k
 def _init(cfg, seed=0, batch=2, length=16):
   model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)['params'])
+  params = nn.unbox(jitted_init(cfg)(jax.random.key(seed), tokens)['params'])
   return model, params, tokens
 
 
 def _apply(model, params, tokens):
-  # Jitted: op-by-op dispatch makes these tiny models slow on CPU.
-  return jax.jit(model.apply)({'params': params}, tokens)
+  # Jitted (once per config): op-by-op dispatch makes these tiny models slow on CPU.
+  return jitted_forward(model.config)({'params': params}, tokens)
 
 
 def _reference_forward(cfg: ModelConfig, params, tokens):

@@ -10,9 +10,9 @@ import pytest
 
 from efficientjax.attention import cache as kv_cache
 from efficientjax.attention.nsa import num_blocks
-from efficientjax.model import Transformer, init_cache
+from efficientjax.model import init_cache
 from tests.attention.variants import TINY
-from tests.helpers import decode_step
+from tests.helpers import decode_step, jitted_forward, jitted_init
 
 # Logits of the tiny models (std ~0.11) from an int8 cache stay within INT8_ATOL of the forward
 # pass (measured at most 1.2e-3, mqa); a float32 cache within FLOAT_ATOL (measured <= 1e-7),
@@ -127,10 +127,9 @@ def _prefill_then_decode(cfg, params, tokens, prefill, max_len, dtype):
 @pytest.mark.parametrize('name', sorted(TINY))
 def test_int8_cache_decodes_like_the_forward_pass(name):
   cfg, length = TINY[name], 24
-  model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, length), 0, cfg.vocab_size)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(2), tokens)['params'])
-  want = jax.jit(model.apply)({'params': params}, tokens)
+  params = nn.unbox(jitted_init(cfg)(jax.random.key(2), tokens)['params'])
+  want = jitted_forward(cfg)({'params': params}, tokens)
   # A prompt ending mid-block (NSA's blocks are 2-4 tokens) in a cache longer than the sequence.
   got, cache = _prefill_then_decode(cfg, params, tokens, 7, length + 5, 'int8')
   assert {a.dtype for a in jax.tree.leaves(cache)} == {jnp.dtype(jnp.int8), jnp.dtype(jnp.float32)}

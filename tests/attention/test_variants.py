@@ -15,7 +15,7 @@ from efficientjax.attention import ATTENTION
 from efficientjax.attention import cache as kv_cache
 from efficientjax.model import Transformer, init_cache
 from tests.attention.variants import BASE, TINY
-from tests.helpers import prefill_then_decode
+from tests.helpers import jitted_forward, jitted_init, prefill_then_decode
 
 LENGTH = 24
 
@@ -23,12 +23,12 @@ LENGTH = 24
 def _init(cfg, seed=0, batch=2, length=LENGTH):
   model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)['params'])
+  params = nn.unbox(jitted_init(cfg)(jax.random.key(seed), tokens)['params'])
   return model, params, tokens
 
 
 def _forward(model, params, tokens):
-  return jax.jit(model.apply)({'params': params}, tokens)
+  return jitted_forward(model.config)({'params': params}, tokens)
 
 
 def test_every_registered_variant_has_a_tiny_config():

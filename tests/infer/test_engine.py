@@ -14,8 +14,9 @@ from efficientjax.attention import ATTENTION
 from efficientjax.infer.engine import Engine, prefill_buckets
 from efficientjax.infer.workload import Request
 from efficientjax.infer.sampling import Sampling, request_keys, sample, stack_params
-from efficientjax.model import MoEConfig, Transformer
+from efficientjax.model import MoEConfig
 from tests.attention.variants import BASE, TINY
+from tests.helpers import jitted_forward, jitted_init
 
 CHUNK = 16             # one prefill shape (a compile each fewer): short prompts pad to it
 MAX_LEN = 64
@@ -26,7 +27,7 @@ NEW = 6
 @functools.cache
 def _model(name, scale=8.0):
   cfg = TINY[name] if name in TINY else LEARNED
-  params = Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params']
+  params = jitted_init(cfg)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params']
   # Greedy tests scale the weights up from init's 0.02 so that logits are far from ties and
   # greedy paths differ; sampling tests scale them less, so that draws are far from certain.
   params = jax.tree.map(lambda a: a * scale if a.ndim >= 2 else a, params)
@@ -40,11 +41,9 @@ LEARNED = dataclasses.replace(BASE, position='learned', max_seq_len=46)
 
 SAMPLED = 'gqa-sampled'  # the GQA model at scale 2
 
-
-@functools.cache
-def _forward(name):
-  cfg, _ = _model(*_key(name))
-  return jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t))
+# The engine's sampler, jitted once: called op by op, its lax.conds trace and compile afresh at
+# every call (~0.5 s each), which was most of this file's time.
+_sample = jax.jit(sample)
 
 
 def _reference(name, prompt, new, sampling=Sampling()):
@@ -56,9 +55,10 @@ def _reference(name, prompt, new, sampling=Sampling()):
   buf[0, :len(prompt)] = prompt
   n, tokens, logprobs = len(prompt), [], []
   for i in range(new):
-    logits = np.asarray(_forward(name)(params, jnp.asarray(buf))[0, n - 1], np.float64)
-    token = int(sample(jnp.asarray(logits, jnp.float32)[None], request_keys(sampling.seed, i)[None],
-                       stack_params([sampling]))[0])
+    logits = np.asarray(jitted_forward(cfg)({'params': params}, jnp.asarray(buf))[0, n - 1],
+                        np.float64)
+    token = int(_sample(jnp.asarray(logits, jnp.float32)[None],
+                        request_keys(sampling.seed, i)[None], stack_params([sampling]))[0])
     logp = logits - logits.max() - np.log(np.sum(np.exp(logits - logits.max())))
     tokens.append(token)
     logprobs.append(float(logp[token]))
@@ -167,7 +167,7 @@ def test_a_moe_model_serves_with_its_routing_bias():
   `moe_state`, and the engine's tokens are the full forward pass's with that bias."""
   cfg = dataclasses.replace(BASE, ffn='moe', moe=MoEConfig(
       num_experts=4, top_k=2, expert_dim=16, router='sigmoid', aux_free=True))
-  variables = Transformer(cfg).init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
+  variables = jitted_init(cfg)(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
   params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, variables['params'])
   bias = jax.tree.map(lambda b: jax.random.normal(jax.random.key(4), b.shape),
                       variables['moe_state'])
@@ -175,7 +175,7 @@ def test_a_moe_model_serves_with_its_routing_bias():
   prompt = _prompts(cfg)[1]
   tokens = Engine(cfg, served, num_slots=1, max_len=MAX_LEN, prefill_chunk=CHUNK).generate(
       [prompt], max_new_tokens=4)[0]
-  forward = jax.jit(lambda v, t: Transformer(cfg).apply(v, t))
+  forward = jitted_forward(cfg)
 
   def greedy(variables):  # the whole sequence again for each token, in a fixed buffer
     buf = np.zeros((1, MAX_LEN), np.int32)

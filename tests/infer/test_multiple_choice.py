@@ -20,6 +20,7 @@ from efficientjax.errors import ConfigError
 from efficientjax.infer import loglikelihood, multiple_choice
 from efficientjax.model import Transformer
 from tests.attention.variants import BASE
+from tests.helpers import jitted_init
 
 # init_std 0.5: logits far from uniform, so that choices differ and acc differs from acc_norm.
 CFG = dataclasses.replace(BASE, max_seq_len=24, init_std=0.5)
@@ -27,7 +28,8 @@ BYTES = dataclasses.replace(CFG, vocab_size=257, max_seq_len=64)
 
 
 def init(cfg, seed=0):
-  return Transformer(cfg).init(jax.random.key(seed), np.zeros((1, 4), np.int32))['params']
+  # Jitted (op by op, init compiles every op: seconds of the module's setup).
+  return jitted_init(cfg)(jax.random.key(seed), np.zeros((1, 4), np.int32))['params']
 
 
 @pytest.fixture(scope='module')

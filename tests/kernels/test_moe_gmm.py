@@ -58,6 +58,15 @@ def _inputs(dtype, m, k, n, g, kind, seed):
   return lhs, rhs, jnp.asarray(_groups(kind, m, g, rng)), rng
 
 
+def _vjp(f, lhs, rhs, cotangent):
+  """f(lhs, rhs) and its gradients at `cotangent`, in one jit: op by op, the kernels' wrappers
+  and the reference compile each small op for each case's shapes (most of these tests' time)."""
+  def both(a, b, c):
+    out, vjp = jax.vjp(f, a, b)
+    return out, vjp(c)
+  return jax.jit(both)(lhs, rhs, cotangent)
+
+
 def _close(got, want, dtype):
   scale = float(jnp.max(jnp.abs(want.astype(jnp.float32)))) + 1e-6
   err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
@@ -88,12 +97,10 @@ def test_forward_and_gradients_match_reference(case, dtype, implementation):
   cotangent = jnp.asarray(rng.standard_normal((m, n)), dtype)
   kw = dict(implementation=implementation, tiling=TILES[implementation], interpret=True)
 
-  out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, **kw), lhs, rhs)
-  want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
+  out, (d_lhs, d_rhs) = _vjp(lambda a, b: gmm(a, b, sizes, **kw), lhs, rhs, cotangent)
+  want, (r_lhs, r_rhs) = _vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs, cotangent)
   assert out.dtype == dtype
   _close(out, want, dtype)
-  d_lhs, d_rhs = vjp(cotangent)
-  r_lhs, r_rhs = vjp_ref(cotangent)
   _close(d_lhs, r_lhs, dtype)
   _close(d_rhs, r_rhs, dtype)
   # Rows of no group are exactly zero in the output and get no gradient.
@@ -115,11 +122,11 @@ def test_launch_orders_give_the_same_products(implementation, dtype, order):
   lhs, rhs, sizes, rng = _inputs(dtype, 90, 48, 32, 8, 'skewed', seed=21)
   cotangent = jnp.asarray(rng.standard_normal((90, 32)), dtype)
   tiling = dict(TILES[implementation], **order)
-  out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation=implementation,
-                                      tiling=tiling, interpret=True), lhs, rhs)
-  want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
+  out, grads = _vjp(lambda a, b: gmm(a, b, sizes, implementation=implementation, tiling=tiling,
+                                     interpret=True), lhs, rhs, cotangent)
+  want, grads_ref = _vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs, cotangent)
   _close(out, want, dtype)
-  for got, ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+  for got, ref in zip(grads, grads_ref):
     _close(got, ref, dtype)
 
 
@@ -142,13 +149,11 @@ def test_warp_specialized_mosaic_kernels(case):
   sizes = jnp.array(group_sizes, jnp.int32)
   cotangent = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
   tiling = dict(TILES['mosaic_gpu'], block_m=128, block_k=128, consumers=2)
-  out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation='mosaic_gpu', tiling=tiling,
-                                      interpret=True), lhs, rhs)
-  want, vjp_ref = jax.vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs)
+  out, (d_lhs, d_rhs) = _vjp(lambda a, b: gmm(a, b, sizes, implementation='mosaic_gpu',
+                                                tiling=tiling, interpret=True), lhs, rhs, cotangent)
+  want, (r_lhs, r_rhs) = _vjp(lambda a, b: reference.gmm(a, b, sizes), lhs, rhs, cotangent)
   _close(out, want, jnp.bfloat16)
   assert not jnp.any(out[int(sizes.sum()):])
-  d_lhs, d_rhs = vjp(cotangent)
-  r_lhs, r_rhs = vjp_ref(cotangent)
   _close(d_lhs, r_lhs, jnp.bfloat16)
   _close(d_rhs, r_rhs, jnp.bfloat16)
   for i in np.flatnonzero(np.asarray(sizes) == 0):

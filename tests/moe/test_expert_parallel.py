@@ -154,7 +154,8 @@ def _train(mesh_name):
   _, shardings = state_shardings(model, tx, mesh, SEQ_LEN)
   if mesh_name is None:
     state = init_state(model, tx, one, SEQ_LEN, 0, shardings)
-    state = state.replace(model_state=SKEWED_STATE)
+    # Placed as the step returns it: from host arrays, the second step would compile again.
+    state = state.replace(model_state=jax.device_put(SKEWED_STATE, shardings.model_state))
   else:  # the one-device start, laid out on the mesh (init under it is checked by tracing)
     with parallel.activate(mesh):
       jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, SEQ_LEN), jnp.int32)),

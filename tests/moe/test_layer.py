@@ -3,6 +3,7 @@ network, the first-dense-layers layout, decoding, the balancing losses in the lo
 auxiliary-loss-free balancing over steps (and through a checkpoint)."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -18,7 +19,7 @@ from efficientjax.moe.report import ExpertStats
 from efficientjax.train.checkpoint import Checkpointer
 from efficientjax.train.state import init_state, state_shardings
 from efficientjax.train.step import forward, make_train_step
-from tests.helpers import prefill_then_decode
+from tests.helpers import jitted_forward, jitted_init, prefill_then_decode
 
 TINY = ModelConfig(vocab_size=53, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2,
                    head_dim=8, mlp_dim=48, attention='gqa', ffn='moe',
@@ -35,7 +36,7 @@ def _with(cfg, **moe):
 def _init(cfg, seed=0, batch=2, length=12):
   model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)['params'])
+  params = nn.unbox(jitted_init(cfg)(jax.random.key(seed), tokens)['params'])
   return model, params, tokens
 
 
@@ -49,32 +50,36 @@ def test_first_dense_layers_are_their_own_stack():
 
 
 def test_scanned_equals_unscanned():
-  model, params, tokens = _init(TINY, seed=1)
+  _, params, tokens = _init(TINY, seed=1)
   flat = unscan_params(params, TINY)
   assert sorted(k for k in flat if k.startswith('block_')) == ['block_0', 'block_1', 'block_2']
   unscanned = Transformer(dataclasses.replace(TINY, scan_layers=False))
-  np.testing.assert_allclose(jax.jit(model.apply)({'params': params}, tokens),
+  np.testing.assert_allclose(jitted_forward(TINY)({'params': params}, tokens),
                              jax.jit(unscanned.apply)({'params': flat}, tokens),
                              atol=1e-5, rtol=1e-5)
   back = scan_params(flat, TINY)
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+@functools.cache
+def _loss_and_grads(cfg):
+  """The training loss (balancing losses included) and its gradients, on seed 2's model."""
+  _, params, tokens = _init(TINY, seed=2)
+  batch = jnp.concatenate([tokens, tokens[:, :1]], axis=1)
+
+  def f(p):
+    losses, reported = forward(Transformer(cfg), p, {}, batch)
+    return losses.mean() + sum(jnp.sum(x) for x in jax.tree.leaves(reported['losses']))
+  return jax.jit(jax.value_and_grad(f))(params)
+
+
 @pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
 def test_strategies_agree_through_the_model(dispatch):
   """`capacity` with room for every token and `dropless` compute the `dense` reference's
   function: the same logits and the same gradients for every parameter."""
-  model, params, tokens = _init(TINY, seed=2)
-  batch = jnp.concatenate([tokens, tokens[:, :1]], axis=1)
-
-  def loss(cfg):
-    def f(p):
-      losses, reported = forward(Transformer(cfg), p, {}, batch)
-      return losses.mean() + sum(jnp.sum(x) for x in jax.tree.leaves(reported['losses']))
-    return jax.jit(jax.value_and_grad(f))(params)
-
-  want_loss, want_grads = loss(_with(TINY, dispatch='dense'))
-  got_loss, got_grads = loss(_with(TINY, dispatch=dispatch, capacity_factor=4.0))
+  # The dense reference is computed once for both strategies (cached).
+  want_loss, want_grads = _loss_and_grads(_with(TINY, dispatch='dense'))
+  got_loss, got_grads = _loss_and_grads(_with(TINY, dispatch=dispatch, capacity_factor=4.0))
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
                got_grads, want_grads)
@@ -92,15 +97,15 @@ def test_balancing_losses_enter_the_training_loss():
           + moe.seq_aux_loss_coef * stats['seq_aux_loss'])
   np.testing.assert_allclose(reported['losses']['blocks']['mlp']['moe'], want, rtol=1e-6)
   # Evaluation and inference ask for nothing and get the same logits.
-  logits = jax.jit(model.apply)({'params': params}, tokens)
+  logits = jitted_forward(TINY)({'params': params}, tokens)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
   np.testing.assert_allclose(ce, losses, rtol=1e-6)
 
 
 def test_prefill_then_decode_equals_forward():
   cfg = _with(TINY, dispatch='dropless')  # per-token routing: no batch-dependent drops
-  model, params, tokens = _init(cfg, seed=4)
-  want = jax.jit(model.apply)({'params': params}, tokens)
+  _, params, tokens = _init(cfg, seed=4)
+  want = jitted_forward(cfg)({'params': params}, tokens)
   np.testing.assert_allclose(prefill_then_decode(cfg, params, tokens, 5), want,
                              atol=2e-5, rtol=2e-5)
 

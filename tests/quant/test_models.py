@@ -38,15 +38,15 @@ from efficientjax.errors import ConfigError
 from efficientjax.model import MoEConfig, ModelConfig, Transformer, unscan_params
 from efficientjax.quant import calibration as calib
 from tests.attention.variants import BASE, TINY
-from tests.helpers import prefill_then_decode
+from tests.helpers import jitted_forward, jitted_init, prefill_then_decode
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 24), 0, BASE.vocab_size)
 
 
 @functools.cache
 def _params(cfg):
-  init = jax.jit(Transformer(cfg).init)  # much faster than op by op, even with its compile
-  return nn.unbox(init(jax.random.key(0), TOKENS[:, :8])['params'])
+  # Jitted (much faster than op by op, even with its compile), once per config.
+  return nn.unbox(jitted_init(cfg)(jax.random.key(0), TOKENS[:, :8])['params'])
 
 
 @functools.cache
@@ -55,8 +55,7 @@ def _reference(cfg):
 
 
 def _forward(cfg):
-  model = Transformer(cfg)
-  return jax.jit(lambda p, t: model.apply({'params': p}, t))
+  return lambda p, t: jitted_forward(cfg)({'params': p}, t)
 
 
 def _distance(logits, reference):

@@ -20,7 +20,7 @@ ARGS = ('--config=configs/quickstart.py:smoke', '--config.train.steps=10',
 def _command(workdir):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
   # Compile-bound, as the suite (tests/conftest.py); every run here has the same flags.
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   return [sys.executable, '-m', 'experiments.main', *ARGS, f'--workdir={workdir}'], env
 
