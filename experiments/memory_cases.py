@@ -17,7 +17,7 @@ from efficientjax import parallel
 from efficientjax.data import get_tokenizer
 from efficientjax.metrics import memory
 from efficientjax.train.fit import memory_plan
-from efficientjax.train.loop import Recipe, _memory_analysis
+from efficientjax.train.loop import Recipe, _memory_analysis, compile_train_step
 
 # name -> overrides of a small model (2 layers, width 256, 8 x 256 tokens): big enough that
 # activations are most of the step, small enough to compile in seconds.
@@ -66,12 +66,8 @@ def measure(config: dict) -> dict:
   recipe.setup(model_cfg, mesh)
   batch_sh = parallel.batch_sharding(mesh)
   with parallel.activate(mesh):
-    abstract_batch = recipe.abstract_batch(sharding=batch_sh)
     t0 = time.perf_counter()
-    step = jax.jit(recipe.train_step(recipe.model, recipe.tx),
-                   in_shardings=(recipe.shardings, batch_sh), donate_argnums=0,
-                   out_shardings=(recipe.shardings, parallel.replicated(mesh))
-                   ).lower(recipe.abstract, abstract_batch).compile()
+    step, abstract_batch = compile_train_step(recipe, batch_sh)
     compile_s = time.perf_counter() - t0
     plan = memory_plan(recipe, _memory_analysis(step), abstract_batch)
     # The state's values do not change its bytes: zeros, from a program compiled before the

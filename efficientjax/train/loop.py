@@ -223,6 +223,20 @@ def tree_bytes(tree: Any) -> int:
   return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def compile_train_step(recipe: Recipe, batch_sh: Any) -> tuple[Any, Any]:
+  """(the recipe's train step compiled from abstract shapes, the abstract batch), as a run
+  compiles it: the state donated, placed by the recipe's shardings. Call under the mesh
+  (`parallel.activate`) of a recipe that is set up."""
+  abstract_batch = jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      recipe.abstract_batch(sharding=None), batch_sh)
+  step = jax.jit(recipe.train_step(recipe.model, recipe.tx),
+                 in_shardings=(recipe.shardings, batch_sh), donate_argnums=0,
+                 out_shardings=(recipe.shardings, parallel.replicated(recipe.mesh))
+                 ).lower(recipe.abstract, abstract_batch).compile()
+  return step, abstract_batch
+
+
 def train(config: Mapping[str, Any], workdir: str, *, stop_after_step: int | None = None,
           devices: list[jax.Device] | None = None, progress: bool = True) -> TrainResult:
   """Runs (or resumes) the pretraining described by a validated run config.
@@ -261,14 +275,7 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       f'{seq_len} tokens a step, {mesh.devices.size} {jax.default_backend()} device(s)) ...')
   with parallel.activate(mesh):
     t0 = time.perf_counter()
-    abstract_batch = recipe.abstract_batch(sharding=None)
-    abstract_batch = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_batch,
-        batch_sh)
-    train_step = jax.jit(recipe.train_step(model, tx),
-                         in_shardings=(shardings, batch_sh), donate_argnums=0,
-                         out_shardings=(shardings, parallel.replicated(mesh))
-                         ).lower(abstract, abstract_batch).compile()
+    train_step, abstract_batch = compile_train_step(recipe, batch_sh)
     eval_step = jax.jit(recipe.eval_step(), in_shardings=(shardings, batch_sh)
                         ).lower(abstract, abstract_batch).compile()
     compile_s = time.perf_counter() - t0

@@ -23,7 +23,7 @@ from efficientjax import parallel
 from efficientjax.data import get_tokenizer
 from efficientjax.metrics import memory
 from efficientjax.train import fit
-from efficientjax.train.loop import Recipe, _memory_analysis
+from efficientjax.train.loop import Recipe, _memory_analysis, compile_train_step
 from experiments.memory_cases import CASES, config_of
 from tests.helpers import with_overrides
 
@@ -118,11 +118,7 @@ def _plan(overrides, devices=1):
   """The memory plan of a small config's step, compiled as a run compiles it."""
   recipe, mesh, batch_sh = _recipe(overrides, devices)
   with parallel.activate(mesh):
-    abstract_batch = recipe.abstract_batch(sharding=batch_sh)
-    step = jax.jit(recipe.train_step(recipe.model, recipe.tx),
-                   in_shardings=(recipe.shardings, batch_sh), donate_argnums=0,
-                   out_shardings=(recipe.shardings, parallel.replicated(mesh))
-                   ).lower(recipe.abstract, abstract_batch).compile()
+    step, abstract_batch = compile_train_step(recipe, batch_sh)
     return fit.memory_plan(recipe, _memory_analysis(step), abstract_batch)
 
 
