@@ -116,8 +116,19 @@ CANDIDATES = {
 }
 
 
-def _defaults(impl: str, product: str) -> dict:
-  return dict(CANDIDATES[impl, product][0])
+# Triton's default tiles are sized for 16-bit operands: with float32 ones the step of the
+# MoE memory check failed to compile on an H100 ("Shared memory size limit exceeded: requested
+# 262144, available: 232448"). Four-byte operands take half the K depth and two stages, which
+# by the smem counts of the two compile errors seen there (stages × operand blocks, plus the
+# f32 output tile for gmm) need at most 160 KiB.
+_TRITON_WIDE_OPERANDS = dict(block_k=32, num_stages=2)
+
+
+def _defaults(impl: str, product: str, itemsize: int = 2) -> dict:
+  defaults = dict(CANDIDATES[impl, product][0])
+  if impl == 'triton' and itemsize >= 4:
+    defaults.update(_TRITON_WIDE_OPERANDS)
+  return defaults
 
 
 def _hopper() -> bool:
@@ -184,7 +195,7 @@ def _knobs(impl: str, product: str) -> set[str]:
           - {'transpose_rhs', 'preferred_element_type', 'interpret'})
 
 
-def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
+def _plan(impl: str | None, tiling, interpret: bool, itemsize: int = 2) -> _Plan:
   if isinstance(tiling, str):
     if tiling != 'autotune':
       raise ValueError(f"moe_gmm: tiling must be None, a dict or 'autotune', got {tiling!r}")
@@ -201,7 +212,7 @@ def _plan(impl: str | None, tiling, interpret: bool) -> _Plan:
     raise ValueError(f'moe_gmm: {impl} takes no tiling {sorted(unknown)}; its knobs are '
                      f'{sorted(set().union(*knobs.values()))}')
   # Each product takes the knobs its kernel has (e.g. gmm's `band`, tgmm's `group_major`).
-  return _Plan((p, (impl, _freeze({**_defaults(impl, p),
+  return _Plan((p, (impl, _freeze({**_defaults(impl, p, itemsize),
                                    **{k: v for k, v in tiling.items() if k in knobs[p]}})))
                for p in PRODUCTS)
 
@@ -272,7 +283,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
   if impl == 'mosaic_gpu':
     mosaic_impl.check_dtypes(lhs, rhs)
-  return _kernel_gmm(lhs, rhs, group_sizes, out_dtype, _plan(impl, tiling, interpret), interpret)
+  return _kernel_gmm(lhs, rhs, group_sizes, out_dtype,
+                     _plan(impl, tiling, interpret, jnp.dtype(lhs.dtype).itemsize), interpret)
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
@@ -287,8 +299,8 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
   if impl in _KERNELS or impl is None:
     if impl == 'mosaic_gpu':
       mosaic_impl.check_dtypes(lhs, grad)
-    return _product(_plan(impl, tiling, interpret), 'tgmm', lhs, grad, group_sizes, out_dtype,
-                    interpret)
+    plan = _plan(impl, tiling, interpret, jnp.dtype(lhs.dtype).itemsize)
+    return _product(plan, 'tgmm', lhs, grad, group_sizes, out_dtype, interpret)
   if impl == 'reference':
     return reference.tgmm(lhs, grad, group_sizes, preferred_element_type=out_dtype)
   # XLA: the weight gradient of ragged_dot, which is exactly this product.

@@ -195,6 +195,18 @@ def test_tile_straddling_group_boundaries_with_default_tiles(implementation, dty
   _close(got, reference.tgmm(lhs, grad, sizes), dtype)
 
 
+def test_triton_defaults_shrink_for_four_byte_operands():
+  """Triton's default tiles at float32 asked an H100 for 256 KiB of shared memory (227 KiB
+  exist): four-byte operands get half the K depth and two stages, 16-bit ones keep theirs, and
+  a tiling the caller names still wins."""
+  wide = dict(ops._plan('triton', None, False, 4).get('gmm')[1])
+  narrow = dict(ops._plan('triton', None, False, 2).get('tgmm')[1])
+  assert (wide['block_k'], wide['num_stages']) == (32, 2)
+  assert (narrow['block_k'], narrow['num_stages']) == (64, 3)
+  named = dict(ops._plan('triton', dict(block_k=64), False, 4).get('tgmm')[1])
+  assert (named['block_k'], named['num_stages']) == (64, 2)
+
+
 def test_implementation_errors_are_clear():
   lhs, rhs, sizes, _ = _inputs(jnp.float32, 8, 4, 4, 2, 'skewed', seed=1)
   with pytest.raises(ValueError, match="unknown implementation 'cutlass'"):
