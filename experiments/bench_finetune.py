@@ -39,17 +39,25 @@ def _config_path() -> str:
   return config_flags.get_config_filename(flags.FLAGS['config'])
 
 
-def _config(method: str) -> dict:
-  config = _CONFIG.value.to_dict()
+def row_config(base: dict, method: str, steps: int, batch: int, seq_len: int) -> dict:
+  """The config of one method's row: `base` (a config as a dict) at the benchmark's size."""
+  config = json.loads(json.dumps(base))
   config['finetune']['method'] = method
   if method in ('full', 'freeze'):
     config['finetune']['base_dtype'] = None
     config['train']['learning_rate'] = 2e-5
-  config['train'].update(steps=_STEPS.value, global_batch_size=_BATCH.value, eval_every=0,
-                         eval_batches=1, checkpoint_every=0)
+  # The schedule does not change a step's cost; its warm-up must still fit the short run.
+  warmup = min(config['train']['warmup_steps'], steps // 10)
+  config['train'].update(steps=steps, warmup_steps=warmup, global_batch_size=batch,
+                         eval_every=0, eval_batches=1, checkpoint_every=0)
   config['finetune']['export'] = 'none'
-  config['data']['seq_len'] = _SEQ_LEN.value
+  config['data']['seq_len'] = seq_len
   return config
+
+
+def _config(method: str) -> dict:
+  return row_config(_CONFIG.value.to_dict(), method, _STEPS.value, _BATCH.value,
+                    _SEQ_LEN.value)
 
 
 def run_method(method: str) -> dict:
@@ -136,6 +144,8 @@ def main(argv):
       with open(_OUT.value, 'w') as f:
         json.dump(result, f, indent=1)
   print(json.dumps(result['ratios']), flush=True)
+  if all('error' in row for row in rows.values()):
+    sys.exit('every row failed: see the rows\' errors')  # the GPU-check runner marks it failed
 
 
 if __name__ == '__main__':

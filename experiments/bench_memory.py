@@ -37,16 +37,23 @@ def main(argv):
     os.execve(sys.executable, [sys.executable, '-m', 'experiments.bench_memory'] + sys.argv[1:],
               {**os.environ, _MMAP_ENV: str(1 << 17)})
   cases, out_path = _CASES.value, _OUT.value
-  # The runtime's one-time start-up (thread pools, the first dot) before any case's window.
-  jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x @ x).sum())(jnp.ones((256, 256))))
+  child_env = dict(os.environ)
+  # A GPU's allocator takes 75% of the card when the backend starts, and its peak counts from
+  # process start and cannot be reset, so there each case runs in a process of its own; this
+  # one, which only asks which backend it has, must not take the children's memory.
+  if len(cases) > 1:
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  one_process = len(cases) == 1 or jax.default_backend() == 'cpu'
+  if one_process:
+    # The runtime's one-time start-up (thread pools, the first dot) before any case's window.
+    jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x @ x).sum())(jnp.ones((256, 256))))
   rows = {}
   for name in cases:
-    if jax.default_backend() != 'cpu' and len(cases) > 1:
-      # An allocator's peak counts from process start and cannot be reset: a process a case.
+    if not one_process:
       with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'case.json')
         subprocess.run([sys.executable, '-m', 'experiments.bench_memory', f'--cases={name}',
-                        f'--out={out}'], check=True)
+                        f'--out={out}'], check=True, env=child_env)
         with open(out) as f:
           row = json.load(f)['rows'][name]
     else:
