@@ -16,6 +16,15 @@ def get_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.kind = 'pretrain'          # experiment registry key (experiments/registry.py)
   c.seed = 0
+  # jit: each step one compiled program (XLA fuses it); eager: the same step op by op under
+  # jax.disable_jit (each primitive still compiled by XLA on its own), to measure what fusion buys.
+  c.execution = 'jit'
+  # Set by experiments.sweep, so that a record names its study point (reports group by it).
+  st = c.study = config_dict.ConfigDict()
+  st.name = placeholder(str)        # the study (configs/studies/<name>.py)
+  st.point = placeholder(str)       # the study point: one named set of overrides
+  st.axis = placeholder(str)        # the block its points are ranked within (attention, ...)
+  st.repeat = placeholder(int)      # which repeat (its seed is `seed`)
 
   m = c.model = config_dict.ConfigDict()
   # Trained weights to start from (their architecture replaces the fields below; the optimizer

@@ -255,11 +255,17 @@ class Corpus(Rule):
 ON_BAD_CHECKPOINT = ('fallback', 'fail')
 EXPORTS = ('adapter', 'merged', 'none')  # finetune.export
 ON_NONFINITE = ('stop', 'skip')
+EXECUTIONS = ('jit', 'eager')  # execution
 
 # Every field of configs/base.py and its constraint beyond its type (tests keep the two in step).
 RULES: dict[str, Rule] = {
     'kind': OneOf(EXPERIMENTS),
     'seed': Range(0, _INT64_MAX),
+    'execution': OneOf(EXECUTIONS),
+    'study.name': Free(),
+    'study.point': Free(),
+    'study.axis': Free(),
+    'study.repeat': Optional(AtLeast(0), 'not part of a sweep'),
 
     'model.vocab_size': Optional(Positive(), 'follow the tokenizer'),
     'model.embed_dim': AtLeast(1),
