@@ -339,13 +339,12 @@ def _summary(workdir: str) -> str:
     record = json.loads([line for line in f if line.strip()][-1])
   q, m = record.get('quality') or {}, record.get('metrics') or {}
   parts = []
-  for key in ('eval_loss', 'perplexity', 'eval_perplexity'):
-    if isinstance(q.get(key), (int, float)):
-      parts.append(f'{key} {q[key]:.4g}')
-      break
-  tps = (m.get('throughput') or {}).get('tokens_per_s')
-  if isinstance(tps, (int, float)):
-    parts.append(f'{tps:,.0f} tok/s')
+  if isinstance(q.get('eval_loss'), (int, float)):
+    parts.append(f'eval loss {q["eval_loss"]:.4g}')
+  throughput = m.get('throughput') or {}
+  for key, unit in (('tokens_per_s', 'tok/s'), ('output_tokens_per_s', 'output tok/s')):
+    if isinstance(throughput.get(key), (int, float)):
+      parts.append(f'{throughput[key]:,.0f} {unit}')
   return ', '.join(parts)
 
 
