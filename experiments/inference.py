@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 from efficientjax.infer import run as infer_run
 from efficientjax.metrics import record as records
 from efficientjax.metrics.report import inference_metrics
+from efficientjax.train import execution
 from experiments.pretrain import _guard_workdir
 
 # Requests' tokens are kept in the record only up to this many requests (a sample to read).
@@ -37,5 +38,8 @@ def run(config: ConfigDict, workdir: str) -> str:
       'metrics': inference_metrics(
           result, peak_override=cfg['metrics']['peak_flops_per_s'],
           bandwidth_override=cfg['metrics']['peak_bandwidth_bytes_per_s']),
+      # How prefill and decode ran (jit | eager), and the hash that pairs it with its other mode.
+      'execution': {**execution.record(cfg), 'mode': result.execution},
+      'tensorboard_dir': result.curves_dir,
   })
   return records.write_record(workdir, record)

@@ -16,6 +16,7 @@ from efficientjax.errors import ConfigError
 from efficientjax.metrics import record as records
 from efficientjax.metrics.report import training_metrics
 from efficientjax.moe.report import inactive_params
+from efficientjax.train import execution
 from efficientjax.train.loop import TrainResult, train
 
 # Sections that define what a checkpoint holds: resuming under other values would mix runs.
@@ -107,6 +108,9 @@ def run_training(config: ConfigDict, workdir: str,
       },
       'metrics': training_metrics(result, peak_override=cfg['metrics']['peak_flops_per_s']),
       'checkpoint_dir': result.checkpoint_dir,
+      # How the steps ran (jit | eager), and the hash that pairs this run with its other mode.
+      'execution': {**execution.record(cfg), 'mode': result.execution},
+      'tensorboard_dir': result.curves_dir,
   })
   if result.finetune is not None:
     record['finetune'] = result.finetune

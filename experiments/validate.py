@@ -672,6 +672,32 @@ def _measured_steps_remain(c, facts):
                       'them', fix)]
 
 
+@_relation('execution')
+def _eager_runs_in_one_process(c, facts):
+  """Eager steps across processes were tried (2 CPU processes x 4 devices, gloo) and hung in
+  the first train step, idle for minutes, where one process on 8 devices takes under a second:
+  op-by-op dispatch gives every primitive its own cross-process program. Meshes of one
+  process's devices, Pallas kernels, shard_map, profiling and offloading all run eagerly."""
+  if c['execution'] != 'eager' or facts.process_count == 1:
+    return []
+  return [ConfigError('execution', f"'eager' runs in one process, and this job has "
+                      f'{facts.process_count}: op-by-op steps deadlock across processes; use '
+                      "'jit', or run eager on one process's devices", {'execution': 'jit'})]
+
+
+@_relation('execution', 'kind', 'train.timing_warmup_steps')
+def _eager_warms_up(c, facts):
+  """An eager step compiles its primitives the first time it runs (nothing is compiled ahead
+  of time), so an untimed step must take those compiles out of the timings. Inference's
+  engine always warms up before its window."""
+  del facts
+  if c['execution'] != 'eager' or c['kind'] == 'inference' or c['train']['timing_warmup_steps']:
+    return []
+  return [ConfigError('train.timing_warmup_steps', "0 with execution='eager' would time the "
+                      'first step, in which XLA compiles each of its primitives; leave at least '
+                      'one step untimed', {'train.timing_warmup_steps': 1})]
+
+
 @_relation('train.warmup_steps', 'train.steps')
 def _warmup_leaves_decay(c, facts):
   del facts

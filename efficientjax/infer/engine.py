@@ -39,6 +39,7 @@ from efficientjax.infer import sampling as sampling_lib
 from efficientjax.infer.workload import Request
 from efficientjax.model import ModelConfig, Transformer, as_variables, init_cache
 from efficientjax.quant import weight_bytes
+from efficientjax.train.execution import EXECUTIONS, EagerStep
 
 MIN_PREFILL_BUCKET = 16
 
@@ -107,11 +108,14 @@ class Engine:
     buckets: the padded lengths prefill compiles (default `prefill_buckets(prefill_chunk)`);
       the largest must be `prefill_chunk`. A benchmark whose prompts fill whole chunks needs
       only that one.
+    execution: 'jit' (each step one compiled program, the cache donated) or 'eager' (the same
+      step functions op by op under jax.disable_jit: efficientjax/train/execution.py; every
+      primitive compiled on its own at warm-up, nothing fused, the cache copied, not donated).
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_slots: int = 8, max_len: int = 2048,
                prefill_chunk: int = 512, cache_dtype: Any = None, stop_ids: Sequence[int] = (),
-               buckets: Sequence[int] | None = None):
+               buckets: Sequence[int] | None = None, execution: str = 'jit'):
     if num_slots < 1 or max_len < 2 or prefill_chunk < 1:
       raise ValueError(f'num_slots={num_slots}, max_len={max_len} and prefill_chunk='
                        f'{prefill_chunk} must be >= 1, >= 2 and >= 1')
@@ -161,8 +165,15 @@ class Engine:
       return token, _logprob(logits, token), cache
 
     self._settings_key, self._settings = None, None
-    self._prefill = jax.jit(prefill, donate_argnums=1)
-    self._decode = jax.jit(decode, donate_argnums=1)
+    if execution not in EXECUTIONS:
+      raise ValueError(f'execution={execution!r}; valid: {", ".join(EXECUTIONS)}')
+    self.execution = execution
+    if execution == 'eager':
+      # Outputs stay where the ops put them: on the one device the weights and cache are on.
+      self._prefill, self._decode = EagerStep(prefill), EagerStep(decode)
+    else:
+      self._prefill = jax.jit(prefill, donate_argnums=1)
+      self._decode = jax.jit(decode, donate_argnums=1)
 
   # --- the steps -------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from efficientjax.errors import ConfigError
 from efficientjax.infer import workload as workload_lib
 from efficientjax.infer.engine import Completion, Engine, EngineStats
 from efficientjax.infer.sampling import Sampling
-from efficientjax.metrics import memory
+from efficientjax.metrics import memory, tensorboard
 from efficientjax.metrics import record as records
 from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.memory import StepPeak, gib
@@ -40,6 +40,7 @@ from efficientjax.metrics.sampler import Sampler
 from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer, as_variables, init_cache
 from efficientjax.train import init_from
+from efficientjax.train.execution import is_eager
 from efficientjax.train.state import PERSISTENT_COLLECTIONS
 from efficientjax.train.step import token_losses
 
@@ -70,6 +71,8 @@ class InferenceResult:
   quantize_s: float | None
   # memory_plan: the analytic estimate by phase, the device's limit, the measured peak.
   memory_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+  execution: str = 'jit'               # how prefill and decode ran (the engine's)
+  curves_dir: str | None = None        # the TensorBoard event files' folder
 
 
 def _say(msg: str) -> None:
@@ -265,10 +268,11 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   stop_ids = tokenizer.eos_ids if inf['stop_at_eos'] else ()
   engine = Engine(cfg, served, num_slots=inf['num_slots'], max_len=inf['max_len'],
                   prefill_chunk=inf['prefill_chunk'], cache_dtype=inf['kv_cache_dtype'],
-                  stop_ids=stop_ids)
+                  stop_ids=stop_ids, execution='eager' if is_eager(config) else 'jit')
   compile_s = engine.warmup()
   say(f'engine: {inf["num_slots"]} slots × {engine.cache_len} tokens, compiled in '
-      f'{compile_s:.1f} s; serving {len(requests)} requests ({inf["scenario"]})')
+      f'{compile_s:.1f} s ({engine.execution}); serving {len(requests)} requests '
+      f'({inf["scenario"]})')
 
   meter = make_energy_meter(jax.default_backend(), jax.local_devices()[:1])
   sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices()[:1],
@@ -279,7 +283,7 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
   window.close(engine.cache)
   plan.update(peak.stop())
   cache_bytes = kv_cache.nbytes(engine.cache)
-  return InferenceResult(
+  result = InferenceResult(
       model_config=cfg, num_params=num_params, init=init,
       precision={'name': inf['precision'], 'method': inf['quant_method'],
                  'compute_dtype': jnp.dtype(compute_dtype).name, **report},
@@ -290,7 +294,12 @@ def run(config: dict[str, Any], workdir: str, say: Callable[[str], None] = _say
       data_stats=data.stats, quality=quality, completions=completions, stats=engine.stats,
       window_s=window.seconds, energy=window.energy(), sampler=sampler.summary(),
       device_kind=jax.devices()[0].device_kind, workload=workload, quantize_s=quantize_s,
-      memory_plan=plan)
+      memory_plan=plan, execution=engine.execution, curves_dir=tensorboard.run_dir(workdir))
+  # Written after the window, from what it measured: nothing is added to the served steps.
+  curves = tensorboard.Curves(result.curves_dir)
+  tensorboard.write_inference(curves, result)
+  curves.close()
+  return result
 
 
 def memory_plan(config: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:

@@ -98,6 +98,8 @@ class Sampler:
     self._power_reason: str | None = None
     self._util_reason: str | None = None
     self._energy_reason: str | None = None
+    self._newest: dict[str, Any] = {'bytes_in_use': None, 'host_rss_bytes': None,
+                                    'power_w': None}
 
   # --- sampling -------------------------------------------------------------------------------
 
@@ -122,6 +124,10 @@ class Sampler:
         self._power_w.append(power)
       if util is not None:
         self._util_pct.append(util)
+      in_use = [stats.get('bytes_in_use') if stats else None for stats, _ in memory]
+      self._newest = {
+          'bytes_in_use': (sum(in_use) if in_use and None not in in_use else None),
+          'host_rss_bytes': None if rss is None else int(rss), 'power_w': power}
       self.overhead_s += self.clock() - t0
 
   def _record_memory(self, i: int, stats: Mapping[str, Any] | None, error: str | None) -> None:
@@ -202,6 +208,14 @@ class Sampler:
 
   def __exit__(self, *exc_info) -> None:
     self.stop()
+
+  def latest(self) -> dict[str, Any]:
+    """The newest sample: device bytes in use summed over the devices (None unless every
+    device had a reading in it), host RSS and power (W, summed over devices), each None where
+    that sample had none. For live curves (efficientjax/metrics/tensorboard.py), which then
+    cost the loop a lock, not a device query."""
+    with self._lock:
+      return dict(self._newest)
 
   # --- the result -----------------------------------------------------------------------------
 

@@ -23,12 +23,14 @@ from efficientjax.metrics import memory
 from efficientjax.metrics.architecture import attention_summary
 from efficientjax.metrics.energy import make_energy_meter
 from efficientjax.metrics.sampler import Sampler
+from efficientjax.metrics.tensorboard import Curves, perplexity, run_dir, sampled
 from efficientjax.metrics.trace import summarize_trace
 from efficientjax.metrics.window import MeasurementWindow
 from efficientjax.model import ModelConfig, Transformer
 from efficientjax.moe.report import ExpertStats
 from efficientjax.train import init_from
 from efficientjax.train.checkpoint import Checkpointer, NonFiniteCheckpoint, check_finite
+from efficientjax.train.execution import EagerStep, is_eager
 from efficientjax.train.fit import DoesNotFit, memory_plan
 from efficientjax.train.optimizer import learning_rate_schedule, make_optimizer
 from efficientjax.train.progress import Progress
@@ -90,6 +92,8 @@ class TrainResult:
   energy: dict[str, Any] = dataclasses.field(default_factory=dict)
   sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
   trace: dict[str, Any] = dataclasses.field(default_factory=dict)
+  execution: str = 'jit'          # how the train and eval steps ran (train/execution.py)
+  curves_dir: str | None = None   # the TensorBoard event files' folder (process 0's)
 
   @property
   def final_eval_loss(self) -> float | None:
@@ -273,13 +277,29 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
   # stops here with the numbers, not in the allocator after minutes of loading.
   say(f'compiling the train and eval steps ({model_cfg.num_layers} layers, {global_batch} x '
       f'{seq_len} tokens a step, {mesh.devices.size} {jax.default_backend()} device(s)) ...')
+  eager = is_eager(config)
   with parallel.activate(mesh):
     t0 = time.perf_counter()
-    train_step, abstract_batch = compile_train_step(recipe, batch_sh)
-    eval_step = jax.jit(recipe.eval_step(), in_shardings=(shardings, batch_sh)
-                        ).lower(abstract, abstract_batch).compile()
+    # execution=eager compiles the fused step too, for planning only. XLA cannot plan a
+    # program that never exists whole, and the compiler's plan of the same step is the best
+    # figure there is before anything is allocated: the state, its gradients and the optimizer
+    # state are the same arrays either way (eager holds more on top: no donation, so the old
+    # and the new state meet at the update, and no fusion, so intermediates are buffers; its
+    # measured_peak_bytes says how much). The compile also keeps the compiler's memory and
+    # FLOP figures in both modes' records, so a jit and an eager record differ only in what
+    # was measured. It costs a compile the eager run does not use, small beside eager steps.
+    compiled_step, abstract_batch = compile_train_step(recipe, batch_sh)
+    if eager:
+      # The same step functions, op by op; outputs placed as the jitted step's out_shardings.
+      train_step = EagerStep(recipe.train_step(model, tx),
+                             (shardings, parallel.replicated(mesh)))
+      eval_step = EagerStep(recipe.eval_step())
+    else:
+      train_step = compiled_step
+      eval_step = jax.jit(recipe.eval_step(), in_shardings=(shardings, batch_sh)
+                          ).lower(abstract, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
-    memory_analysis = _memory_analysis(train_step)
+    memory_analysis = _memory_analysis(compiled_step)
     plan = memory_plan(recipe, memory_analysis, abstract_batch)
   if not plan.fits:
     raise DoesNotFit(plan)  # its message has the numbers and what would fit
@@ -300,7 +320,8 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
   compiler, compiler_reason = flop_counts.compiler_flops(model_cfg, recipe.twin)
   twin_s = time.perf_counter() - t0
   say(f'compiled in {compile_s:.1f} s (and {twin_s:.1f} s for the compiler\'s FLOP count of '
-      'an unrolled twin of the step)')
+      'an unrolled twin of the step)' + ('; execution=eager: the steps run op by op, the '
+                                         'compiled step only planned memory' if eager else ''))
 
   # From before the state exists to the end of the first step: what the plan predicts.
   step_peak = memory.StepPeak(jax.local_devices())
@@ -325,11 +346,17 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
 
   log_path = os.path.join(workdir, 'train_log.jsonl')
   with parallel.activate(mesh):
-    compiled_raw = flop_counts.flops_of(train_step)
+    compiled_raw = flop_counts.flops_of(compiled_step)
+    # Curves beside the trace: TensorBoard shows a directory's scalars and its
+    # plugins/profile/ captures as one run.
+    trace_dir = run_dir(workdir)
+    curves = Curves(trace_dir)
 
     if resume_step is None:
       t_eval = time.perf_counter()
       meta['initial_eval_loss'] = evaluate(eval_step, state, eval_batches, batch_sh)
+      curves.scalars({'eval/loss': meta['initial_eval_loss'],
+                      'eval/perplexity': perplexity(meta['initial_eval_loss'])}, int(state.step))
       say(f'initial evaluation: loss {meta["initial_eval_loss"]:.4f}, perplexity '
           f'{math.exp(meta["initial_eval_loss"]):.2f} ({time.perf_counter() - t_eval:.1f} s)')
     else:
@@ -352,11 +379,6 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
     warmup, profile_steps = cfg_train['timing_warmup_steps'], config['profile']['steps']
     first_profiled = start_step + warmup + 1
     first_measured = first_profiled + profile_steps
-    # A folder per process: the profiler names its file after the host, which processes on one
-    # machine share.
-    trace_dir = os.path.join(os.path.abspath(workdir), 'trace')
-    if jax.process_count() > 1:
-      trace_dir = os.path.join(trace_dir, f'process_{jax.process_index()}')
     trace = _StepTrace(trace_dir, first_profiled, profile_steps)
     meter = make_energy_meter(jax.default_backend(), jax.local_devices())
     sampler = Sampler(config['metrics']['sample_interval_s'], devices=jax.local_devices(),
@@ -371,6 +393,7 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
         window.close()
       if checkpointer:
         checkpointer.close()
+      curves.close()
     for step in range(start_step + 1, last + 1):
       trace.before(step, state)
       if step == first_measured:
@@ -391,6 +414,13 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
               'learning_rate': float(metrics['learning_rate']), 'step_ms': dt * 1e3}
       if bool(metrics['finite']):
         losses[step] = loss
+        # The applied steps' curve, as `losses` (a dropped step's NaN is in train_log.jsonl).
+        curves.scalars({'train/loss': loss, 'train/grad_norm': line['grad_norm'],
+                        'train/learning_rate': line['learning_rate'],
+                        'train/step_ms': line['step_ms'],
+                        'train/tokens_per_s': tokens_per_step / dt}, step)
+        if window.is_open:  # the sampler runs while the window is open: its newest sample
+          curves.scalars(sampled(sampler.latest()), step)
         if 'moe_stats' in metrics:
           expert_stats = expert_stats or ExpertStats(model_cfg)
           line.update(expert_stats.add(jax.device_get(metrics['moe_stats'])),
@@ -421,6 +451,9 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
         window.pause(state)  # evaluation and saving are not training: out of the window
       if do_eval:
         eval_losses[step] = evaluate(eval_step, state, eval_batches, batch_sh)
+        curves.scalars({'eval/loss': eval_losses[step],
+                        'eval/perplexity': perplexity(eval_losses[step])}, step)
+        curves.flush()
         if bar:
           bar.message(f'step {step}: eval loss {eval_losses[step]:.4f}, '
                       f'perplexity {math.exp(eval_losses[step]):.2f}')
@@ -447,6 +480,9 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       # Resumed at the final step (a kill between the last checkpoint and the record): the
       # record still gets the held-out loss of what was trained.
       eval_losses[start_step] = evaluate(eval_step, state, eval_batches, batch_sh)
+      curves.scalars({'eval/loss': eval_losses[start_step],
+                      'eval/perplexity': perplexity(eval_losses[start_step])}, start_step)
+    curves.close()
 
   if checkpointer:
     checkpointer.close()
@@ -485,7 +521,12 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       paused_s=window.paused_s,
       energy=_job_energy(window.energy(), window.seconds),
       sampler=sampler.summary(),
-      trace=_trace_summary(trace.logdir, profile_steps, trace.seconds, train_step),
+      # An eager trace holds one executable per primitive, which the fused step's HLO does
+      # not name: its kernels are classified by their own names.
+      trace=_trace_summary(trace.logdir, profile_steps, trace.seconds,
+                           None if eager else compiled_step),
+      execution='eager' if eager else 'jit',
+      curves_dir=trace_dir,
   )
 
 
@@ -596,7 +637,7 @@ def _memory_analysis(compiled) -> dict[str, int]:
           if name.endswith('_in_bytes') and isinstance(getattr(analysis, name), int)}
 
 
-def _trace_summary(trace_dir: str, steps: int, seconds: float | None, compiled
+def _trace_summary(trace_dir: str, steps: int, seconds: float | None, compiled: Any | None
                    ) -> dict[str, Any]:
   if not steps:
     return {'available': False, 'reason': 'profiling is off; set --config.profile.steps=N'}
@@ -604,4 +645,5 @@ def _trace_summary(trace_dir: str, steps: int, seconds: float | None, compiled
     return {'available': False, 'reason': 'the run ended before the profiled steps'}
   # The step's HLO lets fusions be classified by what they contain (on CPU most matmuls run
   # as fusions whose names say nothing).
-  return summarize_trace(trace_dir, window_s=seconds, steps=steps, hlo_text=compiled.as_text())
+  return summarize_trace(trace_dir, window_s=seconds, steps=steps,
+                         hlo_text=compiled.as_text() if compiled is not None else None)
