@@ -164,6 +164,17 @@ CHECKS: tuple[Check, ...] = (
           summarize=lambda r: f"offload share {r.get('offload_share')}; " + ', '.join(
               f"{x['name']} p50 {x['step_ms']['p50']:.0f} ms MFU {x['mfu_analytic'] or 0:.2f}"
               for x in r.get('rows', []) if x.get('returncode') == 0)),
+    # Issue 17: the small studies' first repeat on a GPU, the same configs (and config hashes)
+    # as the CPU's committed ones: the report's portability table across backends, and what
+    # fusion buys on a GPU (the eager-vs-jit table). Commit <name>.results.jsonl beside it.
+    Check('studies_gpu',
+          'attention_small and execution_small (seed 0) on the GPU: the same config hashes as '
+          'the CPU studies (portability), and jit against eager per point on a GPU',
+          'experiments.study_check', ('--studies=attention_small,execution_small',
+                                      '--repeats=1'), estimate_s=420,
+          summarize=lambda r: f"{r.get('records')} records; " + ', '.join(
+              f"{k}: exit {v['exit_code']} in {v['seconds']:.0f} s"
+              for k, v in r.get('studies', {}).items())),
 )
 
 
