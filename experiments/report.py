@@ -492,12 +492,24 @@ def fmt(x: float | None) -> str:
   return f'{x:.4g}'
 
 
+def _to_decimals(x: float, decimals: int) -> str:
+  return f'{round(x, decimals):.{max(decimals, 0)}f}'
+
+
 def stats_cell(s: Stats | None, point_n: int) -> str:
+  """mean ± spread, the spread to two significant figures and the means to its last digit
+  (what the repeats can tell apart); a point without spread keeps four figures."""
   if s is None:
     return '—'
-  cell = fmt(s.mean) if s.std is None else f'{fmt(s.mean)} ± {fmt(s.std)}'
+  if s.std is None or s.std == 0:
+    cell = fmt(s.mean) if s.std is None else f'{fmt(s.mean)} ± 0'
+    olympic = fmt(s.olympic)
+  else:
+    decimals = 1 - math.floor(math.log10(abs(s.std)))
+    cell = f'{_to_decimals(s.mean, decimals)} ± {_to_decimals(s.std, decimals)}'
+    olympic = None if s.olympic is None else _to_decimals(s.olympic, decimals)
   if s.olympic is not None:
-    cell += f' (olympic {fmt(s.olympic)})'
+    cell += f' (olympic {olympic})'
   if s.n != point_n:
     cell += f' (n={s.n})'
   return cell
@@ -534,8 +546,9 @@ class Table:
     return buf.getvalue()
 
 
-SPREAD_NOTE = ('Mean over repeats ± sample standard deviation (n − 1); n = repeats (distinct '
-               'seeds); "olympic" = MLPerf\'s olympic mean (the highest and lowest repeat '
+SPREAD_NOTE = ('Mean over repeats ± sample standard deviation (n − 1), the deviation to two '
+               'significant figures and the mean to its last digit (CSV files: full '
+               'precision); n = repeats (distinct seeds); "olympic" = MLPerf\'s olympic mean (the highest and lowest repeat '
                'dropped, the rest averaged), shown where n ≥ 5; — = null in the record (the '
                'footnote gives its reason).')
 

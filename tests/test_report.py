@@ -123,12 +123,12 @@ def test_mean_spread_and_olympic_mean(built):
   assert s.std == pytest.approx(math.sqrt(596.8 / 4))          # 12.2147, sample (n - 1)
   assert s.olympic == pytest.approx((102 + 104 + 110) / 3)     # 105.333: 100 and 130 dropped
   cells = _cells(_block(built, 'attention').tables[0])
-  assert cells['mha']['step p50 (ms)'] == '109.2 ± 12.21 (olympic 105.3)'
-  assert cells['mha']['eval loss'] == '2.5 ± 0.01581 (olympic 2.5)'      # sqrt(0.001 / 4)
-  assert cells['mha']['tokens/s'] == '37000 ± 3536 (olympic 38000)'      # sqrt(50e6 / 4)
+  assert cells['mha']['step p50 (ms)'] == '109 ± 12 (olympic 105)'
+  assert cells['mha']['eval loss'] == '2.500 ± 0.016 (olympic 2.500)'      # sqrt(0.001 / 4)
+  assert cells['mha']['tokens/s'] == '37000 ± 3500 (olympic 38000)'      # sqrt(50e6 / 4)
   # gqa: two repeats (its stale duplicate, 999 ms, is not among them); mqa: one, no spread.
-  assert cells['gqa']['step p50 (ms)'] == '92 ± 2.828'                    # sqrt(8)
-  assert cells['gqa']['eval loss'] == '2.56 ± 0.01414'
+  assert cells['gqa']['step p50 (ms)'] == '92.0 ± 2.8'                    # sqrt(8)
+  assert cells['gqa']['eval loss'] == '2.560 ± 0.014'
   assert cells['mqa']['step p50 (ms)'] == '85'
   assert cells['mqa']['n'] == '1' and cells['mha']['n'] == '5'
 
@@ -283,7 +283,7 @@ def test_files_and_plots_written(built, out):
   assert 'one point: nothing to normalise against' in page
   assert "Left out: 1 set-up runs (study point &#x27;_init&#x27;" in page
   md = (out / 'attention.md').read_text()
-  assert '| mha | 5 | 2.5 ± 0.01581 (olympic 2.5) |' in md
+  assert '| mha | 5 | 2.500 ± 0.016 (olympic 2.500) |' in md
 
 
 def _slug(title):
@@ -347,7 +347,7 @@ def test_page_in_headless_chromium(built, out, tmp_path):
                        capture_output=True, text=True, timeout=120, check=True).stdout
   assert dom.count('<img src="data:image/png;base64,') == len(glob.glob(str(out / '*.png')))
   for text in ('attention: values', 'attention: ranks', 'Portability (pretrain)',
-               'Eager vs jit (pretrain)', '109.2 ± 12.21 (olympic 105.3)',
+               'Eager vs jit (pretrain)', '109 ± 12 (olympic 105)',
                'NVML energy counter not supported on this device (fixture)'):
     assert text in dom, text
   assert dom.count('<table>') == len(built.tables)
