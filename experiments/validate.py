@@ -39,6 +39,7 @@ from efficientjax.peft import METHODS, FinetuneConfig
 from efficientjax.quant import METHODS as QUANT_METHODS
 from efficientjax.quant import PRECISIONS
 from efficientjax.train import init_from
+from efficientjax.train.execution import EXECUTIONS
 from experiments.registry import EXPERIMENTS
 
 _SCHEMA = base.get_config()
@@ -255,7 +256,6 @@ class Corpus(Rule):
 ON_BAD_CHECKPOINT = ('fallback', 'fail')
 EXPORTS = ('adapter', 'merged', 'none')  # finetune.export
 ON_NONFINITE = ('stop', 'skip')
-EXECUTIONS = ('jit', 'eager')  # execution
 
 # Every field of configs/base.py and its constraint beyond its type (tests keep the two in step).
 RULES: dict[str, Rule] = {
