@@ -403,7 +403,11 @@ def group_points(records: Iterable[Mapping[str, Any]]) -> list[Point]:
         study_point=study.get('point') or None, config=point_config(first), records=kept,
         duplicates=len(recs) - len(kept)))
   _label(points)
-  return sorted(points, key=lambda p: (p.axis, p.kind, p.env, p.label, p.key))
+  # Within a block, in the order the points were first run: a sweep runs every point's first
+  # repeat in the study's order, so tables list the points as the study file does.
+  return sorted(points, key=lambda p: (p.axis, p.kind, p.env,
+                                       min(str(r.get('created_at')) for r in p.records),
+                                       p.label, p.key))
 
 
 def _seed_order(seed: Any) -> tuple:
