@@ -301,10 +301,20 @@ def _why(code: int | None, timed_out: bool, timeout_s: float | None) -> str:
       code, f'exit status {code}')
 
 
+def _own_group_dying_with_parent() -> None:
+  """In a run's process, before exec: a session of its own (a timeout kills its whole group),
+  and on Linux SIGKILL when the sweep dies, however it dies (even by SIGKILL), so that no run
+  outlives a stopped sweep and writes on while a rerun resumes it."""
+  os.setsid()
+  if sys.platform == 'linux':
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def run_one(argv: list[str], workdir: str, timeout_s: float | None,
             env: Mapping[str, str] | None = None) -> dict[str, Any]:
-  """Run one point's repeat in its own process group (a timeout kills its children too); its
-  output goes to <workdir>/sweep_run.log."""
+  """Run one point's repeat in its own process group; its output goes to
+  <workdir>/sweep_run.log. Interrupting the sweep (Ctrl-C, SIGTERM) stops the run too."""
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(os.path.join(workdir, FAILED)):
     os.remove(os.path.join(workdir, FAILED))
@@ -312,7 +322,8 @@ def run_one(argv: list[str], workdir: str, timeout_s: float | None,
   log_path = os.path.join(workdir, 'sweep_run.log')
   timed_out = False
   with open(log_path, 'w') as log:
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_own_group_dying_with_parent,
                             env=None if env is None else dict(env))
     try:
       code = proc.wait(timeout=timeout_s)
@@ -320,6 +331,14 @@ def run_one(argv: list[str], workdir: str, timeout_s: float | None,
       timed_out = True
       os.killpg(proc.pid, signal.SIGKILL)
       code = proc.wait()
+    except BaseException:  # KeyboardInterrupt (SIGINT, or SIGTERM: main): the run stops too
+      os.killpg(proc.pid, signal.SIGTERM)
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+      raise
   seconds = time.monotonic() - start
   if code == 0 and has_record(workdir):
     return {'status': 'done', 'seconds': seconds}
@@ -444,13 +463,23 @@ def main(argv):
   if errors:
     sys.stderr.write(''.join(f'study error: {e.field}: {e.message}\n' for e in errors))
     sys.exit(2)
+  signal.signal(signal.SIGTERM, _interrupt)  # a batch system's stop: as Ctrl-C
   try:
     code = sweep(study, _ROOT_DIR.value, points=_POINTS.value, timeout_s=_TIMEOUT.value,
                  dry_run=_DRY_RUN.value, env=run_env)
   except ConfigError as e:
     sys.stderr.write(f'study error: {e.field}: {e.message}\n')
     sys.exit(2)
+  except KeyboardInterrupt:
+    sys.stderr.write('sweep stopped, and the run it had started; rerun the same command to '
+                     'resume\n')
+    sys.exit(130)
   sys.exit(code)
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 if __name__ == '__main__':

@@ -107,6 +107,23 @@ def _env():
   return env
 
 
+def _runs_in(root) -> list[int]:
+  """Pids of live experiments.main processes whose workdir is under root."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        argv = f.read().decode(errors='replace').split('\0')
+      with open(f'/proc/{pid}/stat') as f:
+        zombie = f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except OSError:
+      continue
+    if not zombie and 'experiments.main' in argv and any(
+        a.startswith(f'--workdir={root}') for a in argv):
+      pids.append(int(pid))
+  return pids
+
+
 def _records(folder):
   out = {}
   for dirpath, _, files in os.walk(folder):
@@ -134,8 +151,18 @@ def test_killed_sweep_resumes_failures_are_isolated_and_repeats_get_their_seeds(
   while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.2)
   assert first.exists(), proc.communicate()[0][-3000:]
-  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the run it has started next
+  while not _runs_in(root / 'tiny' / 'bad') and time.monotonic() < deadline:
+    time.sleep(0.05)  # until the sweep has started its next run
+  assert _runs_in(root / 'tiny' / 'bad'), 'the next run did not start'
+  os.killpg(proc.pid, signal.SIGKILL)  # the sweep only: its runs have sessions of their own
   proc.wait()
+  # ... and the run it had started next dies with it (PR_SET_PDEATHSIG), not writing on into
+  # a folder the rerun is about to use.
+  # (The next run needs ~4 s to fail by itself: an orphan would still be there at 2 s.)
+  deadline = time.monotonic() + 2
+  while _runs_in(root) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not _runs_in(root), 'a run outlived its sweep'
   assert set(_records(folder)) == {'mha/seed5'}
   created = _records(folder)['mha/seed5'][0]['created_at']
 
