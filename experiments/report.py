@@ -487,13 +487,14 @@ class Footnotes:
     return f'[{self.texts.index(text) + 1}]'
 
 
-def fmt(x: float | None) -> str:
-  """Four significant figures; no exponent from 1000 up (a table of tokens/s stays readable)."""
+def fmt(x: float | None, figures: int = 4) -> str:
+  """`figures` significant figures (4: no exponent from 1000 up, so a table of tokens/s stays
+  readable)."""
   if x is None:
     return '—'
-  if abs(x) >= 1000:
+  if abs(x) >= 10 ** (figures - 1):
     return f'{x:.0f}'
-  return f'{x:.4g}'
+  return f'{x:.{figures}g}'
 
 
 def _to_decimals(x: float, decimals: int) -> str:
@@ -502,12 +503,15 @@ def _to_decimals(x: float, decimals: int) -> str:
 
 def stats_cell(s: Stats | None, point_n: int) -> str:
   """mean ± spread, the spread to two significant figures and the means to its last digit
-  (what the repeats can tell apart); a point without spread keeps four figures."""
+  (what the repeats can tell apart); a single repeat keeps four figures, equal repeats six."""
   if s is None:
     return '—'
-  if s.std is None or s.std == 0:
-    cell = fmt(s.mean) if s.std is None else f'{fmt(s.mean)} ± 0'
-    olympic = fmt(s.olympic)
+  if s.std is not None and s.std <= TIE_REL * abs(s.mean):
+    # Equal repeats (a quality that does not depend on the seed; the sum's rounding aside):
+    # six figures, so that points closer than four figures still differ in the table.
+    cell, olympic = f'{fmt(s.mean, 6)} ± 0', fmt(s.olympic, 6)
+  elif s.std is None:
+    cell, olympic = fmt(s.mean), fmt(s.olympic)
   else:
     decimals = 1 - math.floor(math.log10(abs(s.std)))
     cell = f'{_to_decimals(s.mean, decimals)} ± {_to_decimals(s.std, decimals)}'

@@ -365,3 +365,13 @@ def test_page_in_headless_chromium(built, out, tmp_path):
   assert _tab10_pixels(screen) >= 0.95 * in_plots
   # ... and so are the tables: their header cells' grey (#f0f0f0), row after row of it.
   assert int((screen == 0xf0f0f0).sum()) > 100_000
+
+
+def test_cells_round_to_what_the_repeats_resolve():
+  """A spread to two figures and the mean to its last digit; repeats equal but for the sum's
+  rounding (a seed-independent quality) show six figures and ± 0, not 16 digits of noise."""
+  cell = lambda values: report.stats_cell(report.summarize(values), len(values))
+  assert cell([109.0, 121.0, 97.0]) == '109 ± 12'                       # std 12
+  assert cell([14.7801770688881, 14.780177068888102, 14.7801770688881]) == '14.7802 ± 0'
+  assert cell([1.00003, 1.00003]) == '1.00003 ± 0'
+  assert cell([2.5]) == '2.5'                                            # n = 1: no spread
