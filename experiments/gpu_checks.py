@@ -28,13 +28,14 @@ import importlib
 import importlib.metadata
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+
+from experiments import processes
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(_ROOT, 'experiments', 'results')
@@ -202,19 +203,12 @@ def _run_one(check: Check, out: str, timeout_s: float, log) -> tuple[str, float,
   log.write(f'\n===== {check.name}: {" ".join(argv[1:])}\n')
   log.flush()
   start = time.monotonic()
-  proc = subprocess.Popen(argv, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  proc = processes.start_group(argv, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   try:
     rc = proc.wait(timeout=max(timeout_s, 0.0))
     status = 'passed' if rc == 0 else 'failed'
   except subprocess.TimeoutExpired:
-    # SIGTERM first so a benchmark can finish writing; the whole group, compilers included.
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-      proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
+    processes.stop_group(proc)  # SIGTERM first: a benchmark can finish writing its JSON
     rc, status = None, 'cut'
   seconds = time.monotonic() - start
   log.write(f'===== {check.name}: {status} after {seconds:.1f} s (exit {rc})\n')

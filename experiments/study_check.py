@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from efficientjax.metrics.record import read_records
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STUDIES = flags.DEFINE_list('studies', ['attention_small', 'execution_small'],
                              'configs/studies/<name>.py to run, in order')
@@ -47,8 +49,7 @@ def main(argv):
            f'--root={root}', f'--repeats={_REPEATS.value}'], cwd=_ROOT, check=False)
       folder = os.path.join(root, name)
       for path in sorted(glob.glob(os.path.join(folder, '**', 'results.jsonl'), recursive=True)):
-        with open(path) as f:
-          lines += [line for line in f if line.strip()]
+        lines += [json.dumps(r) + '\n' for r in read_records(path, strict=False)]
       attempts = []
       if os.path.exists(os.path.join(folder, 'sweep.jsonl')):
         with open(os.path.join(folder, 'sweep.jsonl')) as f:

@@ -40,6 +40,8 @@ from typing import Any
 from absl import app, flags
 
 from efficientjax.errors import ConfigError
+from efficientjax.metrics.record import read_records
+from experiments import processes
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('name', 'description', 'axis', 'base', 'overrides', 'points', 'grid', 'repeats', 'seed',
@@ -280,9 +282,9 @@ def check_study(study: Study, **facts: Any) -> list[ConfigError]:
 
 
 def has_record(workdir: str) -> bool:
+  """Whether the run in workdir wrote its record (a line torn by a kill does not count)."""
   try:
-    with open(os.path.join(workdir, RECORD)) as f:
-      return any(line.strip() for line in f)
+    return bool(read_records(os.path.join(workdir, RECORD), strict=False))
   except OSError:
     return False
 
@@ -301,16 +303,6 @@ def _why(code: int | None, timed_out: bool, timeout_s: float | None) -> str:
       code, f'exit status {code}')
 
 
-def _own_group_dying_with_parent() -> None:
-  """In a run's process, before exec: a session of its own (a timeout kills its whole group),
-  and on Linux SIGKILL when the sweep dies, however it dies (even by SIGKILL), so that no run
-  outlives a stopped sweep and writes on while a rerun resumes it."""
-  os.setsid()
-  if sys.platform == 'linux':
-    import ctypes  # pylint: disable=g-import-not-at-top
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-
-
 def run_one(argv: list[str], workdir: str, timeout_s: float | None,
             env: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Run one point's repeat in its own process group; its output goes to
@@ -322,9 +314,10 @@ def run_one(argv: list[str], workdir: str, timeout_s: float | None,
   log_path = os.path.join(workdir, 'sweep_run.log')
   timed_out = False
   with open(log_path, 'w') as log:
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_own_group_dying_with_parent,
-                            env=None if env is None else dict(env))
+    # Its own process group, dying with the sweep: no run outlives a stopped sweep and writes
+    # on in a folder its rerun resumes.
+    proc = processes.start_group(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 env=None if env is None else dict(env))
     try:
       code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -332,12 +325,7 @@ def run_one(argv: list[str], workdir: str, timeout_s: float | None,
       os.killpg(proc.pid, signal.SIGKILL)
       code = proc.wait()
     except BaseException:  # KeyboardInterrupt (SIGINT, or SIGTERM: main): the run stops too
-      os.killpg(proc.pid, signal.SIGTERM)
-      try:
-        proc.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+      processes.stop_group(proc)
       raise
   seconds = time.monotonic() - start
   if code == 0 and has_record(workdir):
@@ -354,8 +342,7 @@ def run_one(argv: list[str], workdir: str, timeout_s: float | None,
 
 def _summary(workdir: str) -> str:
   """The record's quality and speed, for the progress line."""
-  with open(os.path.join(workdir, RECORD)) as f:
-    record = json.loads([line for line in f if line.strip()][-1])
+  record = read_records(os.path.join(workdir, RECORD), strict=False)[-1]
   q, m = record.get('quality') or {}, record.get('metrics') or {}
   parts = []
   if isinstance(q.get('eval_loss'), (int, float)):

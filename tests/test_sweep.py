@@ -211,3 +211,12 @@ def test_a_run_past_its_time_limit_is_killed_and_marked(tmp_path):
   assert result['status'] == 'failed' and result['error'] == 'timed out after 2 s'
   assert 'started' in result['output_tail']
   assert json.loads((tmp_path / 'run' / 'failed.json').read_text())['error'] == result['error']
+
+
+def test_a_torn_record_is_not_a_finished_run(tmp_path):
+  """A run killed while writing its record leaves a partial line: the rerun must run it."""
+  (tmp_path / 'results.jsonl').write_text('{"kind": "pretrain", "con')
+  assert not sweep.has_record(str(tmp_path))
+  (tmp_path / 'results.jsonl').write_text('{"kind": "pretrain"}\n')
+  assert sweep.has_record(str(tmp_path))
+  assert not sweep.has_record(str(tmp_path / 'missing'))

@@ -460,6 +460,7 @@ def run(recipe: Recipe, workdir: str, *, stop_after_step: int | None = None,
       if bar:
         bar.update(step, loss, tokens_per_step / dt)
       if do_save:
+        curves.flush()  # out of the window, as the evaluation's flush above
         try:
           check_finite(state)
         except NonFiniteCheckpoint as e:

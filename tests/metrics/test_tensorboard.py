@@ -141,3 +141,17 @@ def test_the_memory_curve_reads_the_newest_sample_only_where_it_has_every_readin
   assert sampler.latest() == {'bytes_in_use': None, 'host_rss_bytes': None, 'power_w': None}
   sampler.sample_once()  # and every reading again
   assert sampler.latest() == {'bytes_in_use': 8, 'host_rss_bytes': 3000, 'power_w': 5.0}
+
+
+def test_nothing_is_written_until_a_flush(tmp_path):
+  """A step's scalars cost a list append; the event file is written at `flush()` (which the
+  loop calls only with its timed window paused) and at `close()`."""
+  from efficientjax.metrics.tensorboard import Curves  # pylint: disable=g-import-not-at-top
+  curves = Curves(str(tmp_path), enabled=True)
+  curves.scalars({'train/loss': 2.5, 'memory/host_rss_bytes': None}, 1)
+  assert read_scalars(tmp_path) == {}
+  curves.flush()
+  assert read_scalars(tmp_path) == {'train/loss': {1: 2.5}}
+  curves.scalar('train/loss', 2.25, 2)
+  curves.close()
+  assert read_scalars(tmp_path) == {'train/loss': {1: 2.5, 2: 2.25}}
