@@ -76,6 +76,7 @@ def get_config() -> config_dict.ConfigDict:
   ns.num_selected = 16              # n
   ns.window = 512                   # w
   ns.compression = 'mlp'            # mlp | mean
+  ns.implementation = 'auto'        # auto | reference | triton | interpret (kernels/nsa)
   m.ffn = 'dense'                   # FFN registry key: dense | moe
   e = m.moe = config_dict.ConfigDict()  # ffn='moe': sparse mixture of SwiGLU experts
   e.num_experts = 8

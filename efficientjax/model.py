@@ -46,6 +46,10 @@ class NSAConfig:
   num_selected: int = 16        # n: blocks each query (group) attends to, initial and local included
   window: int = 512             # w: the sliding-window branch
   compression: str = 'mlp'      # mlp (learned, with intra-block positions) | mean (pooling, l = d = l')
+  # auto (kernels.nsa's Triton kernels on an NVIDIA GPU where they run, else the reference) |
+  # reference (dense masked attention per branch) | triton | interpret (the kernels in Pallas'
+  # interpreter: any machine, slow; for tests)
+  implementation: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from efficientjax.attention import ATTENTION, POSITIONS
 from efficientjax.attention.core import IMPLEMENTATIONS
 from efficientjax.attention.mha import gqa_kv_heads, kv_head_variant
 from efficientjax.attention.nsa import COMPRESSIONS
+from efficientjax.attention.nsa import IMPLEMENTATIONS as NSA_IMPLEMENTATIONS
 from efficientjax.data import instructions
 from efficientjax.data.corpora import parse_spec
 from efficientjax.errors import ConfigError
@@ -315,6 +316,7 @@ RULES: dict[str, Rule] = {
     'model.nsa.num_selected': AtLeast(1),
     'model.nsa.window': AtLeast(1),
     'model.nsa.compression': OneOf(COMPRESSIONS),
+    'model.nsa.implementation': OneOf(NSA_IMPLEMENTATIONS),
     'model.ffn': OneOf(FFN),
     'model.moe.num_experts': AtLeast(1),
     'model.moe.top_k': AtLeast(1),

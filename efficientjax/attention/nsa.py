@@ -60,12 +60,15 @@ from efficientjax.attention.mha import rope_head_dim_errors
 from efficientjax.attention.positions import POSITIONS
 from efficientjax.errors import ConfigError
 from efficientjax.nn.linear import Linear
+from kernels.nsa import ops as nsa_ops
+from kernels.nsa import reference as nsa_reference
+from kernels.nsa.reference import (FORCED_SCORE, attend, block_importance, masked_softmax,  # noqa: F401
+                                   num_blocks, select_blocks, selected_token_mask,
+                                   selection_weights)
 
 BRANCHES = ('cmp', 'slc', 'win')
 COMPRESSIONS = ('mlp', 'mean')
-# Selection scores of the always-selected blocks: far above any importance (a sum of
-# probabilities, at most heads_per_group · l / d), ranked current > initial > previous.
-FORCED_SCORE = 1e30
+IMPLEMENTATIONS = ('auto', 'reference', 'triton', 'interpret')
 
 
 @flax.struct.dataclass
@@ -86,11 +89,6 @@ class NSACache:
 
 # ---------------------------------------------------------------------------------------------
 # Compression (Eq. 7).
-
-
-def num_blocks(length: int, block_len: int, stride: int) -> int:
-  """Compressed blocks complete within `length` tokens (block j ends at j·stride + l - 1)."""
-  return max(0, (length - block_len) // stride + 1)
 
 
 def block_tokens(x: jax.Array, starts: jax.Array, block_len: int) -> jax.Array:
@@ -140,17 +138,6 @@ def completed_blocks(positions: jax.Array, num_new: int, block_len: int, stride:
 # Selection (Eq. 8-11).
 
 
-def selection_weights(num_cmp: int, num_slc: int, block_len: int, stride: int,
-                      select_block_len: int) -> np.ndarray:
-  """[num_cmp, num_slc] Eq. 9's weights: the tokens compressed block i and selection block j
-  share, in strides (an integer, as stride divides block_len and select_block_len)."""
-  cmp_start = np.arange(num_cmp)[:, None] * stride
-  slc_start = np.arange(num_slc)[None, :] * select_block_len
-  shared = (np.minimum(cmp_start + block_len, slc_start + select_block_len)
-            - np.maximum(cmp_start, slc_start))
-  return (np.maximum(shared, 0) / stride).astype(np.float32)
-
-
 def packed_selection_weights(block_positions: jax.Array, num_slc: int, block_len: int,
                              stride: int, select_block_len: int) -> jax.Array:
   """`selection_weights` for compressed blocks at any start positions: block_positions
@@ -161,78 +148,6 @@ def packed_selection_weights(block_positions: jax.Array, num_slc: int, block_len
   shared = (jnp.minimum(cmp_start + block_len, slc_start + select_block_len)
             - jnp.maximum(cmp_start, slc_start))
   return (jnp.maximum(shared, 0) / stride).astype(jnp.float32)
-
-
-def block_importance(p_cmp: jax.Array, weights: np.ndarray | jax.Array) -> jax.Array:
-  """p_cmp [batch, kv_heads, group, q_len, num_cmp] (the cmp branch's probabilities) ->
-  [batch, kv_heads, q_len, num_slc]: Eq. 9 per head, summed over the group's heads (Eq. 10).
-  `weights` is [num_cmp, num_slc], or [batch, num_cmp, num_slc] for packed rows."""
-  if weights.ndim == 3:
-    return jnp.einsum('bkgtc,bcs->bkts', p_cmp.astype(jnp.float32), weights)
-  return jnp.einsum('bkgtc,cs->bkts', p_cmp.astype(jnp.float32), weights)
-
-
-def select_blocks(importance: jax.Array, q_positions: jax.Array, select_block_len: int,
-                  num_selected: int) -> jax.Array:
-  """importance [batch, kv_heads, q_len, num_slc], q_positions [batch, q_len] -> the selected
-  blocks [batch, kv_heads, q_len, min(num_selected, num_slc)], -1 in slots left empty because
-  fewer blocks lie at or before the query. Forced blocks first (current, initial, previous),
-  then by importance; ties go to the lower block."""
-  block = jnp.arange(importance.shape[-1])
-  current = (q_positions // select_block_len)[:, None, :, None]
-  rank = jnp.select([block == current, block == 0, block == current - 1], [3.0, 2.0, 1.0], 0.0)
-  score = jnp.where(rank > 0, FORCED_SCORE * rank, importance)
-  score = jnp.where(block <= current, score, -jnp.inf)
-  score, idx = jax.lax.top_k(score, min(num_selected, importance.shape[-1]))
-  return jnp.where(score > -jnp.inf, idx, -1).astype(jnp.int32)
-
-
-def selected_token_mask(selected: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
-                        select_block_len: int, num_slc: int) -> jax.Array:
-  """selected [batch, kv_heads, q_len, n] block ids, k_positions [k_len] -> [batch, kv_heads,
-  q_len, k_len]: the keys of the selected blocks, causally (the query's own block is partial)."""
-  chosen = jnp.any(selected[..., None] == jnp.arange(num_slc), axis=-2)  # [b, k, t, num_slc]
-  causal = k_positions <= q_positions[:, None, :, None]
-  return chosen[..., k_positions // select_block_len] & causal
-
-
-# ---------------------------------------------------------------------------------------------
-# One branch's attention.
-
-
-def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax over the last axis among the `mask`ed entries; a row with none gives zeros, with
-  finite gradients (no -inf - -inf)."""
-  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True,
-                                      initial=jnp.finfo(logits.dtype).min))
-  e = jnp.where(mask, jnp.exp(logits - top), 0.0)
-  total = jnp.sum(e, axis=-1, keepdims=True)
-  return e / jnp.where(total > 0, total, 1.0)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Grouped masked attention, scores and softmax in float32 (or wider).
-
-  Args:
-    q: [batch, q_len, heads, dim]; head h reads K/V head h // (heads / kv_heads).
-    k, v: [batch, k_len, kv_heads, dim].
-    mask: boolean, broadcastable to [batch, kv_heads, q_len, k_len].
-    bias: float [batch, heads, q_len, k_len] added to the scaled scores, or None.
-  Returns:
-    out [batch, q_len, heads, dim] and the probabilities [batch, kv_heads, group, q_len, k_len].
-  """
-  b, t, h, d = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, h // kv, d)
-  score_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays (gradient checks)
-  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=score_dtype) * d ** -0.5
-  if bias is not None:
-    logits = logits + bias.reshape(b, kv, h // kv, t, -1)
-  probs = masked_softmax(logits, mask[:, :, None])
-  out = jnp.einsum('bkgts,bskd->btkgd', probs.astype(v.dtype), v)
-  return out.reshape(b, t, h, d), probs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +199,10 @@ class NativeSparseAttention(nn.Module):
       return jnp.broadcast_to(a, (batch, a.size))
 
     if segment_ids is not None:
+      if nsa.implementation in ('triton', 'interpret'):
+        raise ConfigError('model.nsa.implementation', f'{nsa.implementation!r}: the kernels do '
+                          'not take packed rows (segment_ids); use auto or reference',
+                          {'model.nsa.implementation': 'auto'})
       return self._packed(q, kvs, gates, compress, pos, positions, segment_ids), None
     if cache is None:  # a whole sequence from position 0
       k_positions = jnp.arange(x.shape[1], dtype=jnp.int32)
@@ -308,29 +227,26 @@ class NativeSparseAttention(nn.Module):
     k_blocks = nn.with_logical_constraint(k_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
     v_blocks = nn.with_logical_constraint(v_blocks, ('batch', 'length', 'kv_heads', 'head_dim'))
 
+    sizes = dict(block_len=l, stride=d, select_block_len=sl, num_selected=nsa.num_selected,
+                 window=nsa.window)
+    branch_kv = tuple(kvs[n] for n in ('k_slc', 'v_slc', 'k_win', 'v_win'))
+    if pos.attention_bias is None and nsa.implementation != 'reference':
+      # The kernels take a whole sequence (positions 0..t-1, differentiable) or, over a cache,
+      # the queries' positions (forward only).
+      outs = nsa_ops.nsa_attention(
+          q, k_blocks, v_blocks, *branch_kv, None if cache is None else q_positions,
+          implementation=None if nsa.implementation == 'auto' else 'triton',
+          interpret=nsa.implementation == 'interpret', **sizes)
+      return self._mix(gates, outs), cache
+
     token_bias = block_bias = None
     if pos.attention_bias is not None:  # one table; compressed keys at their blocks' starts
       position_bias = pos.attention_bias(cfg, name='position_bias')
       token_bias = position_bias(q_positions, rows(k_positions))
       block_bias = position_bias(q_positions, rows(block_starts))
-
-    # cmp: the blocks complete at each query's position.
-    cmp_mask = (block_starts + l - 1)[None, None, None, :] <= q_positions[:, None, :, None]
-    out_cmp, p_cmp = attend(q, k_blocks, v_blocks, cmp_mask, block_bias)
-
-    # slc: the blocks the cmp branch's probabilities rank highest, per K/V group.
-    num_slc = -(-k_positions.size // sl)
-    weights = selection_weights(block_starts.size, num_slc, l, d, sl)
-    importance = block_importance(jax.lax.stop_gradient(p_cmp), weights)
-    selected = select_blocks(importance, q_positions, sl, nsa.num_selected)
-    slc_mask = selected_token_mask(selected, q_positions, k_positions, sl, num_slc)
-    out_slc, _ = attend(q, kvs['k_slc'], kvs['v_slc'], slc_mask, token_bias)
-
-    # win: the last `window` tokens.
-    win_mask = causal_mask(q_positions, rows(k_positions), nsa.window)
-    out_win, _ = attend(q, kvs['k_win'], kvs['v_win'], win_mask, token_bias)
-
-    return self._mix(gates, (out_cmp, out_slc, out_win)), cache
+    outs = nsa_reference.nsa_attention(q, k_blocks, v_blocks, *branch_kv, q_positions,
+                                       token_bias=token_bias, block_bias=block_bias, **sizes)
+    return self._mix(gates, outs), cache
 
   def _mix(self, gates: jax.Array, outs: tuple[jax.Array, ...]) -> jax.Array:
     """Eq. 5's gated sum of the branches, then the output projection."""
@@ -417,6 +333,16 @@ class NativeSparseAttention(nn.Module):
     if n['compression'] not in COMPRESSIONS:
       errors.append(ConfigError('model.nsa.compression', f'unknown value {n["compression"]!r}; '
                                 f'valid values: {", ".join(COMPRESSIONS)}'))
+    if n['implementation'] not in IMPLEMENTATIONS:
+      errors.append(ConfigError('model.nsa.implementation', f'unknown value '
+                                f'{n["implementation"]!r}; valid values: '
+                                f'{", ".join(IMPLEMENTATIONS)}'))
+    elif (n['implementation'] in ('triton', 'interpret')
+          and m['position'] in POSITIONS
+          and POSITIONS.get(m['position']).attention_bias is not None):
+      errors.append(ConfigError('model.nsa.implementation', f"the kernels add no attention bias, "
+                                f"which position {m['position']!r} needs; use auto or reference",
+                                {'model.nsa.implementation': 'auto'}))
     if errors:
       return errors
     l, d, sl = n['block_len'], n['stride'], n['select_block_len']

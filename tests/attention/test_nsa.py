@@ -19,6 +19,7 @@ from efficientjax.attention import nsa as nsa_lib
 from efficientjax.attention.core import mean_context
 from efficientjax.attention.nsa import NativeSparseAttention
 from efficientjax.attention.positions import relative_position_bucket
+from efficientjax.errors import ConfigError
 from efficientjax.model import ModelConfig, NSAConfig, RelativeConfig
 
 BASE = ModelConfig(vocab_size=11, embed_dim=16, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -354,6 +355,62 @@ def test_prefill_then_decode_equals_forward(case):
   assert np.all(cache.k_blocks[:, written:] == 0) and np.all(cache.v_blocks[:, written:] == 0)
 
 
+def _with_implementation(cfg, implementation):
+  return dataclasses.replace(cfg, nsa=dataclasses.replace(cfg.nsa, implementation=implementation))
+
+
+@pytest.mark.parametrize('case', ['mlp_rope', 'long_block_mqa', 'mean_nope_two_selected'])
+def test_kernels_in_the_layer_match_the_reference(case):
+  """model.nsa.implementation='interpret' (kernels/nsa's Triton kernels, in Pallas' interpreter)
+  against this file's NumPy reference, forward; its gradients with respect to every parameter
+  and the input against the reference implementation's."""
+  cfg, length = CASES[case]
+  kernels, reference = _with_implementation(cfg, 'interpret'), _with_implementation(cfg,
+                                                                                     'reference')
+  params = _random_params(cfg, seed=21)
+  x, positions = _inputs(cfg, 2, length, seed=22)
+  got, _ = _apply_fn(kernels)(params, x, positions)
+  np.testing.assert_allclose(got, _reference_nsa(cfg, params, x), atol=1e-5, rtol=1e-5)
+  cotangent = jnp.asarray(np.random.default_rng(23).standard_normal(got.shape), got.dtype)
+
+  def grads(c):
+    module = NativeSparseAttention(c)
+    loss = lambda p, x: jnp.sum(module.apply({'params': p}, x, positions)[0] * cotangent)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  want = grads(reference)
+  # Some gradients are zero but for rounding (a bias shared by every compressed key moves all
+  # of a query's cmp scores alike, which its softmax ignores): absolute slack at 1e-6 of the
+  # largest gradient.
+  scale = max(np.abs(w).max() for w in jax.tree.leaves(want))
+  for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(grads(kernels)),
+                        jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-6 * scale, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_kernels_decode_over_the_cache_as_the_forward():
+  """Prefill then one token at a time through the kernels (explicit positions over the cache)
+  equals the whole-sequence forward through them."""
+  cfg, length = CASES['mlp_rope']
+  cfg = _with_implementation(cfg, 'interpret')
+  params = _random_params(cfg, seed=14)
+  x, positions = _inputs(cfg, 2, length, seed=15)
+  want, _ = _apply_fn(cfg)(params, x, positions)
+  got, _ = _decode(cfg, params, x, [cfg.nsa.block_len + 2, 6], max_len=length + 5)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_kernels_refuse_packed_rows():
+  cfg, length = CASES['mlp_rope']
+  cfg = _with_implementation(cfg, 'interpret')
+  params = _random_params(cfg)
+  x, positions = _inputs(cfg, 1, length)
+  segments = jnp.repeat(jnp.arange(2), length // 2)[None]
+  with pytest.raises(ConfigError, match='packed rows'):
+    NativeSparseAttention(cfg).apply({'params': params}, x, positions, segment_ids=segments)
+
+
 def test_group_heads_share_their_selection():
   """Eq. 10: a K/V group's heads pick blocks by their summed importance, not each its own.
   Group 0: head 0 favours selection block 1 (0.6 vs 0.4), head 1 block 2 (0 vs 1.0): the sum
@@ -411,6 +468,9 @@ def _model_fields(cfg, **changes):
     ({'num_kv_heads': 3}, 'model.num_kv_heads', 'does not divide'),
     ({'sliding_window': 16}, 'model.sliding_window', 'model.nsa.window'),
     ({'qk_norm': True}, 'model.qk_norm', 'not implemented'),
+    ({'nsa.implementation': 'flash'}, 'model.nsa.implementation', 'unknown value'),
+    ({'nsa.implementation': 'triton', 'position': 'relative'}, 'model.nsa.implementation',
+     'no attention bias'),
 ])
 def test_check_rejects(changes, field, phrase):
   errors = NativeSparseAttention.check(_model_fields(BASE, **changes), 64)
