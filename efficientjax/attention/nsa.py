@@ -46,6 +46,7 @@ n // d, as d <= l), compacted in row order. Positions must stay below T (they do
 restart per example): selection blocks are counted as in a sequence of T tokens.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -53,6 +54,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from efficientjax.attention import cache as kv_cache
 from efficientjax.attention.core import causal_mask, mean_context, segment_mask
@@ -60,6 +62,7 @@ from efficientjax.attention.mha import rope_head_dim_errors
 from efficientjax.attention.positions import POSITIONS
 from efficientjax.errors import ConfigError
 from efficientjax.nn.linear import Linear
+from efficientjax.parallel.mesh import LOGICAL_AXIS_RULES
 from kernels.nsa import ops as nsa_ops
 from kernels.nsa import reference as nsa_reference
 from kernels.nsa.reference import (FORCED_SCORE, attend, block_importance, masked_softmax,  # noqa: F401
@@ -151,6 +154,42 @@ def packed_selection_weights(block_positions: jax.Array, num_slc: int, block_len
 
 
 # ---------------------------------------------------------------------------------------------
+# The kernels on a mesh.
+
+
+def _per_shard(kernel, q: jax.Array, kvs: tuple[jax.Array, ...], q_positions: jax.Array | None):
+  """kernel(q, *kvs, q_positions) on each device's shard of the batch and of the heads.
+
+  A Pallas kernel is an opaque custom call to XLA's partitioner, which would gather its
+  operands and run the whole batch on every device; under a mesh it runs in `jax.shard_map`
+  instead, split as the activations are (the logical axes 'batch' and 'heads' / 'kv_heads').
+  A dimension the mesh axes do not divide (e.g. one K/V head over tensor=2) stays whole.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q, *kvs, q_positions)
+  rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
+  sizes = dict(mesh.shape)
+
+  def axes(name: str, dim: int):
+    spec = nn.logical_to_mesh_axes((name,), rules)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    names = tuple(a for a in names if a in sizes and sizes[a] > 1)
+    return names if names and dim % math.prod(sizes[a] for a in names) == 0 else None
+
+  batch = axes('batch', q.shape[0])
+  heads = axes('kv_heads', kvs[-1].shape[2])
+  queries = P(batch, None, heads, None)
+  in_specs = (queries,) + (P(batch, None, heads, None),) * len(kvs)
+  if q_positions is not None:
+    in_specs += (P(batch, None),)
+  run = jax.shard_map(lambda *a: kernel(*a) if q_positions is not None else kernel(*a, None),
+                      mesh=mesh, in_specs=in_specs, out_specs=(queries,) * len(BRANCHES),
+                      check_vma=False)
+  return run(q, *kvs, *(() if q_positions is None else (q_positions,)))
+
+
+# ---------------------------------------------------------------------------------------------
 # The layer.
 
 
@@ -233,10 +272,11 @@ class NativeSparseAttention(nn.Module):
     if pos.attention_bias is None and nsa.implementation != 'reference':
       # The kernels take a whole sequence (positions 0..t-1, differentiable) or, over a cache,
       # the queries' positions (forward only).
-      outs = nsa_ops.nsa_attention(
-          q, k_blocks, v_blocks, *branch_kv, None if cache is None else q_positions,
-          implementation=None if nsa.implementation == 'auto' else 'triton',
+      kernel = functools.partial(
+          nsa_ops.nsa_attention, implementation=None if nsa.implementation == 'auto' else 'triton',
           interpret=nsa.implementation == 'interpret', **sizes)
+      outs = _per_shard(kernel, q, (k_blocks, v_blocks) + branch_kv,
+                        None if cache is None else q_positions)
       return self._mix(gates, outs), cache
 
     token_bias = block_bias = None

@@ -401,6 +401,39 @@ def test_kernels_decode_over_the_cache_as_the_forward():
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize('axes', [dict(data=2, fsdp=2, tensor=2, expert=1),
+                                  dict(data=1, fsdp=2, tensor=4, expert=1)])
+def test_kernels_on_a_mesh_equal_one_device(axes):
+  """Under a mesh the kernels run per shard (jax.shard_map over batch and K/V heads): outputs and
+  gradients equal one device's. With tensor=4 and 2 K/V heads the heads cannot split and stay
+  whole on each device."""
+  from efficientjax import parallel  # pylint: disable=g-import-not-at-top
+  cfg, length = CASES['mlp_rope']
+  cfg = _with_implementation(cfg, 'interpret')
+  params = _random_params(cfg, seed=31)
+  x, positions = _inputs(cfg, 4, length, seed=32)
+  module = NativeSparseAttention(cfg)
+  cotangent = jnp.asarray(np.random.default_rng(33).standard_normal(x.shape[:2] + (cfg.embed_dim,)),
+                          x.dtype)
+
+  def run(p, x):
+    out = module.apply({'params': p}, x, positions)[0]
+    return out, jnp.sum(out * cotangent)
+
+  fn = jax.jit(jax.value_and_grad(lambda p, x: run(p, x)[1], argnums=(0, 1)))
+  (want_loss, want_grads), want = fn(params, x), jax.jit(run)(params, x)[0]
+  mesh = parallel.make_mesh(axes)
+  with parallel.activate(mesh):
+    lowered = jax.jit(run).lower(params, x).as_text()
+    got = jax.jit(run)(params, x)[0]
+    got_loss, got_grads = fn(params, x)
+  assert 'shard_map' in lowered or 'sdy.manual_computation' in lowered
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max() + 1e-7, rtol=1e-4)
+
+
 def test_kernels_refuse_packed_rows():
   cfg, length = CASES['mlp_rope']
   cfg = _with_implementation(cfg, 'interpret')
