@@ -4,8 +4,10 @@ NSA (arXiv 2502.11089) with the paper's branch sizes (compression blocks of 32 a
 selected blocks of 64, a 512-token window) and one K/V group: all 12 query heads share their
 selected blocks. Its three branches each have their own keys and values, so with GQA's 2 groups
 it would be +5.8% parameters against GQA; with one group it is +3.3% (7.05M attention parameters
-per layer against 5.51M). Pure JAX here (masked dense attention per branch): it measures NSA's
-quality and its cost as XLA runs it, not a sparse kernel's speed. Presets: `:smoke`.
+per layer against 5.51M). The attention runs through kernels/nsa's Pallas-Triton kernels on an
+NVIDIA GPU and as the dense reference elsewhere (model.nsa.implementation='auto'); on a CPU it
+measures NSA's quality and its cost as XLA runs the reference, not a sparse kernel's speed.
+Presets: `:smoke`.
 """
 
 from configs import qwen2p5

@@ -1,10 +1,11 @@
 """The 7B attention point with native sparse attention: mla_7b.py's body, NSA's branches.
 
 NSA (arXiv 2502.11089) with the paper's branch sizes (compression blocks of 32 at stride
-16, 16 selected blocks of 64, a 512-token window) over 4 K/V groups of 8 query heads. Pure JAX
-(masked dense attention per branch, efficientjax/attention/nsa.py): its quality and its cost
-as XLA runs it, not a sparse kernel's speed. Its `:1gpu` takes one sequence a step, as the
-dense scores of its three branches are a layer's largest intermediates.
+16, 16 selected blocks of 64, a 512-token window) over 4 K/V groups of 8 query heads. On an
+NVIDIA GPU the attention runs through kernels/nsa's Pallas-Triton kernels
+(model.nsa.implementation='auto'); elsewhere through the dense reference, whose scores of three
+branches are a layer's largest intermediates: its `:1gpu` takes one sequence a step, sized for
+that reference.
 Same embedding, 32 layers of width 4096, SwiGLU 12288 and DeepSeek-V2's vocabulary as
 configs/mla_7b.py, so the 7B points differ in attention alone; presets as there: `:smoke` (CPU,
 seconds), `:1gpu` (one 80 GB GPU, optimizer state in host memory).

@@ -1,4 +1,4 @@
-"""Native sparse attention (NSA; Yuan et al. 2025, arXiv 2502.11089), in plain JAX.
+"""Native sparse attention (NSA; Yuan et al. 2025, arXiv 2502.11089): the layer.
 
 Three branches share the queries, each with its own keys and values (§3.3: "independent keys
 and values for three branches"), and are mixed per query head by learned sigmoid gates of the
@@ -17,9 +17,14 @@ input (Eq. 5: out = sum_c g_c · Attn_c):
        gradients reach the selected keys and values through the attention itself.
   win  attends to the last `window` (w) tokens, the query included.
 
-This is the reference the Pallas kernels are tested against: each branch runs as a dense
-masked attention, so memory and work are O(T²) per sequence (the selection mask alone is
-[batch, kv_heads, T, T]); `flops_per_token` reports this as `attention_as_executed`.
+The projections, the compression and the gates are here; the three attentions are
+kernels/nsa's, picked by `model.nsa.implementation`: `reference` (kernels/nsa/reference.py: each
+branch a dense masked attention, O(T²) memory and work per sequence, the selection mask alone
+[batch, kv_heads, T, T]; `flops_per_token` reports this as `attention_as_executed`), `triton`
+(the Pallas-Triton kernels, O(T·(T/d + n·l' + w)) work, no T² array) or `interpret` (those
+kernels in Pallas' interpreter, for tests). `auto` runs the kernels where they can: an NVIDIA GPU
+and shapes they support. Packed rows (segment_ids) and a position encoding that adds an
+attention bias (relative) always take the reference. Under a mesh the kernels run per shard.
 
 Choices the paper leaves open:
 - the compression MLP is Linear(l·head_dim -> head_dim) · SiLU · Linear(head_dim -> head_dim),
@@ -441,9 +446,11 @@ class NativeSparseAttention(nn.Module):
 
     `attention` counts the keys each branch attends to (mha's convention: a token-level causal
     branch counts its diagonal half): the complete compressed blocks (~t/d), the selected
-    blocks' tokens (n·l', fewer early on) and min(t, w). `attention_as_executed` is what this
-    dense masked version computes: every compressed block and two full T x T squares, plus the
-    selection scores.
+    blocks' tokens (n·l', fewer early on) and min(t, w). `attention_as_executed` is what the
+    dense reference computes: every compressed block and two full T x T squares, plus the
+    selection scores. The kernels (model.nsa.implementation) compute about `attention`, plus
+    the selection's second pass over the compressed scores and their padding of a group to 16
+    rows; this count does not model them.
     """
     e, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     nsa = cfg.nsa
