@@ -33,9 +33,11 @@ IMPLEMENTATIONS = ('triton', 'reference')
 # block_r: rows (tokens × padded group) per compressed-branch tile; block_c: compressed blocks
 # per step; select_block_t / chunk: tokens per selection tile and selection blocks scored per
 # step; window_block: keys per window-branch step; dkv_block_t: tokens per step of the key-
-# gradient kernels. Not tuned: no GPU has run them yet.
+# gradient kernels; tokens_per_program: tokens a selected/window-branch program holds (1: a
+# group's rows padded to 16; 16 // padded group: 16 rows of several tokens over the union of
+# their blocks, for groups below 16; 'pack' picks that). Not tuned: no GPU has run them yet.
 DEFAULT_TILING = dict(block_r=64, block_c=64, select_block_t=16, chunk=16, window_block=64,
-                      dkv_block_t=16, num_warps=4, num_stages=2)
+                      dkv_block_t=16, tokens_per_program=1, num_warps=4, num_stages=2)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -66,9 +68,15 @@ class Spec:
     spill = self.block_len // self.stride - 1
     return 0 if spill == 0 else max(16, pl.next_power_of_2(spill))
 
+  @property
+  def tokens_per_program(self) -> int:
+    tp = self.tiles['tokens_per_program']
+    return max(1, 16 // self.gp) if tp == 'pack' else tp
+
   def token_multiple(self) -> int:
     t = self.tiles
-    return max(max(1, t['block_r'] // self.gp), t['select_block_t'], t['dkv_block_t'])
+    return max(max(1, t['block_r'] // self.gp), t['select_block_t'], t['dkv_block_t'],
+               self.tokens_per_program)
 
 
 def unsupported(q, k_blocks, k_slc, *, select_block_len: int, stride: int, window_block: int = 64,
@@ -193,7 +201,8 @@ def _layout(spec: Spec, q) -> _Layout:
   b, t, h, d = q.shape
   gp = spec.gp
   return _Layout(batch=b, q_len=t, tokens=_round_up(t, spec.token_multiple()), kv=h // spec.group,
-                 group=spec.group, gp=gp, spare=triton_impl.token_rows(gp) - gp, dim=d)
+                 group=spec.group, gp=gp,
+                 spare=triton_impl.token_rows(gp, spec.tokens_per_program) - gp, dim=d)
 
 
 def _keys(x, length: int):
@@ -237,11 +246,11 @@ def _forward(spec: Spec, q_positions, q, k_blocks, v_blocks, k_slc, v_slc, k_win
       qr, kb, pos, lse_cmp, block_len=spec.block_len, stride=spec.stride,
       select_block_len=spec.select_block_len, num_selected=spec.num_selected, num_cmp=num_cmp,
       front=front, block_t=t['select_block_t'], chunk=t['chunk'], **common)
-  o_slc, lse_slc = triton_impl.tokens_fwd(qr, ks, vs, pos, selected, group=spec.group,
-                                          block_k=spec.select_block_len, **common)
-  o_win, lse_win = triton_impl.tokens_fwd(qr, kw, vw, pos, group=spec.group,
-                                          block_k=t['window_block'], window=spec.window,
-                                          **common)
+  tokens = dict(tokens_per_program=spec.tokens_per_program, **common)
+  o_slc, lse_slc = triton_impl.tokens_fwd(qr, ks, vs, pos, selected,
+                                          block_k=spec.select_block_len, **tokens)
+  o_win, lse_win = triton_impl.tokens_fwd(qr, kw, vw, pos, block_k=t['window_block'],
+                                          window=spec.window, **tokens)
   outs = tuple(lay.unrows(o) for o in (o_cmp, o_slc, o_win))
   residuals = (qr, pos, kb, vb, ks, vs, kw, vw, selected, o_cmp, lse_cmp, o_slc, lse_slc,
                o_win, lse_win)
@@ -268,13 +277,13 @@ def _backward(spec: Spec, shapes, residuals, cotangents):
       num_cmp=num_cmp, front=spec.front, block_r=max(t['block_r'], lay.gp), block_c=t['block_c'],
       **common)
   do, delta = rows_and_delta(do_slc, o_slc)
+  tokens = dict(tokens_per_program=spec.tokens_per_program, block_t=t['dkv_block_t'], **common)
   dq_slc, dks, dvs = triton_impl.tokens_bwd(
-      qr, ks, vs, pos, do, lse_slc, delta, selected, group=spec.group,
-      block_k=spec.select_block_len, block_t=t['dkv_block_t'], **common)
+      qr, ks, vs, pos, do, lse_slc, delta, selected, block_k=spec.select_block_len, **tokens)
   do, delta = rows_and_delta(do_win, o_win)
   dq_win, dkw, dvw = triton_impl.tokens_bwd(
-      qr, kw, vw, pos, do, lse_win, delta, group=spec.group, block_k=t['window_block'],
-      window=spec.window, block_t=t['dkv_block_t'], **common)
+      qr, kw, vw, pos, do, lse_win, delta, block_k=t['window_block'], window=spec.window,
+      **tokens)
   dq = (dq_cmp.astype(jnp.float32) + dq_slc.astype(jnp.float32)
         + dq_win.astype(jnp.float32)).astype(qr.dtype)
 

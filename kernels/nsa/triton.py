@@ -290,107 +290,148 @@ def select(q, kb, row_pos, lse, *, tokens, gp, block_len, stride, select_block_l
 # Token-sparse attention: the selected and window branches.
 
 
-def _token_blocks(sel_ref, tok_pos, b, h, t, *, window, block_k):
-  """The key blocks token t attends to: (count, block(k)). Selected: its selection list (-1
-  entries are skipped by the mask). Window: the blocks its last `window` keys lie in."""
-  if window is None:
-    return sel_ref.shape[-1], lambda k: sel_ref[b, h, t, k]
-  first = jnp.maximum(tok_pos - window + 1, 0) // block_k
-  return jnp.where(tok_pos >= 0, tok_pos // block_k - first + 1, 0), lambda k: first + k
+class _TokenTile:
+  """A per-token program's rows and key blocks: `tokens_per_program` (tp) consecutive tokens,
+  each its gp rows, padded to at least 16 rows (the rows past tp·gp belong to the next
+  program's tokens and are masked).
+
+  The key blocks are the union of the tokens' lists: in the selected branch each token's
+  selection (a block another of the tile's tokens listed first is skipped, -1 entries too), in
+  the window branch the blocks from the first token's window start to the last token's
+  position. A row takes part in a block only if its own token attends to it (`rows_of`)."""
+
+  def __init__(self, pos_ref, sel_ref, b, h, *, gp, tp, block_k, window):
+    self.b, self.h, self.gp, self.tp, self.window, self.block_k = b, h, gp, tp, window, block_k
+    self.first_token = pl.program_id(2) * tp
+    self.num_rows = max(tp * gp, _MIN_DOT)
+    self.rows = pl.ds(self.first_token * gp, self.num_rows)
+    row = jnp.arange(self.num_rows)
+    self.mine = row < tp * gp
+    self.pos = jnp.where(self.mine, pos_ref[b, self.rows], -1)  # padding rows are -1
+    self.valid = self.pos >= 0
+    self.sel_ref = sel_ref
+    if window is None:
+      self.n = sel_ref.shape[-1]
+      self.count = tp * self.n
+      # Each row's token's selection list, for the per-row test of a block.
+      self.row_sel = sel_ref[b, h, self.first_token + jnp.minimum(row // gp, tp - 1), :]
+      self.tile_sel = sel_ref[b, h, pl.ds(self.first_token, tp), :]
+    else:
+      lo = jnp.min(jnp.where(self.valid, self.pos - window + 1, _BIG))
+      self.first_block = jnp.maximum(lo, 0) // block_k
+      last = jnp.max(self.pos) // block_k
+      self.count = jnp.where(jnp.max(self.pos) >= 0, last - self.first_block + 1, 0)
+
+  def block(self, c):
+    """The c-th candidate block: (block, whether to skip it (None: never), which rows attend
+    to it)."""
+    if self.window is not None:
+      return self.first_block + c, None, self.valid
+    token = lax.div(c, self.n)  # jnp's % on the loop index does not lower to Triton
+    slot = c - token * self.n
+    blk = self.sel_ref[self.b, self.h, self.first_token + token, slot]
+    earlier = jnp.max(jnp.where((self.tile_sel == blk)
+                                & (jnp.arange(self.tp)[:, None] < token), 1, 0))
+    rows = self.valid & (jnp.max(jnp.where(self.row_sel == blk, 1, 0), axis=1) > 0)
+    return blk, (blk < 0) | (earlier > 0), rows
+
+  def mask(self, kpos, rows):
+    """[rows, keys]: causal, within the window if any."""
+    mask = rows[:, None] & (kpos[None, :] <= self.pos[:, None])
+    if self.window is not None:
+      mask &= kpos[None, :] > self.pos[:, None] - self.window
+    return mask
 
 
-def _token_mask(kpos, pos, valid_rows, *, window):
-  """[rows, keys]: causal, within the window if any."""
-  mask = valid_rows[:, None] & (kpos[None, :] <= pos)
-  if window is not None:
-    mask &= kpos[None, :] > pos - window
-  return mask
-
-
-def _tokens_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, *refs, scale, gp, group, block_k, window,
-                       token_rows):
+def _tokens_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, *refs, scale, gp, tp, block_k, window):
   if window is None:
     sel_ref, o_ref, lse_ref = refs
   else:
     (o_ref, lse_ref), sel_ref = refs, None
-  b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows = pl.ds(t * gp, token_rows)
-  pos = pos_ref[b, t * gp]  # the token's first head's row: its position, or -1
-  row = jnp.arange(token_rows)
-  valid = (row < group) & (pos >= 0)
-  q = q_ref[b, h, rows, :]
-  count, block_of = _token_blocks(sel_ref, pos, b, h, t, window=window, block_k=block_k)
+  b, h = pl.program_id(0), pl.program_id(1)
+  tile = _TokenTile(pos_ref, sel_ref, b, h, gp=gp, tp=tp, block_k=block_k, window=window)
+  q = q_ref[b, h, tile.rows, :]
 
-  def body(k, carry):
-    acc, m, l = carry
-    blk = block_of(k)
-    start = jnp.maximum(blk, 0) * block_k
-    keys, values = k_ref[b, h, pl.ds(start, block_k), :], v_ref[b, h, pl.ds(start, block_k), :]
-    mask = _token_mask(start + jnp.arange(block_k), pos, valid & (blk >= 0), window=window)
-    s = jnp.where(mask, _dot(q, keys, trans_b=True) * scale, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    return (acc * alpha[:, None] + _dot(p.astype(values.dtype), values), m_new,
-            l * alpha + jnp.sum(p, axis=1))
+  def body(c, carry):
+    blk, skip, rows = tile.block(c)
 
-  acc, m, l = lax.fori_loop(0, count, body, (jnp.zeros(q.shape, jnp.float32),
-                                             jnp.full((token_rows,), _NEG, jnp.float32),
-                                             jnp.zeros((token_rows,), jnp.float32)))
-  mine = row < gp  # rows past gp are the next token's
-  plgpu.store(o_ref.at[b, h, rows, :],
-              (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype), mask=mine[:, None])
-  plgpu.store(lse_ref.at[b, h, rows],
-              jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf), mask=mine)
+    def attend(carry):
+      acc, m, l = carry
+      start = jnp.maximum(blk, 0) * block_k
+      keys = k_ref[b, h, pl.ds(start, block_k), :]
+      values = v_ref[b, h, pl.ds(start, block_k), :]
+      mask = tile.mask(start + jnp.arange(block_k), rows)
+      s = jnp.where(mask, _dot(q, keys, trans_b=True) * scale, _NEG)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+      alpha = jnp.exp(m - m_new)
+      return (acc * alpha[:, None] + _dot(p.astype(values.dtype), values), m_new,
+              l * alpha + jnp.sum(p, axis=1))
 
+    return attend(carry) if skip is None else lax.cond(skip, lambda c: c, attend, carry)
 
-def token_rows(gp):
-  return max(gp, _MIN_DOT)
+  n = tile.num_rows
+  acc, m, l = lax.fori_loop(0, tile.count, body, (jnp.zeros(q.shape, jnp.float32),
+                                                  jnp.full((n,), _NEG, jnp.float32),
+                                                  jnp.zeros((n,), jnp.float32)))
+  plgpu.store(o_ref.at[b, h, tile.rows, :],
+              (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype),
+              mask=tile.mine[:, None])
+  plgpu.store(lse_ref.at[b, h, tile.rows],
+              jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf), mask=tile.mine)
 
 
-def tokens_fwd(q, k, v, row_pos, selected=None, *, tokens, gp, group, block_k, window=None,
-               num_warps=4, num_stages=2, interpret=False):
+def token_rows(gp, tokens_per_program=1):
+  """The rows a per-token program holds (16 at least: spare rows after the last token)."""
+  return max(gp * tokens_per_program, _MIN_DOT)
+
+
+def tokens_fwd(q, k, v, row_pos, selected=None, *, tokens, gp, block_k, window=None,
+               tokens_per_program=1, num_warps=4, num_stages=2, interpret=False):
   """Per token over its key blocks: the selected branch (selected [batch, kv_heads, tokens,
-  n_pad], block_k = select_block_len) or the window branch (window, any block_k). q has at
-  least token_rows(gp) - gp spare rows past tokens·gp. Returns (o, lse) in the rows layout."""
+  n_pad], block_k = select_block_len) or the window branch (window, any block_k), for
+  `tokens_per_program` tokens a program (1: the group's rows padded to 16; 16 // gp: whole
+  16-row tiles of several tokens, over the union of their blocks). q has at least token_rows
+  - gp spare rows past tokens·gp; tokens_per_program divides tokens. (o, lse), rows layout."""
   b, kv, rows, d = q.shape
-  kernel = functools.partial(_tokens_fwd_kernel, scale=d ** -0.5, gp=gp, group=group,
-                             block_k=block_k, window=window, token_rows=token_rows(gp))
+  kernel = functools.partial(_tokens_fwd_kernel, scale=d ** -0.5, gp=gp, tp=tokens_per_program,
+                             block_k=block_k, window=window)
   args = (q, k, v, row_pos) + (() if window is not None else (selected,))
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, kv, rows), jnp.float32))
   name = 'nsa_slc_fwd' if window is None else 'nsa_win_fwd'
-  return _call(kernel, (b, kv, tokens), out_shape, interpret, num_warps, num_stages,
-               name)(*args)
+  return _call(kernel, (b, kv, tokens // tokens_per_program), out_shape, interpret, num_warps,
+               num_stages, name)(*args)
 
 
 def _tokens_dq_kernel(q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref, *refs, scale,
-                      gp, group, block_k, window, token_rows):
+                      gp, tp, block_k, window):
   if window is None:
     sel_ref, dq_ref = refs
   else:
     (dq_ref,), sel_ref = refs, None
-  b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows = pl.ds(t * gp, token_rows)
-  pos = pos_ref[b, t * gp]
-  row = jnp.arange(token_rows)
-  valid = (row < group) & (pos >= 0)
-  q, do = q_ref[b, h, rows, :], do_ref[b, h, rows, :]
-  lse, delta = lse_ref[b, h, rows], delta_ref[b, h, rows]
-  count, block_of = _token_blocks(sel_ref, pos, b, h, t, window=window, block_k=block_k)
+  b, h = pl.program_id(0), pl.program_id(1)
+  tile = _TokenTile(pos_ref, sel_ref, b, h, gp=gp, tp=tp, block_k=block_k, window=window)
+  q, do = q_ref[b, h, tile.rows, :], do_ref[b, h, tile.rows, :]
+  lse, delta = lse_ref[b, h, tile.rows], delta_ref[b, h, tile.rows]
 
-  def body(k, dq):
-    blk = block_of(k)
-    start = jnp.maximum(blk, 0) * block_k
-    keys, values = k_ref[b, h, pl.ds(start, block_k), :], v_ref[b, h, pl.ds(start, block_k), :]
-    mask = _token_mask(start + jnp.arange(block_k), pos, valid & (blk >= 0), window=window)
-    p = jnp.where(mask, jnp.exp(_dot(q, keys, trans_b=True) * scale - lse[:, None]), 0.0)
-    ds = p * (_dot(do, values, trans_b=True) - delta[:, None])
-    return dq + _dot(ds.astype(keys.dtype), keys)
+  def body(c, dq):
+    blk, skip, rows = tile.block(c)
 
-  dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
-  plgpu.store(dq_ref.at[b, h, rows, :], (dq * scale).astype(dq_ref.dtype),
-              mask=(row < gp)[:, None])
+    def grad(dq):
+      start = jnp.maximum(blk, 0) * block_k
+      keys = k_ref[b, h, pl.ds(start, block_k), :]
+      values = v_ref[b, h, pl.ds(start, block_k), :]
+      mask = tile.mask(start + jnp.arange(block_k), rows)
+      p = jnp.where(mask, jnp.exp(_dot(q, keys, trans_b=True) * scale - lse[:, None]), 0.0)
+      ds = p * (_dot(do, values, trans_b=True) - delta[:, None])
+      return dq + _dot(ds.astype(keys.dtype), keys)
+
+    return grad(dq) if skip is None else lax.cond(skip, lambda d: d, grad, dq)
+
+  dq = lax.fori_loop(0, tile.count, body, jnp.zeros(q.shape, jnp.float32))
+  plgpu.store(dq_ref.at[b, h, tile.rows, :], (dq * scale).astype(dq_ref.dtype),
+              mask=tile.mine[:, None])
 
 
 def _tokens_dkv_kernel(q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref, *refs, scale,
@@ -439,17 +480,19 @@ def _tokens_dkv_kernel(q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref,
   dv_ref[b, h, cols, :] = dv.astype(dv_ref.dtype)
 
 
-def tokens_bwd(q, k, v, row_pos, do, lse, delta, selected=None, *, gp, group, block_k,
-               window=None, tokens, block_t=16, num_warps=4, num_stages=2, interpret=False):
+def tokens_bwd(q, k, v, row_pos, do, lse, delta, selected=None, *, gp, block_k, window=None,
+               tokens, block_t=16, tokens_per_program=1, num_warps=4, num_stages=2,
+               interpret=False):
   """(dq, dk, dv) of `tokens_fwd` over a whole sequence (token t at position t)."""
   b, kv, rows, d = q.shape
   extra = () if window is not None else (selected,)
   args = (q, k, v, row_pos, do, lse, delta) + extra
-  kernel = functools.partial(_tokens_dq_kernel, scale=d ** -0.5, gp=gp, group=group,
-                             block_k=block_k, window=window, token_rows=token_rows(gp))
+  kernel = functools.partial(_tokens_dq_kernel, scale=d ** -0.5, gp=gp, tp=tokens_per_program,
+                             block_k=block_k, window=window)
   name = 'nsa_slc' if window is None else 'nsa_win'
-  dq = _call(kernel, (b, kv, tokens), jax.ShapeDtypeStruct(q.shape, q.dtype), interpret,
-             num_warps, num_stages, name + '_dq')(*args)
+  dq = _call(kernel, (b, kv, tokens // tokens_per_program),
+             jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, num_warps, num_stages,
+             name + '_dq')(*args)
   kernel = functools.partial(_tokens_dkv_kernel, scale=d ** -0.5, gp=gp, block_k=block_k,
                              window=window, block_t=block_t, tokens=tokens)
   dk, dv = _call(kernel, (b, kv, k.shape[2] // block_k),

@@ -47,6 +47,12 @@ CASES = {
                                    dict(block_r=32, block_c=8, select_block_t=4, chunk=2,
                                         window_block=8, dkv_block_t=8)),
     'group6_overlap_bf16': ('overlap', 2, 45, 12, 2, 16, jnp.bfloat16, SMALL_TILES),
+    # Groups below 16 packed: 16-row programs of 2 tokens (group 6) and 16 tokens (group 1),
+    # each over the union of its tokens' blocks.
+    'group6_overlap_packed': ('overlap', 2, 45, 6, 1, 16, jnp.float32,
+                              dict(SMALL_TILES, tokens_per_program='pack')),
+    'group1_long_blocks_packed': ('long_blocks', 1, 70, 3, 3, 16, jnp.float32,
+                                  dict(tokens_per_program='pack', window_block=8)),
 }
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 _SESSION_SEED = random.SystemRandom().randrange(2 ** 31)
@@ -233,8 +239,10 @@ def test_kernels_lower_to_triton_for_cuda_at_real_shapes(shape):
 
   args = (spec(1, t, h, 128), spec(1, nb, kv, 128), spec(1, nb, kv, 128),
           *(spec(1, t, kv, 128) for _ in range(4)))
-  fn = functools.partial(ops.nsa_attention, implementation='triton', **PAPER)
-  grad = jax.grad(lambda *a: sum(jnp.sum(o.astype(jnp.float32)) for o in fn(*a)),
-                  argnums=tuple(range(7)))
-  text = jax.jit(grad).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
-  assert text.count('xla.gpu.triton') == 10
+  tilings = [None] + ([dict(tokens_per_program='pack')] if h // kv < 16 else [])
+  for tiling in tilings:
+    fn = functools.partial(ops.nsa_attention, implementation='triton', tiling=tiling, **PAPER)
+    grad = jax.grad(lambda *a, fn=fn: sum(jnp.sum(o.astype(jnp.float32)) for o in fn(*a)),
+                    argnums=tuple(range(7)))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    assert text.count('xla.gpu.triton') == 10, tiling
