@@ -2,7 +2,8 @@
 
 Each variant at the attention study's shape (configs/attention_<variant>.py: hidden 1536, 12
 query heads), bf16, one sequence of each length, through each SDPA implementation it can use
-(cuDNN and XLA on a GPU; NSA is pure JAX, so XLA only). Per row: median and spread of the
+(cuDNN and XLA on a GPU; NSA through kernels/nsa's Triton kernels, `kernels`, and its dense
+reference, `xla`). Per row: median and spread of the
 step time after warm-up, XLA's memory analysis of the compiled step (temporaries: the
 attention's working set; the device's own peak counter is process-wide and cumulative, so it
 cannot separate rows), and the analytic
@@ -10,7 +11,7 @@ forward FLOPs of the layer (so rows compare as TFLOP/s too). A row that fails (o
 16k, an implementation refusing a shape) records the error and the rest go on.
 
   python -m experiments.bench_attention --out=FILE.json [--variants=mha,mla] [--seq_lens=4096,16384]
-      [--impls=cudnn,xla] [--repeats=N] [--quick]
+      [--impls=cudnn,xla] [--repeats=N] [--quick]     (NSA rows: kernels and xla on a GPU)
 """
 
 import dataclasses
@@ -36,11 +37,21 @@ _REPEATS = flags.DEFINE_integer('repeats', 10, 'timed calls per row')
 _QUICK = flags.DEFINE_bool('quick', False, 'the smoke shapes, short sequences, fp32 (any backend)')
 
 
+# NSA's attention is not the SDPA core: its rows are named by model.nsa.implementation's.
+NSA_IMPLS = {'xla': 'reference', 'kernels': 'triton'}
+# The longest sequence whose dense NSA reference fits an 80 GB GPU (its [T, T] scores per
+# branch and head): longer kernel rows are timed unchecked, and say so.
+NSA_REFERENCE_MAX_LEN = 16384
+
+
 def layer_config(variant: str, impl: str, quick: bool) -> ModelConfig:
   c = importlib.import_module(f'configs.attention_{variant}').get_config(
       'smoke' if quick else None).to_dict()
-  c['model'].update(attention_impl=impl, dtype='float32' if quick else 'bfloat16',
+  c['model'].update(attention_impl='xla' if variant == 'nsa' else impl,
+                    dtype='float32' if quick else 'bfloat16',
                     param_dtype='float32' if quick else 'bfloat16')
+  if variant == 'nsa':
+    c['model']['nsa']['implementation'] = NSA_IMPLS[impl]
   return ModelConfig.from_config(c['model'], tokenizer_vocab_size=257)
 
 
@@ -73,8 +84,10 @@ def bench_one(variant: str, impl: str, seq_len: int, repeats: int, quick: bool) 
   fwd = jax.jit(forward).lower(params, x).compile()
   fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
   # Check the implementation against XLA's before timing anything.
-  if impl != 'xla':
-    ref_cfg = dataclasses.replace(cfg, attention_impl='xla')
+  checked = impl == 'xla' or variant != 'nsa' or seq_len <= NSA_REFERENCE_MAX_LEN
+  if impl != 'xla' and checked:
+    ref_cfg = dataclasses.replace(cfg, attention_impl='xla',
+                                  nsa=dataclasses.replace(cfg.nsa, implementation='reference'))
     ref_layer = ATTENTION.get(cfg.attention)(ref_cfg)
     want = jax.jit(lambda p, x: ref_layer.apply(p, x, positions)[0])(params, x)
     got = fwd(params, x)
@@ -84,7 +97,8 @@ def bench_one(variant: str, impl: str, seq_len: int, repeats: int, quick: bool) 
       raise AssertionError(f'{impl} differs from xla by {err} (output scale {scale})')
     del want, got
   row = {'forward': timed(fwd, params, x, repeats=repeats),
-         'forward_backward': timed(fwd_bwd, params, x, repeats=repeats)}
+         'forward_backward': timed(fwd_bwd, params, x, repeats=repeats),
+         'checked_against_xla': checked}
   for name, compiled in (('forward', fwd), ('forward_backward', fwd_bwd)):
     analysis = compiled.memory_analysis()
     row[name]['temp_bytes'] = getattr(analysis, 'temp_size_in_bytes', None)
@@ -105,9 +119,10 @@ def main(argv):
   impls = [i for i in _IMPLS.value if backend == 'gpu' or i != 'cudnn']
   rows = []
   for variant in _VARIANTS.value:
-    for impl in impls:
-      if variant == 'nsa' and impl != 'xla':
-        continue  # pure JAX; its kernels are another issue
+    variant_impls = impls
+    if variant == 'nsa':  # the kernels compile for NVIDIA GPUs only
+      variant_impls = ['kernels', 'xla'] if backend == 'gpu' else ['xla']
+    for impl in variant_impls:
       for seq_len in seq_lens:
         row = {'variant': variant, 'impl': impl, 'seq_len': seq_len}
         try:
