@@ -8,10 +8,10 @@ implementation:
                interpret=True. Not yet timed on a GPU: see kernels/nsa/__init__.py.
   'reference'  reference.py: each branch as a dense masked attention, O(q_len · k_len).
 
-The kernels read a layout of their own (triton.py's docstring): queries regrouped per K/V head
-with the group padded to a power of two, keys per K/V head. This module makes it and undoes it
-(a copy of each operand and output, a small cost beside the attention at long context), and
-holds the custom VJP.
+The kernels read the queries in a layout of their own (triton.py's docstring): regrouped per
+K/V head, the group padded to a power of two. This module makes it and undoes it (a copy of the
+queries and of each output; keys, values and caches are read where they are), and holds the
+custom VJP.
 
 Differentiation needs a whole sequence (q_positions=None: token t at position t, keys of the
 same length). With explicit q_positions (decoding or chunked prefill over a cache) the kernels
@@ -20,7 +20,6 @@ run forward only.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +61,10 @@ class Spec:
     return pl.next_power_of_2(self.group)
 
   @property
-  def front(self) -> int:
-    """Zero rows before the compressed blocks: the selection kernel's look-back at blocks that
-    start before a chunk and reach into it (block_len // stride - 1 of them)."""
+  def back(self) -> int:
+    """The selection kernel's look-back: compressed blocks before a chunk it reads for the ones
+    that start there and reach into the chunk (block_len // stride - 1 of them; a tile of 16 at
+    least, Triton's smallest dot)."""
     spill = self.block_len // self.stride - 1
     return 0 if spill == 0 else max(16, pl.next_power_of_2(spill))
 
@@ -205,23 +205,6 @@ def _layout(spec: Spec, q) -> _Layout:
                  spare=triton_impl.token_rows(gp, spec.tokens_per_program) - gp, dim=d)
 
 
-def _keys(x, length: int):
-  """[batch, keys, kv, dim] -> [batch, kv, length, dim], zero-padded."""
-  x = jnp.swapaxes(x, 1, 2)
-  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
-
-
-def _key_lengths(spec: Spec, k_len: int, num_cmp: int) -> tuple[int, int, int]:
-  """(selected keys, window keys, compressed rows past the front), padded to the tiles."""
-  t = spec.tiles
-  num_slc = reference.num_select_blocks(k_len, spec.select_block_len)
-  per_slc = spec.select_block_len // spec.stride
-  # The selection kernel reads whole chunks of compressed blocks.
-  blocks = max(num_cmp, _round_up(num_slc, t['chunk']) * per_slc)
-  return (num_slc * spec.select_block_len, _round_up(k_len, t['window_block']),
-          _round_up(blocks, t['block_c']))
-
-
 # ---------------------------------------------------------------------------------------------
 # The kernels, forward and backward.
 
@@ -229,39 +212,32 @@ def _key_lengths(spec: Spec, k_len: int, num_cmp: int) -> tuple[int, int, int]:
 def _forward(spec: Spec, q_positions, q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win):
   t = spec.tiles
   lay = _layout(spec, q)
-  num_cmp, k_len = k_blocks.shape[1], k_slc.shape[1]
-  slc_len, win_len, cmp_len = _key_lengths(spec, k_len, num_cmp)
-  front = spec.front
+  num_cmp = k_blocks.shape[1]
   qr, pos = lay.rows(q), lay.row_positions(q_positions)
-  kb, vb = (_keys(jnp.pad(x, ((0, 0), (front, 0), (0, 0), (0, 0))), front + cmp_len)
-            for x in (k_blocks, v_blocks))
-  ks, vs = _keys(k_slc, slc_len), _keys(v_slc, slc_len)
-  kw, vw = _keys(k_win, win_len), _keys(v_win, win_len)
   common = dict(tokens=lay.tokens, gp=lay.gp, interpret=spec.interpret,
                 num_warps=t['num_warps'], num_stages=t['num_stages'])
-  cmp = dict(block_len=spec.block_len, stride=spec.stride, num_cmp=num_cmp, front=front,
-             block_r=max(t['block_r'], lay.gp), block_c=t['block_c'], **common)
-  o_cmp, lse_cmp = triton_impl.cmp_fwd(qr, kb, vb, pos, **cmp)
+  o_cmp, lse_cmp = triton_impl.cmp_fwd(
+      qr, k_blocks, v_blocks, pos, block_len=spec.block_len, stride=spec.stride,
+      num_cmp=num_cmp, block_r=max(t['block_r'], lay.gp), block_c=t['block_c'], **common)
   selected = triton_impl.select(
-      qr, kb, pos, lse_cmp, block_len=spec.block_len, stride=spec.stride,
+      qr, k_blocks, pos, lse_cmp, block_len=spec.block_len, stride=spec.stride,
       select_block_len=spec.select_block_len, num_selected=spec.num_selected, num_cmp=num_cmp,
-      front=front, block_t=t['select_block_t'], chunk=t['chunk'], **common)
+      back=spec.back, block_t=t['select_block_t'], chunk=t['chunk'], **common)
   tokens = dict(tokens_per_program=spec.tokens_per_program, **common)
-  o_slc, lse_slc = triton_impl.tokens_fwd(qr, ks, vs, pos, selected,
+  o_slc, lse_slc = triton_impl.tokens_fwd(qr, k_slc, v_slc, pos, selected,
                                           block_k=spec.select_block_len, **tokens)
-  o_win, lse_win = triton_impl.tokens_fwd(qr, kw, vw, pos, block_k=t['window_block'],
+  o_win, lse_win = triton_impl.tokens_fwd(qr, k_win, v_win, pos, block_k=t['window_block'],
                                           window=spec.window, **tokens)
   outs = tuple(lay.unrows(o) for o in (o_cmp, o_slc, o_win))
-  residuals = (qr, pos, kb, vb, ks, vs, kw, vw, selected, o_cmp, lse_cmp, o_slc, lse_slc,
-               o_win, lse_win)
+  residuals = (qr, pos, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win, selected, o_cmp,
+               lse_cmp, o_slc, lse_slc, o_win, lse_win)
   return (outs, selected), residuals
 
 
-def _backward(spec: Spec, shapes, residuals, cotangents):
+def _backward(spec: Spec, q_shape, residuals, cotangents):
   t = spec.tiles
-  (qr, pos, kb, vb, ks, vs, kw, vw, selected, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
-   lse_win) = residuals
-  q_shape, num_cmp, k_len = shapes
+  (qr, pos, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win, selected, o_cmp, lse_cmp, o_slc,
+   lse_slc, o_win, lse_win) = residuals
   lay = _layout(spec, jax.ShapeDtypeStruct(q_shape, qr.dtype))
   (do_cmp, do_slc, do_win), _ = cotangents
   common = dict(tokens=lay.tokens, gp=lay.gp, interpret=spec.interpret,
@@ -273,25 +249,21 @@ def _backward(spec: Spec, shapes, residuals, cotangents):
 
   do, delta = rows_and_delta(do_cmp, o_cmp)
   dq_cmp, dkb, dvb = triton_impl.cmp_bwd(
-      qr, kb, vb, pos, do, lse_cmp, delta, block_len=spec.block_len, stride=spec.stride,
-      num_cmp=num_cmp, front=spec.front, block_r=max(t['block_r'], lay.gp), block_c=t['block_c'],
-      **common)
+      qr, k_blocks, v_blocks, pos, do, lse_cmp, delta, block_len=spec.block_len,
+      stride=spec.stride, num_cmp=k_blocks.shape[1], block_r=max(t['block_r'], lay.gp),
+      block_c=t['block_c'], **common)
   do, delta = rows_and_delta(do_slc, o_slc)
   tokens = dict(tokens_per_program=spec.tokens_per_program, block_t=t['dkv_block_t'], **common)
   dq_slc, dks, dvs = triton_impl.tokens_bwd(
-      qr, ks, vs, pos, do, lse_slc, delta, selected, block_k=spec.select_block_len, **tokens)
+      qr, k_slc, v_slc, pos, do, lse_slc, delta, selected, block_k=spec.select_block_len,
+      **tokens)
   do, delta = rows_and_delta(do_win, o_win)
   dq_win, dkw, dvw = triton_impl.tokens_bwd(
-      qr, kw, vw, pos, do, lse_win, delta, block_k=t['window_block'], window=spec.window,
+      qr, k_win, v_win, pos, do, lse_win, delta, block_k=t['window_block'], window=spec.window,
       **tokens)
   dq = (dq_cmp.astype(jnp.float32) + dq_slc.astype(jnp.float32)
         + dq_win.astype(jnp.float32)).astype(qr.dtype)
-
-  def unkeys(x, length, front=0):
-    return jnp.swapaxes(x[:, :, front:front + length], 1, 2)
-
-  return (lay.unrows(dq), unkeys(dkb, num_cmp, spec.front), unkeys(dvb, num_cmp, spec.front),
-          unkeys(dks, k_len), unkeys(dvs, k_len), unkeys(dkw, k_len), unkeys(dvw, k_len))
+  return lay.unrows(dq), dkb, dvb, dks, dvs, dkw, dvw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -305,12 +277,12 @@ def _whole_sequence_fwd(spec, q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win)
                      f'queries, got {k_slc.shape[1]} and {q.shape[1]}')
   positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
   out, residuals = _forward(spec, positions, q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win)
-  return out, (residuals, (q.shape, k_blocks.shape[1], k_slc.shape[1]))
+  return out, (residuals, q.shape)
 
 
 def _whole_sequence_bwd(spec, saved, cotangents):
-  residuals, shapes = saved
-  return _backward(spec, shapes, residuals, cotangents)
+  residuals, q_shape = saved
+  return _backward(spec, q_shape, residuals, cotangents)
 
 
 _whole_sequence.defvjp(_whole_sequence_fwd, _whole_sequence_bwd)

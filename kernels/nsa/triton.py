@@ -6,9 +6,9 @@ next power of two (the rows a kernel tile holds must be a power of two). `row_po
 rows] gives each row's position, -1 for padding rows (heads g..gp-1, tokens past the end):
 every mask compares key positions with it, so padding rows see nothing, output zeros and
 contribute no gradient. q, do, o: [batch, kv_heads, rows, head_dim]; lse, delta: [batch,
-kv_heads, rows]. Keys and values: [batch, kv_heads, keys, head_dim], key s at position s;
-compressed blocks: [batch, kv_heads, front + blocks, head_dim], block i at row front + i
-(`front` zero rows let the selection kernel read blocks before the first).
+kv_heads, rows]. Keys, values and compressed blocks stay in the model's layout, [batch, keys,
+kv_heads, head_dim] (key s at position s, compressed block i at row i), so decoding reads the
+cache where it is; a tile reaching past the last key or block is masked.
 
 A tile of rows holds whole tokens (a multiple of gp rows), so a group's query heads share every
 K/V block a tile loads: that is how NSA's selection is meant to run (one selection per group,
@@ -56,6 +56,18 @@ def _call(kernel, grid, out_shape, interpret, num_warps, num_stages, name):
                                                              num_stages=num_stages))
 
 
+def _load_rows(ref, b, h, start, size, limit):
+  """Rows start.. of a [batch, rows, kv_heads, dim] array for K/V head h, zero past `limit`."""
+  inside = (start + jnp.arange(size)) < limit
+  return plgpu.load(ref.at[b, pl.ds(start, size), h, :], mask=inside[:, None], other=0)
+
+
+def _store_rows(ref, b, h, start, value, limit):
+  inside = (start + jnp.arange(value.shape[0])) < limit
+  plgpu.store(ref.at[b, pl.ds(start, value.shape[0]), h, :], value.astype(ref.dtype),
+              mask=inside[:, None])
+
+
 def _visible_blocks(pos, block_len, stride):
   """How many compressed blocks are complete at position `pos` (a scalar or vector)."""
   return jnp.where(pos >= block_len - 1, (jnp.maximum(pos, block_len - 1) - block_len + 1)
@@ -75,7 +87,7 @@ def _cmp_scores(q, k, pos, first, *, scale, block_len, stride, num_cmp):
 
 
 def _cmp_fwd_kernel(q_ref, kb_ref, vb_ref, pos_ref, o_ref, lse_ref, *, scale, block_len, stride,
-                    num_cmp, front, block_r, block_c):
+                    num_cmp, block_r, block_c):
   b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(pl.multiple_of(i * block_r, block_r), block_r)
   q, pos = q_ref[b, h, rows, :], pos_ref[b, rows]
@@ -84,8 +96,8 @@ def _cmp_fwd_kernel(q_ref, kb_ref, vb_ref, pos_ref, o_ref, lse_ref, *, scale, bl
 
   def body(j, carry):
     acc, m, l = carry
-    cols = pl.ds(front + j * block_c, block_c)
-    k, v = kb_ref[b, h, cols, :], vb_ref[b, h, cols, :]
+    k = _load_rows(kb_ref, b, h, j * block_c, block_c, num_cmp)
+    v = _load_rows(vb_ref, b, h, j * block_c, block_c, num_cmp)
     s, vis = _cmp_scores(q, k, pos, j * block_c, scale=scale, block_len=block_len,
                          stride=stride, num_cmp=num_cmp)
     s = jnp.where(vis, s, _NEG)
@@ -102,13 +114,13 @@ def _cmp_fwd_kernel(q_ref, kb_ref, vb_ref, pos_ref, o_ref, lse_ref, *, scale, bl
   lse_ref[b, h, rows] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
 
 
-def cmp_fwd(q, kb, vb, row_pos, *, tokens, gp, block_len, stride, num_cmp, front, block_r=64,
+def cmp_fwd(q, kb, vb, row_pos, *, tokens, gp, block_len, stride, num_cmp, block_r=64,
             block_c=64, num_warps=4, num_stages=2, interpret=False):
   """(o, lse) of the compressed branch for rows [0, tokens·gp) (block_r divides that)."""
   b, kv, _, d = q.shape
   rows = tokens * gp
   kernel = functools.partial(_cmp_fwd_kernel, scale=d ** -0.5, block_len=block_len,
-                             stride=stride, num_cmp=num_cmp, front=front, block_r=block_r,
+                             stride=stride, num_cmp=num_cmp, block_r=block_r,
                              block_c=block_c)
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, kv, q.shape[2]), jnp.float32))
@@ -117,7 +129,7 @@ def cmp_fwd(q, kb, vb, row_pos, *, tokens, gp, block_len, stride, num_cmp, front
 
 
 def _cmp_dq_kernel(q_ref, kb_ref, vb_ref, pos_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
-                   block_len, stride, num_cmp, front, block_r, block_c):
+                   block_len, stride, num_cmp, block_r, block_c):
   b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(pl.multiple_of(i * block_r, block_r), block_r)
   q, pos, do = q_ref[b, h, rows, :], pos_ref[b, rows], do_ref[b, h, rows, :]
@@ -126,8 +138,8 @@ def _cmp_dq_kernel(q_ref, kb_ref, vb_ref, pos_ref, do_ref, lse_ref, delta_ref, d
                   block_c)
 
   def body(j, dq):
-    cols = pl.ds(front + j * block_c, block_c)
-    k, v = kb_ref[b, h, cols, :], vb_ref[b, h, cols, :]
+    k = _load_rows(kb_ref, b, h, j * block_c, block_c, num_cmp)
+    v = _load_rows(vb_ref, b, h, j * block_c, block_c, num_cmp)
     s, vis = _cmp_scores(q, k, pos, j * block_c, scale=scale, block_len=block_len,
                          stride=stride, num_cmp=num_cmp)
     p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
@@ -139,10 +151,10 @@ def _cmp_dq_kernel(q_ref, kb_ref, vb_ref, pos_ref, do_ref, lse_ref, delta_ref, d
 
 
 def _cmp_dkv_kernel(q_ref, kb_ref, vb_ref, pos_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                    *, scale, block_len, stride, num_cmp, front, block_r, block_c, row_tiles):
+                    *, scale, block_len, stride, num_cmp, block_r, block_c, row_tiles):
   b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cols = pl.ds(front + j * block_c, block_c)
-  k, v = kb_ref[b, h, cols, :], vb_ref[b, h, cols, :]
+  k = _load_rows(kb_ref, b, h, j * block_c, block_c, num_cmp)
+  v = _load_rows(vb_ref, b, h, j * block_c, block_c, num_cmp)
   first_end = j * block_c * stride + block_len - 1  # the tile's first block completes here
 
   def body(i, carry):
@@ -165,30 +177,28 @@ def _cmp_dkv_kernel(q_ref, kb_ref, vb_ref, pos_ref, do_ref, lse_ref, delta_ref, 
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, row_tiles, body, (zeros, zeros))
-  dk_ref[b, h, cols, :] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[b, h, cols, :] = dv.astype(dv_ref.dtype)
+  _store_rows(dk_ref, b, h, j * block_c, dk * scale, num_cmp)
+  _store_rows(dv_ref, b, h, j * block_c, dv, num_cmp)
 
 
 def cmp_bwd(q, kb, vb, row_pos, do, lse, delta, *, tokens, gp, block_len, stride, num_cmp,
-            front, block_r=64, block_c=64, num_warps=4, num_stages=2, interpret=False):
-  """(dq, dkb, dvb); dkb and dvb are zero in the front rows."""
+            block_r=64, block_c=64, num_warps=4, num_stages=2, interpret=False):
+  """(dq, dkb, dvb), dkb and dvb in kb's layout."""
   b, kv, _, d = q.shape
   rows = tokens * gp
   static = dict(scale=d ** -0.5, block_len=block_len, stride=stride, num_cmp=num_cmp,
-                front=front, block_r=block_r, block_c=block_c)
+                block_r=block_r, block_c=block_c)
   args = (q, kb, vb, row_pos, do, lse, delta)
   dq = _call(functools.partial(_cmp_dq_kernel, **static), (b, kv, rows // block_r),
              jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, num_warps, num_stages,
              'nsa_cmp_dq')(*args)
-  block_tiles = (kb.shape[2] - front) // block_c
+  block_tiles = pl.cdiv(kb.shape[1], block_c)
   dk, dv = _call(functools.partial(_cmp_dkv_kernel, row_tiles=rows // block_r, **static),
                  (b, kv, block_tiles),
                  (jax.ShapeDtypeStruct(kb.shape, kb.dtype), jax.ShapeDtypeStruct(vb.shape,
                                                                                  vb.dtype)),
                  interpret, num_warps, num_stages, 'nsa_cmp_dkv')(*args)
-  # The kernel writes rows front.. only; the front rows' contents are unspecified.
-  keep = (jnp.arange(kb.shape[2]) >= front)[None, None, :, None]
-  return dq, jnp.where(keep, dk, 0), jnp.where(keep, dv, 0)
+  return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +206,7 @@ def cmp_bwd(q, kb, vb, row_pos, do, lse, delta, *, tokens, gp, block_len, stride
 
 
 def _select_kernel(q_ref, kb_ref, pos_ref, lse_ref, sel_ref, *, scale, block_len, stride,
-                   select_block_len, num_selected, num_cmp, front, gp, block_t, chunk):
+                   select_block_len, num_selected, num_cmp, back, gp, block_t, chunk):
   b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   block_r = block_t * gp
   rows = pl.ds(pl.multiple_of(i * block_r, block_r), block_r)
@@ -208,11 +218,13 @@ def _select_kernel(q_ref, kb_ref, pos_ref, lse_ref, sel_ref, *, scale, block_len
   n_pad = sel_ref.shape[-1]
   slot = jnp.arange(n_pad)[None, :]
 
-  def token_probs(k, first):
-    """Σ over the group's heads of cmp's probabilities of blocks first.. [block_t, blocks]."""
+  def token_probs(k, first, before=None):
+    """Σ over the group's heads of cmp's probabilities of blocks first.. [block_t, blocks]
+    (only of blocks before `before`, if given)."""
     s, vis = _cmp_scores(q, k, pos, first, scale=scale, block_len=block_len, stride=stride,
                          num_cmp=num_cmp)
-    vis &= (first + jnp.arange(k.shape[0]) >= 0)[None, :]
+    if before is not None:
+      vis &= (first + jnp.arange(k.shape[0]) < before)[None, :]
     p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
     return jnp.sum(p.reshape(block_t, gp, k.shape[0]), axis=1)
 
@@ -228,11 +240,13 @@ def _select_kernel(q_ref, kb_ref, pos_ref, lse_ref, sel_ref, *, scale, block_len
     top_score, top_block = top
     slc = c * chunk + jnp.arange(chunk)
     first = c * width  # the first compressed block starting in this chunk
-    k = kb_ref[b, h, pl.ds(front + first, width), :]
+    k = _load_rows(kb_ref, b, h, first, width, num_cmp)
     importance = _dot(token_probs(k, first), weights(first, width, slc))
-    if front:  # blocks starting before the chunk whose tokens reach into it
-      k = kb_ref[b, h, pl.ds(first, front), :]
-      importance += _dot(token_probs(k, first - front), weights(first - front, front, slc))
+    if back:  # blocks starting before the chunk whose tokens reach into it
+      # (clamped at block 0, where the blocks read again are the chunk's own: not counted)
+      start = jnp.maximum(first - back, 0)
+      k = _load_rows(kb_ref, b, h, start, back, num_cmp)
+      importance += _dot(token_probs(k, start, before=first), weights(start, back, slc))
     cur = current[:, None]
     rank = jnp.where(slc == cur, 3.0, jnp.where(slc == 0, 2.0,
                                                 jnp.where(slc == cur - 1, 1.0, 0.0)))
@@ -269,17 +283,18 @@ def _select_kernel(q_ref, kb_ref, pos_ref, lse_ref, sel_ref, *, scale, block_len
 
 
 def select(q, kb, row_pos, lse, *, tokens, gp, block_len, stride, select_block_len,
-           num_selected, num_cmp, front, block_t=16, chunk=16, num_warps=4, num_stages=2,
+           num_selected, num_cmp, back, block_t=16, chunk=16, num_warps=4, num_stages=2,
            interpret=False):
   """Each token's selected blocks (per K/V head): [batch, kv_heads, tokens, n_pad] block ids
-  in no particular order, -1 in empty slots and in slots past num_selected. `front` is 0 when
-  no compressed block reaches past the selection block it starts in (block_len = stride), else
-  at least block_len // stride - 1."""
+  in no particular order, -1 in empty slots and in slots past num_selected. `back`: how many
+  compressed blocks before a chunk to read for the ones reaching into it; 0 when none reaches
+  past the selection block it starts in (block_len = stride), else at least
+  block_len // stride - 1."""
   b, kv, _, d = q.shape
   n_pad = max(2, pl.next_power_of_2(num_selected))
   kernel = functools.partial(_select_kernel, scale=d ** -0.5, block_len=block_len,
                              stride=stride, select_block_len=select_block_len,
-                             num_selected=num_selected, num_cmp=num_cmp, front=front, gp=gp,
+                             num_selected=num_selected, num_cmp=num_cmp, back=back, gp=gp,
                              block_t=block_t, chunk=chunk)
   return _call(kernel, (b, kv, tokens // block_t),
                jax.ShapeDtypeStruct((b, kv, tokens, n_pad), jnp.int32), interpret, num_warps,
@@ -358,8 +373,8 @@ def _tokens_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, *refs, scale, gp, tp, block
     def attend(carry):
       acc, m, l = carry
       start = jnp.maximum(blk, 0) * block_k
-      keys = k_ref[b, h, pl.ds(start, block_k), :]
-      values = v_ref[b, h, pl.ds(start, block_k), :]
+      keys = _load_rows(k_ref, b, h, start, block_k, k_ref.shape[1])
+      values = _load_rows(v_ref, b, h, start, block_k, v_ref.shape[1])
       mask = tile.mask(start + jnp.arange(block_k), rows)
       s = jnp.where(mask, _dot(q, keys, trans_b=True) * scale, _NEG)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -420,8 +435,8 @@ def _tokens_dq_kernel(q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref, 
 
     def grad(dq):
       start = jnp.maximum(blk, 0) * block_k
-      keys = k_ref[b, h, pl.ds(start, block_k), :]
-      values = v_ref[b, h, pl.ds(start, block_k), :]
+      keys = _load_rows(k_ref, b, h, start, block_k, k_ref.shape[1])
+      values = _load_rows(v_ref, b, h, start, block_k, v_ref.shape[1])
       mask = tile.mask(start + jnp.arange(block_k), rows)
       p = jnp.where(mask, jnp.exp(_dot(q, keys, trans_b=True) * scale - lse[:, None]), 0.0)
       ds = p * (_dot(do, values, trans_b=True) - delta[:, None])
@@ -441,8 +456,8 @@ def _tokens_dkv_kernel(q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref,
   else:
     (dk_ref, dv_ref), sel_ref = refs, None
   b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-  keys, values = k_ref[b, h, cols, :], v_ref[b, h, cols, :]
+  keys = _load_rows(k_ref, b, h, j * block_k, block_k, k_ref.shape[1])
+  values = _load_rows(v_ref, b, h, j * block_k, block_k, v_ref.shape[1])
   kpos = j * block_k + jnp.arange(block_k)
   block_r = block_t * gp
   # A whole sequence: token t is at position t. Tokens before the block cannot see it, nor, in
@@ -476,8 +491,8 @@ def _tokens_dkv_kernel(q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref,
 
   zeros = jnp.zeros(keys.shape, jnp.float32)
   dk, dv = lax.fori_loop(first_tile, end_tile, body, (zeros, zeros))
-  dk_ref[b, h, cols, :] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[b, h, cols, :] = dv.astype(dv_ref.dtype)
+  _store_rows(dk_ref, b, h, j * block_k, dk * scale, k_ref.shape[1])
+  _store_rows(dv_ref, b, h, j * block_k, dv, v_ref.shape[1])
 
 
 def tokens_bwd(q, k, v, row_pos, do, lse, delta, selected=None, *, gp, block_k, window=None,
@@ -495,7 +510,7 @@ def tokens_bwd(q, k, v, row_pos, do, lse, delta, selected=None, *, gp, block_k, 
              name + '_dq')(*args)
   kernel = functools.partial(_tokens_dkv_kernel, scale=d ** -0.5, gp=gp, block_k=block_k,
                              window=window, block_t=block_t, tokens=tokens)
-  dk, dv = _call(kernel, (b, kv, k.shape[2] // block_k),
+  dk, dv = _call(kernel, (b, kv, pl.cdiv(k.shape[1], block_k)),
                  (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape,
                                                                                v.dtype)),
                  interpret, num_warps, num_stages, name + '_dkv')(*args)
