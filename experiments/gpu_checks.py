@@ -76,6 +76,41 @@ def summarize_bench_moe_gmm(result: dict) -> str:
   return f'{right} right, {wrong} wrong, {failed} failed; best fwd/fwd+bwd TFLOP/s: {tops}'
 
 
+def summarize_bench_nsa(result: dict) -> str:
+  """Per shape, ours' forward and backward (and decode) speed-up over dense attention and how
+  many of the NSA issue's goals it met; then how many rows were wrong, failed or skipped."""
+  parts, wrong, failed, skipped = [], 0, 0, 0
+  for run in result.get('runs', []):
+    variants = run.get('variants', {})
+    for entry in variants.values():
+      if 'error' in entry:
+        if entry['error'].startswith('wrong'):
+          wrong += 1
+        else:
+          failed += 1
+      elif 'skipped' in entry:
+        skipped += 1
+    ours = variants.get('ours', {})
+    if 'error' in run:
+      parts.append(f"{run['shape']}: {run['error'][:80]}")
+      continue
+    if 'fwd_speedup_vs_dense' not in ours:
+      parts.append(f"{run['shape']}: ours {ours.get('error', 'not timed against dense')[:80]}")
+      continue
+    text = f"{run['shape']}: fwd {ours['fwd_speedup_vs_dense']:.2f}x"
+    if 'bwd_speedup_vs_dense' in ours:
+      text += f" bwd {ours['bwd_speedup_vs_dense']:.2f}x"
+    decode = variants.get('decode_ours', {}).get('speedup_vs_dense')
+    if decode is not None:
+      text += f' decode {decode:.2f}x'
+    goals = run.get('goals', {})
+    if goals:
+      met = sum(1 for g in goals.values() if g.get('met') is True)
+      text += f' (goals met {met}/{len(goals)})'
+    parts.append(text)
+  return '; '.join(parts + [f'{wrong} wrong, {failed} failed, {skipped} skipped'])
+
+
 _GMM = 'experiments.bench_moe_gmm'
 def _summarize_decode(result: dict) -> str:
   """bf16 at batch 1's bandwidth utilisation, and each row's tokens/s."""
@@ -176,6 +211,14 @@ CHECKS: tuple[Check, ...] = (
           summarize=lambda r: f"{r.get('records')} records; " + ', '.join(
               f"{k}: exit {v['exit_code']} in {v['seconds']:.0f} s"
               for k, v in r.get('studies', {}).items())),
+    # Issue 18: kernels/nsa (Pallas-Triton), never compiled on a GPU.
+    Check('nsa_kernels',
+          'the NSA kernels (kernels/nsa) compiled for the first time: checked against '
+          'reference.nsa_attention (outputs, selection, all seven gradients), then forward, '
+          'forward+backward, each kernel and decode timed against dense cuDNN attention at the '
+          '1.5B shape (12/2 heads) at 16k, 8k, 32k, 64k and the NSA paper\'s (64/4 heads) at 64k',
+          'experiments.bench_nsa', ('--repeats=3', '--rounds=3'), estimate_s=360,
+          summarize=summarize_bench_nsa),
 )
 
 
