@@ -15,6 +15,8 @@ study's 1.5B model (12 and 2):
                    calls are recorded while jax traces ops, so the rows follow whatever
                    arguments ops passes. The difference from `ours` is ops' copies of the
                    queries and outputs into and out of the kernels' row layout.
+  window_cudnn     the window branch alone through cuDNN's sliding-window attention (GPU), beside
+                   ours_win_fwd / ours_win_bwd: the choice between it and our window kernel.
   reference        reference.nsa_attention (dense masked, O(T²)) where it fits
                    (--reference_max_len).
   decode_*         one query at position T-1 over a cache of T keys: dense attention of it
@@ -709,7 +711,37 @@ class ShapeRun:
         entry['bwd_ms'] = entry['fwd_bwd_ms'] - entry['fwd_ms']
       return run
 
+    def window(entry):
+      # The window branch through cuDNN's sliding window, (w - 1, 0) around each query: what
+      # decides between it and ours_win_fwd / ours_win_bwd (kernels/nsa's own window kernel).
+      w = self.shape.sizes['window']
+      kw, vw = self.args[5], self.args[6]
+
+      def attend(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(w - 1, 0),
+                                            implementation='cudnn')
+
+      fwd = jax.jit(attend)
+      got = fwd(q, kw, vw)[:, self.sub]
+      keys = jnp.arange(self.shape.tokens)[None, :]
+      qp = q_positions[0][:, None]
+      mask = ((keys <= qp) & (keys > qp - w))[None, None]
+      want = _attend(q[:, self.sub].astype(jnp.float32), kw.astype(jnp.float32),
+                     vw.astype(jnp.float32), mask)
+      entry['max_rel_err'] = rel_err(got, want)
+      if not entry['max_rel_err'] <= _TOLERANCE.value:
+        raise _Wrong(f'forward rel err {entry["max_rel_err"]:.3g}')
+      grad = jax.jit(jax.value_and_grad(
+          lambda q, k, v, c: jnp.sum(attend(q, k, v).astype(jnp.float32) * c.astype(jnp.float32)),
+          argnums=(0, 1, 2)))
+      put_timing(entry, 'fwd', timed(fwd, q, kw, vw))
+      put_timing(entry, 'fwd_bwd', timed(grad, q, kw, vw, self.cts[2]))
+      entry['bwd_ms'] = entry['fwd_bwd_ms'] - entry['fwd_ms']
+      entry['note'] = ('the window branch alone through cuDNN: compare ours_win_fwd and '
+                       'ours_win_bwd (its backward is not checked here)')
+
     if self.on_gpu:
+      self.row('window_cudnn', window)
       if 'fwd_ms' in self.row('dense_cudnn', body('cudnn')):
         self.dense_name = 'dense_cudnn'
         return

@@ -70,9 +70,9 @@ from efficientjax.nn.linear import Linear
 from efficientjax.parallel.mesh import LOGICAL_AXIS_RULES
 from kernels.nsa import ops as nsa_ops
 from kernels.nsa import reference as nsa_reference
-from kernels.nsa.reference import (FORCED_SCORE, attend, block_importance, masked_softmax,  # noqa: F401
-                                   num_blocks, select_blocks, selected_token_mask,
-                                   selection_weights)
+# The selection's maths, here for the packed path and for tests that read it from the layer.
+from kernels.nsa.reference import (attend, block_importance, num_blocks,  # noqa: F401
+                                   select_blocks, selection_weights)
 
 BRANCHES = ('cmp', 'slc', 'win')
 COMPRESSIONS = ('mlp', 'mean')
