@@ -125,10 +125,7 @@ def nsa_attention(q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win, q_positions
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f'nsa_attention: unknown implementation {implementation!r}; valid: None, '
                      + ', '.join(map(repr, IMPLEMENTATIONS)))
-  tiling = {**DEFAULT_TILING, **(tiling or {})}
-  if set(tiling) - set(DEFAULT_TILING):
-    raise ValueError(f'nsa_attention: unknown tiling keys {sorted(set(tiling) - set(DEFAULT_TILING))}'
-                     f'; valid: {sorted(DEFAULT_TILING)}')
+  tiling = _checked_tiling(tiling)
   check = dict(select_block_len=select_block_len, stride=stride,
                window_block=tiling['window_block'], interpret=interpret)
   impl = implementation or _default_implementation(q, k_blocks, k_slc, check, interpret)
@@ -150,6 +147,22 @@ def nsa_attention(q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win, q_positions
     n = min(num_selected, reference.num_select_blocks(k_slc.shape[1], select_block_len))
     return outs, _selected_out(selected, q.shape[1], n)
   return outs
+
+
+def _checked_tiling(tiling: dict | None) -> dict:
+  """DEFAULT_TILING with `tiling`'s overrides, each a tile extent that is a power of two."""
+  unknown = set(tiling or {}) - set(DEFAULT_TILING)
+  if unknown:
+    raise ValueError(f'nsa_attention: unknown tiling keys {sorted(unknown)}; valid: '
+                     f'{sorted(DEFAULT_TILING)}')
+  tiling = {**DEFAULT_TILING, **(tiling or {})}
+  for key, value in tiling.items():
+    if key in ('num_warps', 'num_stages') or (key == 'tokens_per_program' and value == 'pack'):
+      continue
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+      raise ValueError(f'nsa_attention: tiling {key}={value!r} must be a power of two (Triton '
+                       "tiles are)" + (", or 'pack'" if key == 'tokens_per_program' else ''))
+  return tiling
 
 
 def _selected_out(selected, q_len, n):
@@ -234,12 +247,12 @@ def _forward(spec: Spec, q_positions, q, k_blocks, v_blocks, k_slc, v_slc, k_win
   return (outs, selected), residuals
 
 
-def _backward(spec: Spec, q_shape, residuals, cotangents):
+def _backward(spec: Spec, residuals, cotangents):
   t = spec.tiles
   (qr, pos, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win, selected, o_cmp, lse_cmp, o_slc,
    lse_slc, o_win, lse_win) = residuals
-  lay = _layout(spec, jax.ShapeDtypeStruct(q_shape, qr.dtype))
   (do_cmp, do_slc, do_win), _ = cotangents
+  lay = _layout(spec, do_cmp)  # the outputs' shape is the queries'
   common = dict(tokens=lay.tokens, gp=lay.gp, interpret=spec.interpret,
                 num_warps=t['num_warps'], num_stages=t['num_stages'])
 
@@ -276,13 +289,11 @@ def _whole_sequence_fwd(spec, q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win)
     raise ValueError(f'nsa_attention: a whole sequence (q_positions=None) needs as many keys as '
                      f'queries, got {k_slc.shape[1]} and {q.shape[1]}')
   positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
-  out, residuals = _forward(spec, positions, q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win)
-  return out, (residuals, q.shape)
+  return _forward(spec, positions, q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win)
 
 
-def _whole_sequence_bwd(spec, saved, cotangents):
-  residuals, q_shape = saved
-  return _backward(spec, q_shape, residuals, cotangents)
+def _whole_sequence_bwd(spec, residuals, cotangents):
+  return _backward(spec, residuals, cotangents)
 
 
 _whole_sequence.defvjp(_whole_sequence_fwd, _whole_sequence_bwd)

@@ -215,6 +215,9 @@ def test_implementation_choice_and_errors():
   with pytest.raises(ValueError, match='unknown tiling keys'):
     ops.nsa_attention(*args, implementation='triton', interpret=True, tiling={'block_q': 64},
                       **sizes)
+  with pytest.raises(ValueError, match='tokens_per_program=3 must be a power of two'):
+    ops.nsa_attention(*args, implementation='triton', interpret=True,
+                      tiling={'tokens_per_program': 3}, **sizes)
 
 
 # The benchmark's shapes (experiments/bench_nsa.py): the NSA paper's (64 heads, 4 K/V heads) at
