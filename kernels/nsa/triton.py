@@ -12,9 +12,10 @@ cache where it is; a tile reaching past the last key or block is masked.
 
 A tile of rows holds whole tokens (a multiple of gp rows), so a group's query heads share every
 K/V block a tile loads: that is how NSA's selection is meant to run (one selection per group,
-Eq. 10). The per-token kernels (selected and window attention) hold one token's gp heads,
-padded to 16 rows when gp < 16 (the smallest tensor-core tile); the rows past gp belong to the
-next token and are masked.
+Eq. 10). The per-token kernels (selected and window attention) hold `tokens_per_program`
+tokens' rows, at least 16 (the smallest tensor-core tile): with one token a program, a group
+below 16 leaves rows idle (those past gp belong to the next token and are masked); with 16 // gp
+tokens a program, the rows are full and the program walks the union of its tokens' blocks.
 
 Kernels, each a grid over (batch, kv_heads, tiles):
   cmp_fwd / cmp_dq / cmp_dkv   flash attention over the compressed blocks, block-causal (a block
@@ -39,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-FORCED_SCORE = 1e30  # as reference.FORCED_SCORE
+from kernels.nsa.reference import FORCED_SCORE
+
 _NEG = -1e30  # masked scores: finite, so exp(_NEG - _NEG) is 1, never nan
 _MIN_DOT = 16  # Triton's smallest dot dimension
 _BIG = 2 ** 30
@@ -313,7 +315,8 @@ class _TokenTile:
   The key blocks are the union of the tokens' lists: in the selected branch each token's
   selection (a block another of the tile's tokens listed first is skipped, -1 entries too), in
   the window branch the blocks from the first token's window start to the last token's
-  position. A row takes part in a block only if its own token attends to it (`rows_of`)."""
+  position. A row takes part in a block only if its own token attends to it (the rows
+  `block` returns)."""
 
   def __init__(self, pos_ref, sel_ref, b, h, *, gp, tp, block_k, window):
     self.b, self.h, self.gp, self.tp, self.window, self.block_k = b, h, gp, tp, window, block_k
