@@ -114,6 +114,7 @@ def test_nsa_smoke_trains_through_the_kernels_to_the_reference_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (records[impl],) = read_records(tmp_path / impl / 'results.jsonl')
     assert records[impl]['config']['model']['nsa']['implementation'] == impl
+    assert records[impl]['model']['attention']['implementation'] == impl  # what ran
   got, want = records['interpret']['quality'], records['reference']['quality']
   losses = [k for k, v in want.items() if 'loss' in k and isinstance(v, float)]
   assert {'eval_loss', 'initial_eval_loss'} <= set(losses), want

@@ -425,6 +425,24 @@ class NativeSparseAttention(nn.Module):
     return errors
 
   @staticmethod
+  def implementation_used(cfg) -> str:
+    """What runs the three attentions of whole sequences and decoding on this process's
+    backend: 'reference', 'triton' or 'interpret' (packed rows always take the reference)."""
+    impl = cfg.nsa.implementation
+    if POSITIONS.get(cfg.position).attention_bias is not None or impl == 'reference':
+      return 'reference'
+    if impl != 'auto':
+      return impl
+    kv = cfg.num_kv_heads or cfg.num_heads
+
+    def spec(heads):
+      return jax.ShapeDtypeStruct((1, 1, heads, cfg.head_dim), cfg.dtype)
+
+    return nsa_ops.default_implementation(spec(cfg.num_heads), spec(kv), spec(kv),
+                                          select_block_len=cfg.nsa.select_block_len,
+                                          stride=cfg.nsa.stride)
+
+  @staticmethod
   def init_cache(cfg, batch: int, max_len: int, dtype) -> NSACache:
     raw = kv_cache.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype)
     # At least one block slot, never written (and so never visible) when max_len < block_len.

@@ -37,7 +37,11 @@ def attention_summary(cfg: ModelConfig, params: Mapping[str, Any], seq_len: int)
     measured = nbytes(cache) / seq_len
     del cache
   flops = variant.flops_per_token(cfg, seq_len)
+  extra = {}
+  if hasattr(variant, 'implementation_used'):  # NSA: its kernels or its dense reference
+    extra['implementation'] = variant.implementation_used(cfg)
   return {
+      **extra,
       'variant': cfg.attention,
       'params': _attention_params(params),
       'kv_cache_dtype': dtype.name,

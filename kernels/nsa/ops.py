@@ -104,11 +104,15 @@ def unsupported(q, k_blocks, k_slc, *, select_block_len: int, stride: int, windo
   return None
 
 
-def _default_implementation(q, k_blocks, k_slc, spec_kwargs, interpret) -> str:
+def default_implementation(q, k_blocks, k_slc, *, select_block_len: int, stride: int,
+                           window_block: int = 64, interpret: bool = False) -> str:
+  """What implementation=None runs for these operands (arrays or jax.ShapeDtypeStructs) on
+  this process's backend: 'triton' or 'reference'."""
   if interpret:
     return 'triton'
   on_gpu = jax.default_backend() == 'gpu' and 'NVIDIA' in jax.devices()[0].device_kind.upper()
-  if on_gpu and unsupported(q, k_blocks, k_slc, **spec_kwargs) is None:
+  if on_gpu and unsupported(q, k_blocks, k_slc, select_block_len=select_block_len,
+                            stride=stride, window_block=window_block) is None:
     return 'triton'
   return 'reference'
 
@@ -128,7 +132,7 @@ def nsa_attention(q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win, q_positions
   tiling = _checked_tiling(tiling)
   check = dict(select_block_len=select_block_len, stride=stride,
                window_block=tiling['window_block'], interpret=interpret)
-  impl = implementation or _default_implementation(q, k_blocks, k_slc, check, interpret)
+  impl = implementation or default_implementation(q, k_blocks, k_slc, **check)
   if impl == 'reference':
     return reference.nsa_attention(q, k_blocks, v_blocks, k_slc, v_slc, k_win, v_win,
                                    q_positions, return_selected=return_selected, **sizes)

@@ -434,6 +434,18 @@ def test_kernels_on_a_mesh_equal_one_device(axes):
     np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max() + 1e-7, rtol=1e-4)
 
 
+def test_implementation_used_is_what_runs():
+  """The record's model.attention.implementation: auto resolves to the reference on this CPU
+  (the kernels compile for NVIDIA GPUs only); a relative position always takes the reference."""
+  cfg, _ = CASES['mlp_rope']
+  assert NativeSparseAttention.implementation_used(cfg) == 'reference'  # auto on a CPU
+  assert NativeSparseAttention.implementation_used(_with_implementation(cfg, 'interpret')) == (
+      'interpret')
+  relative, _ = CASES['long_selection_relative']
+  assert NativeSparseAttention.implementation_used(_with_implementation(relative, 'auto')) == (
+      'reference')
+
+
 def test_kernels_refuse_packed_rows():
   cfg, length = CASES['mlp_rope']
   cfg = _with_implementation(cfg, 'interpret')
