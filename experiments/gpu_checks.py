@@ -219,6 +219,14 @@ CHECKS: tuple[Check, ...] = (
           '1.5B shape (12/2 heads) at 16k, 8k, 32k, 64k and the NSA paper\'s (64/4 heads) at 64k',
           'experiments.bench_nsa', ('--repeats=3', '--rounds=3'), estimate_s=360,
           summarize=summarize_bench_nsa),
+    Check('nsa_kernels_packed',
+          'the same at the 1.5B shape (groups of 6) with tokens_per_program=pack (2 tokens a '
+          '16-row program, over the union of their blocks) instead of padding each group to 16 '
+          'rows: compare ours and its per-kernel rows with nsa_kernels\'',
+          'experiments.bench_nsa', ('--tiling=tokens_per_program=pack',
+                                    '--families=ours,branches,dense',
+                                    '--shapes=1.5b_16k,1.5b_64k', '--repeats=3', '--rounds=3'),
+          estimate_s=180, summarize=summarize_bench_nsa),
     # The same kernels in the model: one attention layer of the 1.5B study shape (GQA through
     # cuDNN against NSA through the kernels and its dense reference), then whole training steps
     # at 16k tokens (the issue's "an attention_nsa step at 16k faster than attention_gqa's").

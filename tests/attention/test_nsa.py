@@ -375,7 +375,9 @@ def test_kernels_in_the_layer_match_the_reference(case):
 
   def grads(c):
     module = NativeSparseAttention(c)
-    loss = lambda p, x: jnp.sum(module.apply({'params': p}, x, positions)[0] * cotangent)  # noqa: E731
+    def loss(p, x):
+      return jnp.sum(module.apply({'params': p}, x, positions)[0] * cotangent)
+
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
   want = grads(reference)
