@@ -5,8 +5,8 @@ The kernels run in Pallas' interpreter here (interpret=True): the same kernel co
 each program run in turn on the CPU. Inputs are fresh random draws each session (the seed is in
 every failure message). Tolerances: float32 inputs agree to 2e-5 of the largest reference value
 (the kernels' online softmax sums in another order than the reference's); bfloat16 outputs to
-2e-2 and gradients to 6e-2 (each rounded to bfloat16, ~4e-3, the gradients summed over three
-branches' kernels and the probabilities cast to bfloat16 before their products).
+2e-2 and gradients to 4e-2 (measured: outputs 3-7e-3, gradients up to 1.1e-2 over three seeds;
+each value is rounded to bfloat16, and dq sums three branches' kernels).
 """
 
 import functools
@@ -124,7 +124,7 @@ def test_forward_backward_and_selection_match_reference(case):
   for n, g, w in zip(names, got_grads, want_grads):
     assert g.shape == w.shape and g.dtype == w.dtype, (msg, n)
     assert np.abs(np.asarray(w, np.float32)).max() > 0.1, (msg, n)
-    assert _max_err(g, w) <= (tol if dtype == jnp.float32 else 3 * tol), (msg, n, _max_err(g, w))
+    assert _max_err(g, w) <= (tol if dtype == jnp.float32 else 2 * tol), (msg, n, _max_err(g, w))
 
 
 def test_selection_ties_go_to_the_earlier_block():
