@@ -331,9 +331,9 @@ class _TokenTile:
     if window is None:
       self.n = sel_ref.shape[-1]
       self.count = tp * self.n
-      # Each row's token's selection list, for the per-row test of a block.
-      self.row_sel = sel_ref[b, h, self.first_token + jnp.minimum(row // gp, tp - 1), :]
-      self.tile_sel = sel_ref[b, h, pl.ds(self.first_token, tp), :]
+      if tp > 1:  # each row's token's selection list, for the per-row test of a block
+        self.row_sel = sel_ref[b, h, self.first_token + jnp.minimum(row // gp, tp - 1), :]
+        self.tile_sel = sel_ref[b, h, pl.ds(self.first_token, tp), :]
     else:
       lo = jnp.min(jnp.where(self.valid, self.pos - window + 1, _BIG))
       self.first_block = jnp.maximum(lo, 0) // block_k
@@ -345,6 +345,9 @@ class _TokenTile:
     to it)."""
     if self.window is not None:
       return self.first_block + c, None, self.valid
+    if self.tp == 1:  # one token: its own list, no duplicates, every valid row takes part
+      blk = self.sel_ref[self.b, self.h, self.first_token, c]
+      return blk, blk < 0, self.valid
     token = lax.div(c, self.n)  # jnp's % on the loop index does not lower to Triton
     slot = c - token * self.n
     blk = self.sel_ref[self.b, self.h, self.first_token + token, slot]
