@@ -274,12 +274,12 @@ class NativeSparseAttention(nn.Module):
     sizes = dict(block_len=l, stride=d, select_block_len=sl, num_selected=nsa.num_selected,
                  window=nsa.window)
     branch_kv = tuple(kvs[n] for n in ('k_slc', 'v_slc', 'k_win', 'v_win'))
-    if pos.attention_bias is None and nsa.implementation != 'reference':
+    implementation = self.implementation_used(cfg)
+    if implementation != 'reference':
       # The kernels take a whole sequence (positions 0..t-1, differentiable) or, over a cache,
       # the queries' positions (forward only).
-      kernel = functools.partial(
-          nsa_ops.nsa_attention, implementation=None if nsa.implementation == 'auto' else 'triton',
-          interpret=nsa.implementation == 'interpret', **sizes)
+      kernel = functools.partial(nsa_ops.nsa_attention, implementation='triton',
+                                 interpret=implementation == 'interpret', **sizes)
       outs = _per_shard(kernel, q, (k_blocks, v_blocks) + branch_kv,
                         None if cache is None else q_positions)
       return self._mix(gates, outs), cache
@@ -427,7 +427,8 @@ class NativeSparseAttention(nn.Module):
   @staticmethod
   def implementation_used(cfg) -> str:
     """What runs the three attentions of whole sequences and decoding on this process's
-    backend: 'reference', 'triton' or 'interpret' (packed rows always take the reference)."""
+    backend: 'reference', 'triton' or 'interpret' (packed rows always take the reference). The
+    layer decides by it, and the record reports it."""
     impl = cfg.nsa.implementation
     if POSITIONS.get(cfg.position).attention_bias is not None or impl == 'reference':
       return 'reference'
