@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.errors import max_abs, max_abs_diff
 from kernels.moe_gmm import autotune, gmm, ops, reference
 
 _OUT = flags.DEFINE_string('out', None, 'write results here as JSON')
@@ -50,18 +51,6 @@ SHAPES = [
     ('deepseek_v3', 256, 8, 4096, 7168, 2048),
 ]
 QUICK_SHAPES = [('quick', 4, 2, 96, 64, 48)]
-
-
-# Jitted so that each fuses into one reduction: eagerly, the f32 copy of DeepSeek-V3's weight
-# gradient alone took 14 GiB and the checks of the V3 rows ran out of memory on an H100.
-@jax.jit
-def max_abs_diff(x, y):
-  return jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-
-
-@jax.jit
-def max_abs(x):
-  return jnp.max(jnp.abs(x.astype(jnp.float32)))
 
 
 def group_sizes(kind: str, rows: int, experts: int, rng) -> np.ndarray:

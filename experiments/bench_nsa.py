@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.errors import rel_err
 from kernels.nsa import ops, reference
 from kernels.nsa import triton as triton_impl
 
@@ -167,20 +168,6 @@ class _Wrong(Exception):
 
 class _Skip(Exception):
   """The variant would not fit (or is not meant to run here): recorded, not an error."""
-
-
-@jax.jit
-def max_abs_diff(x, y):
-  return jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-
-
-@jax.jit
-def max_abs(x):
-  return jnp.max(jnp.abs(x.astype(jnp.float32)))
-
-
-def rel_err(got, want) -> float:
-  return float(max_abs_diff(got, want)) / (float(max_abs(want)) + 1e-30)
 
 
 def within(errs) -> bool:

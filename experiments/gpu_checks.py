@@ -111,6 +111,13 @@ def summarize_bench_nsa(result: dict) -> str:
   return '; '.join(parts + [f'{wrong} wrong, {failed} failed, {skipped} skipped'])
 
 
+def summarize_study_check(result: dict) -> str:
+  """experiments.study_check's records and each study's exit status and seconds."""
+  return f"{result.get('records')} records; " + ', '.join(
+      f"{k}: exit {v['exit_code']} in {v['seconds']:.0f} s"
+      for k, v in result.get('studies', {}).items())
+
+
 _GMM = 'experiments.bench_moe_gmm'
 def _summarize_decode(result: dict) -> str:
   """bf16 at batch 1's bandwidth utilisation, and each row's tokens/s."""
@@ -208,9 +215,7 @@ CHECKS: tuple[Check, ...] = (
           'the CPU studies (portability), and jit against eager per point on a GPU',
           'experiments.study_check', ('--studies=attention_small,execution_small',
                                       '--repeats=1'), estimate_s=420,
-          summarize=lambda r: f"{r.get('records')} records; " + ', '.join(
-              f"{k}: exit {v['exit_code']} in {v['seconds']:.0f} s"
-              for k, v in r.get('studies', {}).items())),
+          summarize=summarize_study_check),
     # Issue 18: kernels/nsa (Pallas-Triton), never compiled on a GPU.
     Check('nsa_kernels',
           'the NSA kernels (kernels/nsa) compiled for the first time: checked against '
@@ -246,9 +251,7 @@ CHECKS: tuple[Check, ...] = (
           'sequences with GQA (cuDNN) and with NSA (kernels/nsa); commit <name>.results.jsonl '
           'beside it (the records hold the step times)',
           'experiments.study_check', ('--studies=attention_16k', '--repeats=1'), estimate_s=420,
-          summarize=lambda r: f"{r.get('records')} records; " + ', '.join(
-              f"{k}: exit {v['exit_code']} in {v['seconds']:.0f} s"
-              for k, v in r.get('studies', {}).items())),
+          summarize=summarize_study_check),
 )
 
 
