@@ -589,6 +589,21 @@ def _finetune_method_checks(c, facts):
   return METHODS.get(ft.method)(cfg, ft).check()
 
 
+@_relation('kind', 'model.attention', 'model.nsa.implementation')
+def _nsa_kernels_take_no_packed_rows(c, facts):
+  """Fine-tuning packs several examples into each row (segment_ids), which kernels/nsa's
+  kernels do not take: with them asked for by name the run would fail at its first trace."""
+  del facts
+  m = c['model']
+  if (c['kind'] != 'finetune' or m['attention'] != 'nsa'
+      or m['nsa']['implementation'] not in ('triton', 'interpret')):
+    return []
+  return [ConfigError('model.nsa.implementation', f"{m['nsa']['implementation']!r}: fine-tuning "
+                      'packs examples into rows, which the NSA kernels do not take; use auto '
+                      '(the reference for packed rows) or reference',
+                      {'model.nsa.implementation': 'auto'})]
+
+
 @_relation('kind', 'model', 'inference', 'data', 'seed')
 def _inference_checks(c, facts):
   """What an inference run needs of its workload, precision and engine (kind 'inference')."""

@@ -125,3 +125,18 @@ def test_vocab_smaller_than_tokenizer():
 def test_schema_has_no_untyped_fields():
   # Every field must carry a type, or overrides on it could not be checked.
   assert all(t is not type(None) for t in validate.schema_paths().values())
+
+
+def test_nsa_kernels_refused_for_fine_tuning_packed_rows():
+  """Fine-tuning packs examples into rows, which kernels/nsa's kernels do not take: asked for by
+  name, the run is refused before any compile; auto (the reference for packed rows) passes."""
+  from configs import finetune_quickstart  # pylint: disable=g-import-not-at-top
+  c = finetune_quickstart.get_config('smoke').to_dict()
+  c['model'].update(attention='nsa', num_kv_heads=1)
+  for impl, refused in (('interpret', True), ('triton', True), ('auto', False)):
+    c['model']['nsa']['implementation'] = impl
+    errors = [e for e in validate.check(c, num_devices=1, process_count=1, backend='cpu')
+              if e.field == 'model.nsa.implementation']
+    assert bool(errors) == refused, (impl, [str(e) for e in errors])
+    if refused:
+      assert 'packs examples into rows' in errors[0].message

@@ -425,12 +425,13 @@ class NativeSparseAttention(nn.Module):
     return errors
 
   @staticmethod
-  def implementation_used(cfg) -> str:
-    """What runs the three attentions of whole sequences and decoding on this process's
-    backend: 'reference', 'triton' or 'interpret' (packed rows always take the reference). The
+  def implementation_used(cfg, packed_rows: bool = False) -> str:
+    """What runs the three attentions on this process's backend: 'reference', 'triton' or
+    'interpret'. Rows packing several examples (fine-tuning's) always take the reference. The
     layer decides by it, and the record reports it."""
     impl = cfg.nsa.implementation
-    if POSITIONS.get(cfg.position).attention_bias is not None or impl == 'reference':
+    if (packed_rows or POSITIONS.get(cfg.position).attention_bias is not None
+        or impl == 'reference'):
       return 'reference'
     if impl != 'auto':
       return impl

@@ -19,10 +19,12 @@ def _attention_params(params: Mapping[str, Any]) -> int:
                  if any(getattr(k, 'key', None) == 'attn' for k in path)))
 
 
-def attention_summary(cfg: ModelConfig, params: Mapping[str, Any], seq_len: int) -> dict[str, Any]:
+def attention_summary(cfg: ModelConfig, params: Mapping[str, Any], seq_len: int,
+                      packed_rows: bool = False) -> dict[str, Any]:
   """For the record's `model.attention`. The cache is in the compute dtype (what decoding
   writes); FLOPs are forward, per token, summed over layers, averaged over a causal sequence of
-  `seq_len` (x3 for a training step)."""
+  `seq_len` (x3 for a training step). packed_rows: the run's rows pack several examples
+  (fine-tuning), which some implementations leave to a reference path."""
   variant = ATTENTION.get(cfg.attention)
   dtype = jnp.dtype(cfg.dtype)
   analytic = cfg.num_layers * variant.cache_values_per_token(cfg) * dtype.itemsize
@@ -39,7 +41,7 @@ def attention_summary(cfg: ModelConfig, params: Mapping[str, Any], seq_len: int)
   flops = variant.flops_per_token(cfg, seq_len)
   extra = {}
   if hasattr(variant, 'implementation_used'):  # NSA: its kernels or its dense reference
-    extra['implementation'] = variant.implementation_used(cfg)
+    extra['implementation'] = variant.implementation_used(cfg, packed_rows)
   return {
       **extra,
       'variant': cfg.attention,

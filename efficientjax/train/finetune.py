@@ -190,7 +190,7 @@ class FinetuneRecipe(Recipe):
         num_params=total, weight_bytes=tree_bytes(state.params) + frozen_bytes,
         trainable_params=trainable, optimizer_state_bytes=tree_bytes(state.opt_state),
         attention=attention_summary(self.model_cfg, self.base_params,
-                                    self.config['data']['seq_len']),
+                                    self.config['data']['seq_len'], packed_rows=True),
         finetune={
             'method': self.ft.method,
             'trainable_params': trainable,

@@ -443,6 +443,9 @@ def test_implementation_used_is_what_runs():
   assert NativeSparseAttention.implementation_used(cfg) == 'reference'  # auto on a CPU
   assert NativeSparseAttention.implementation_used(_with_implementation(cfg, 'interpret')) == (
       'interpret')
+  # Fine-tuning's packed rows take the reference whatever is asked for.
+  assert NativeSparseAttention.implementation_used(_with_implementation(cfg, 'interpret'),
+                                                   packed_rows=True) == 'reference'
   relative, _ = CASES['long_selection_relative']
   assert NativeSparseAttention.implementation_used(_with_implementation(relative, 'auto')) == (
       'reference')
